@@ -1,0 +1,1 @@
+"""quark: post-training quantization of LLMs."""

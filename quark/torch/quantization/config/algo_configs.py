@@ -1,0 +1,191 @@
+"""One dataclass per quantization algorithm.
+
+These are pure data: what an algorithm should do and, for per-architecture fields, *where* in a
+decoder block it should do it. Layer names are relative to one decoder block (e.g.
+``"self_attn.q_proj"``) and may be fnmatch patterns (``"mlp.experts.*.gate_proj"``). The
+architecture templates (``templates/``) fill those fields in; users override them with
+``LLMTemplate.get_config(..., algo_configs={...})``.
+
+Each config serialises with :meth:`AlgoConfig.to_dict` (including its ``name``) and is rebuilt by
+:func:`algo_config_from_dict`, so a ``QConfig`` round-trips through config.json.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+
+@dataclass
+class ScalingPair:
+    """One smoothing/scaling site inside a decoder block.
+
+    ``prev_op`` produces the activations that feed every module in ``layers``; a per-input-channel
+    scale ``s`` is folded as ``prev_op /= s`` and ``layer.weight *= s``. ``inspect`` is the
+    module whose output error is measured when a scale is searched (the enclosing attention or MLP
+    module; ``None`` means the single layer in ``layers``).
+    """
+
+    prev_op: str
+    layers: list[str]
+    inspect: str | None = None
+
+    @classmethod
+    def from_any(cls, value: ScalingPair | dict[str, Any]) -> ScalingPair:
+        if isinstance(value, ScalingPair):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"a scaling pair must be a ScalingPair or a dict, got {type(value).__name__}")
+        return cls(**value)
+
+
+@dataclass
+class AlgoConfig:
+    """Base class: every algorithm config has a ``name`` and the path of the decoder block list."""
+
+    name: ClassVar[str] = ""
+    #: attribute path of the ``nn.ModuleList`` of decoder blocks, e.g. ``"model.layers"``
+    model_decoder_layers: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {"name": self.name, **data}
+
+    def copy(self) -> AlgoConfig:
+        return copy.deepcopy(self)
+
+
+def _pairs_field() -> Any:
+    return field(default_factory=list)
+
+
+@dataclass
+class _ScalingConfig(AlgoConfig):
+    scaling_layers: list[ScalingPair] = _pairs_field()
+
+    def __post_init__(self) -> None:
+        self.scaling_layers = [ScalingPair.from_any(p) for p in self.scaling_layers]
+
+
+@dataclass
+class AWQConfig(_ScalingConfig):
+    """Activation-aware Weight Quantization (Lin et al. 2023, arXiv:2306.00978)."""
+
+    name: ClassVar[str] = "awq"
+    num_grid: int = 20
+    #: run the per-layer weight clipping search after scaling
+    clip_search: bool = True
+    #: layer-name patterns (relative to a block) skipped by the clipping search (q/k: attention scores
+    #: are too sensitive to clipping)
+    clip_exclude: list[str] = field(default_factory=lambda: ["*q_proj", "*k_proj", "*q_a_proj", "*q_b_proj"])
+
+
+@dataclass
+class SmoothQuantConfig(_ScalingConfig):
+    """SmoothQuant (Xiao et al. 2022, arXiv:2211.10438): migrate activation outliers into weights."""
+
+    name: ClassVar[str] = "smoothquant"
+    alpha: float = 0.5
+    scale_clamp_min: float = 1e-3
+
+
+@dataclass
+class AutoSmoothQuantConfig(_ScalingConfig):
+    """SmoothQuant with the migration strength ``alpha`` searched per scaling pair on the block output."""
+
+    name: ClassVar[str] = "autosmoothquant"
+    #: block-output error minimised by the search: "mse", "mae" or "rmse"
+    compute_scale_loss: str = "mse"
+    num_grid: int = 20
+    scale_clamp_min: float = 1e-3
+
+
+@dataclass
+class GPTQConfig(AlgoConfig):
+    """GPTQ (Frantar et al. 2022, arXiv:2210.17323): second-order, column-by-column error compensation."""
+
+    name: ClassVar[str] = "gptq"
+    damp_percent: float = 0.01
+    block_size: int = 128
+    desc_act: bool = True
+    static_groups: bool = True
+    #: ordered groups of layers inside a block; each group is quantized on inputs produced by the
+    #: already-quantized previous groups ("true sequential")
+    inside_layer_modules: list[list[str]] = field(default_factory=list)
+
+
+@dataclass
+class GPTAQConfig(GPTQConfig):
+    """GPTAQ (Li et al. 2025, arXiv:2504.02692): GPTQ that also corrects the float/quantized input drift."""
+
+    name: ClassVar[str] = "gptaq"
+    alpha: float = 0.25
+
+
+@dataclass
+class QronosConfig(AlgoConfig):
+    """Qronos (Zhang et al. 2025, arXiv:2505.11695): error correction from float and quantized streams."""
+
+    name: ClassVar[str] = "qronos"
+    #: relative damping of the quantized-input Hessian
+    alpha: float = 1e-6
+    #: damping used when inverting the correction system
+    beta: float = 1e4
+    block_size: int = 128
+    inside_layer_modules: list[list[str]] = field(default_factory=list)
+
+
+@dataclass
+class RotationConfig(AlgoConfig):
+    """Hadamard rotation (QuaRot, Ashkboos et al. 2024, arXiv:2404.00456; SpinQuant's R1-R4 placement).
+
+    Roles are module names: ``embedding_layers`` and ``lm_head`` are model-level paths, the rest are
+    relative to a decoder block.
+    """
+
+    name: ClassVar[str] = "rotation"
+    r1: bool = True
+    r2: bool = True
+    r3: bool = False
+    r4: bool = False
+    random: bool = False
+    seed: int = 0
+    embedding_layers: list[str] = field(default_factory=lambda: ["model.embed_tokens"])
+    lm_head: str = "lm_head"
+    final_norm: str = "model.norm"
+    attn_norm: str = "input_layernorm"
+    attn_inputs: list[str] = field(default_factory=lambda: ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])
+    v_proj: str = "self_attn.v_proj"
+    o_proj: str = "self_attn.o_proj"
+    mlp_norm: str = "post_attention_layernorm"
+    mlp_inputs: list[str] = field(default_factory=lambda: ["mlp.gate_proj", "mlp.up_proj"])
+    down_proj: str = "mlp.down_proj"
+
+
+ALGO_CONFIG_CLASSES: dict[str, type[AlgoConfig]] = {
+    cls.name: cls
+    for cls in (
+        AWQConfig,
+        GPTQConfig,
+        GPTAQConfig,
+        SmoothQuantConfig,
+        AutoSmoothQuantConfig,
+        QronosConfig,
+        RotationConfig,
+    )
+}
+
+
+def algo_config_from_dict(data: dict[str, Any]) -> AlgoConfig:
+    """Rebuild an algorithm config from :meth:`AlgoConfig.to_dict` output."""
+    data = dict(data)
+    name = data.pop("name", None)
+    if name not in ALGO_CONFIG_CLASSES:
+        raise ValueError(f"unknown algorithm {name!r}; allowed: {', '.join(ALGO_CONFIG_CLASSES)}")
+    cls = ALGO_CONFIG_CLASSES[name]
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {unknown}; allowed: {sorted(known)}")
+    return cls(**data)
