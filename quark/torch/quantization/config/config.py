@@ -380,4 +380,14 @@ Config = QConfig
 
 # Spec helpers live in their own module; they are re-exported here because this is where users
 # import them from (``from quark.torch.quantization.config.config import Int8PerTensorSpec``).
+from .algo_configs import (  # noqa: E402,F401
+    AutoSmoothQuantConfig,
+    AWQConfig,
+    GPTAQConfig,
+    GPTQConfig,
+    QronosConfig,
+    RotationConfig,
+    ScalingPair,
+    SmoothQuantConfig,
+)
 from .specs import *  # noqa: E402,F401,F403

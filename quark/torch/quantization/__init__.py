@@ -1,0 +1,1 @@
+"""Quantization: config (what), numerics (how numbers are encoded), quantizer and modules."""

@@ -1,0 +1,236 @@
+"""``ModelQuantizer``: resolve configs -> swap modules -> drive calibration -> (freeze).
+
+Calibration of decoder LLMs is block-sequential: each block is calibrated on the outputs of the
+already-quantized blocks before it (see :mod:`.driver`). With ``device`` different from where the
+model lives, only the block being processed is moved to ``device`` (``QuantFlow.per_block``); the
+result is the same as with the whole model on ``device``, only the memory differs. Models without a
+stack of decoder blocks (any ``nn.Module``) are calibrated with whole-model forward passes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .attention import enable_softmax_quantization
+from .config.config import QConfig, QLayerConfig, first_stage
+from .config.type import QSchemeType, QuantFlow
+from .driver import (
+    call_model,
+    capture_block_inputs,
+    find_decoder_layers,
+    for_each_block,
+    module_device,
+    run_block,
+)
+from .modules import QuantLinear, quantized_linears
+from .tensor_quantizer import TensorQuantizer, set_mode
+
+logger = logging.getLogger(__name__)
+
+def _quantizers(module: nn.Module) -> list[TensorQuantizer]:
+    return [m for m in module.modules() if isinstance(m, TensorQuantizer)]
+
+
+def _check_layer_shapes(name: str, linear: nn.Linear, cfg: QLayerConfig) -> None:
+    """Group sizes must divide the dimension they group: fail before any work is done."""
+    for role, spec, dim, dim_name in (
+        ("weight", cfg.weight, linear.in_features, "in_features"),
+        ("input_tensors", cfg.input_tensors, linear.in_features, "in_features"),
+        ("output_tensors", cfg.output_tensors, linear.out_features, "out_features"),
+    ):
+        s = first_stage(spec)
+        if s is not None and s.qscheme is QSchemeType.per_group and s.group_size and dim % s.group_size:
+            raise ValueError(
+                f"layer {name!r}: {role} group_size={s.group_size} does not divide {dim_name}={dim}; "
+                "choose a group size that divides it or exclude the layer (exclude_layers=[...])"
+            )
+
+
+def drop_gguf_marker(model: nn.Module) -> None:
+    """Weights loaded from GGUF are plain floats once in memory; forget the file's quantization so
+    later export is not refused as 'already quantized'."""
+    config = getattr(model, "config", None)
+    for obj in (model, config):
+        if obj is None:
+            continue
+        for attr in ("gguf_file", "_gguf_file"):
+            if getattr(obj, attr, None) is not None:
+                setattr(obj, attr, None)
+    if config is not None and getattr(config, "quantization_config", None) is not None:
+        qc = config.quantization_config
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+        if str(method).lower().endswith("gguf"):
+            del config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None and "gguf" in type(model.hf_quantizer).__name__.lower():
+        model.hf_quantizer = None
+
+
+class ModelQuantizer:
+    """Quantize a model according to a :class:`QConfig`.
+
+    >>> quantizer = ModelQuantizer(LLMTemplate.get("llama").get_config("int4_wo_128"))
+    >>> model = quantizer.quantize_model(model, calibration_batches)   # fake-quantized
+    >>> model = ModelQuantizer.freeze(model)                            # stored codes
+    """
+
+    def __init__(self, config: QConfig) -> None:
+        if not isinstance(config, QConfig):
+            raise TypeError(f"config must be a QConfig (e.g. LLMTemplate.get(...).get_config(...)), got {type(config).__name__}")
+        self.config = config
+
+    # -- public ------------------------------------------------------------------------------------
+    def quantize_model(
+        self,
+        model: nn.Module,
+        dataloader: Iterable[Any] | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = True,
+    ) -> nn.Module:
+        """Swap the model's linears for quantized ones and calibrate them; returns the model (changed
+        in place), fake-quantized. ``dataloader`` yields batches passed as ``model(**batch)`` (dicts)
+        or ``model(batch)``; it is required when some activation spec is static or algorithms run."""
+        cfg = self.config
+        batches = list(dataloader) if dataloader is not None else None
+        if batches is not None and len(batches) == 0:
+            raise ValueError("dataloader is empty: give at least one calibration batch")
+        if batches is None and cfg.needs_calibration():
+            raise ValueError(
+                "this config has static activation quantization (is_dynamic=False), whose scales come from "
+                "calibration data: pass dataloader=... (e.g. a list of {'input_ids': tensor} batches)"
+            )
+        if batches is None and cfg.algo_config:
+            names = ", ".join(a.name for a in cfg.algo_config)
+            raise ValueError(f"algorithm(s) {names} need calibration data: pass dataloader=...")
+        drop_gguf_marker(model)
+        model.eval()
+        self._swap_linears(model)
+        attention_modules = self._setup_attention(model)
+        if self.config.softmax_quant_spec is not None:
+            enable_softmax_quantization(model, attention_modules, self.config.softmax_quant_spec)
+
+        flow = cfg.quant_flow
+        home = module_device(model)
+        if device is not None and flow is not QuantFlow.per_block:
+            model.to(device)
+        compute = torch.device(device) if device is not None else home
+        with torch.no_grad():
+            if batches is None:
+                for _, q in quantized_linears(model):
+                    q.update_weight_qparams()
+            else:
+                found = self._decoder_layers(model)
+                if found is None:
+                    self._calibrate_whole(model, batches, compute, progress)
+                else:
+                    self._calibrate_blocks(model, found[1], batches, compute, progress)
+        set_mode(model, "quantize")
+        return model
+
+    @staticmethod
+    def freeze(model: nn.Module) -> nn.Module:
+        """Replace every fake-quantized weight by its stored (packed) codes; outputs are unchanged."""
+        with torch.no_grad():
+            for _, q in quantized_linears(model):
+                q.freeze()
+        return model
+
+    # -- steps -------------------------------------------------------------------------------------
+    def _swap_linears(self, model: nn.Module) -> int:
+        cfg = self.config
+        todo: list[tuple[str, nn.Linear, QLayerConfig]] = []
+        excluded = 0
+        for name, module in model.named_modules():
+            if type(module) is not nn.Linear and not (isinstance(module, nn.Linear) and not isinstance(module, QuantLinear)):
+                continue
+            layer_cfg = cfg.resolve(name, type(module))
+            if layer_cfg is None:
+                excluded += 1
+                continue
+            if layer_cfg.is_empty:
+                continue
+            _check_layer_shapes(name, module, layer_cfg)
+            todo.append((name, module, layer_cfg))
+        for name, module, layer_cfg in todo:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            is_kv = cfg.kv_cache_config(name) is not None
+            setattr(parent, child, QuantLinear.from_linear(module, layer_cfg, cfg.min_kv_scale if is_kv else 0.0))
+        if not todo:
+            logger.warning("no layer was quantized: no nn.Linear matched the config (%d excluded)", excluded)
+        else:
+            logger.info("quantizing %d linear layers (%d excluded)", len(todo), excluded)
+        return len(todo)
+
+    def _setup_attention(self, model: nn.Module) -> list[nn.Module]:
+        """Attention modules = parents of layers whose outputs are quantized as K/V/Q."""
+        if self.config.softmax_quant_spec is None:
+            return []
+        parents: dict[str, nn.Module] = {}
+        for name, q in quantized_linears(model):
+            if q.output_quantizer is not None and "." in name:
+                parent_name = name.rpartition(".")[0]
+                parents[parent_name] = model.get_submodule(parent_name)
+        if not parents:
+            raise ValueError("attention_scheme=fp8: no q/k/v layer with a quantized output was found in the model")
+        return list(parents.values())
+
+    def _decoder_layers(self, model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+        path = next((a.model_decoder_layers for a in self.config.algo_config or [] if a.model_decoder_layers), None)
+        found = find_decoder_layers(model, path)
+        if found is None or len(found[1]) < 2 and path is None:
+            return None
+        return found
+
+    def _calibrate_whole(self, model: nn.Module, batches: list, device: torch.device | None, progress: bool) -> None:
+        for _, q in quantized_linears(model):
+            q.update_weight_qparams()
+        if self.config.algo_config:
+            raise ValueError(
+                "algorithms run block by block and need the model's decoder layers: set model_decoder_layers "
+                "in the algorithm config"
+            )
+        self._observe(model, lambda: [call_model(model, b, device) for b in tqdm(batches, desc="calibrate", disable=not progress)])
+
+    def _observe(self, module: nn.Module, run: Any) -> None:
+        """Calibrate the static quantizers under ``module`` that have no qparams yet: they observe
+        (passing their input through in float) while ``run`` feeds data, then turn into quantizers."""
+        pending = [q for q in _quantizers(module) if q.needs_calibration and not q.has_qparams]
+        if not pending:
+            return
+        for q in pending:
+            q.mode = "observe"
+        run()
+        for q in pending:
+            q.finalize()
+            q.mode = "quantize"
+
+    def _calibrate_blocks(self, model: nn.Module, layers: nn.ModuleList, batches: list, device: torch.device | None,
+                          progress: bool) -> None:
+        from quark.torch.algorithm import get_algorithm
+
+        inputs = capture_block_inputs(model, layers, batches, progress=progress)
+        algorithms = [(get_algorithm(a.name), a) for a in self.config.algo_config or []]
+
+        def process(index: int, block: nn.Module, block_inputs: Any) -> None:
+            for apply, algo_cfg in algorithms:
+                apply(block, block_inputs, index, algo_cfg)
+            for q in block.modules():
+                if isinstance(q, QuantLinear):
+                    q.update_weight_qparams()
+            self._observe(block, lambda: run_block(block, block_inputs, index))
+
+        for_each_block(layers, inputs, process, device=device, progress=progress)
+        # quantizers outside the blocks (a non-excluded lm_head with static inputs ...): one more pass
+        inside = {id(q) for q in _quantizers(layers)}
+        outside = [q for q in _quantizers(model) if id(q) not in inside]
+        for _, q in quantized_linears(model):
+            if q.weight_quantizer is not None and id(q.weight_quantizer) not in inside:
+                q.update_weight_qparams()
+        if any(q.needs_calibration and not q.has_qparams for q in outside):
+            self._observe(model, lambda: [call_model(model, b, module_device(model)) for b in batches])
