@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 
 class CLIError(Exception):
@@ -79,12 +82,150 @@ def cmd_templates(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    print("Quantization schemes\n")
-    print(schemes_table())
-    print("\nModel templates\n")
-    print(templates_table())
+def _template_for(model: Any, model_type: str | None) -> Any:
+    from quark.torch import LLMTemplate
+
+    config = getattr(model, "config", None)
+    candidates = [model_type] if model_type else [getattr(config, "model_type", None), *(getattr(config, "architectures", None) or [])]
+    for name in candidates:
+        if name and name in LLMTemplate.list_available():
+            return LLMTemplate.get(name)
+    raise CLIError(
+        f"no template for model type {candidates[0]!r}; pass --model-type (one of: "
+        f"{', '.join(LLMTemplate.list_available())})"
+    )
+
+
+def _parse_layer_schemes(pairs: list[list[str]] | None) -> dict[str, str]:
+    return {pattern: scheme for pattern, scheme in pairs or []}
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from quark.torch.utils.model_loading import load_model_and_tokenizer
+
+    path = args.model
+    if path is not None and not Path(path).exists():
+        raise CLIError(f"--model {path}: no such file or directory")
+    return load_model_and_tokenizer(path, device=args.device)
+
+
+def _eval(model: Any, tokenizer: Any, args: argparse.Namespace) -> float:
+    from quark.torch.evaluation.perplexity import evaluate_shared_protocol
+
+    return evaluate_shared_protocol(model, tokenizer, num_windows=args.eval_windows, seq_len=args.seq_len)
+
+
+def _quantize(model: Any, tokenizer: Any, args: argparse.Namespace) -> tuple[Any, float]:
+    from quark.torch.evaluation.data import calibration_dataloader, read_calibration_file
+    from quark.torch.quantization.api import ModelQuantizer
+
+    template = _template_for(model, args.model_type)
+    config = template.get_config(
+        scheme=args.scheme,
+        algorithm=args.algorithm or None,
+        kv_cache_scheme=args.kv_cache_scheme,
+        attention_scheme=args.attention_scheme,
+        layer_config=_parse_layer_schemes(args.layer_scheme),
+        exclude_layers=args.exclude or None,
+        min_kv_scale=args.min_kv_scale,
+    )
+    dataloader = None
+    if config.needs_calibration() or config.algo_config:
+        text = read_calibration_file(args.calib_data) if args.calib_data else None
+        dataloader = calibration_dataloader(tokenizer, args.num_calib_samples, args.seq_len, text=text)
+    start = time.perf_counter()
+    ModelQuantizer(config).quantize_model(model, dataloader, device=args.device)
+    return config, time.perf_counter() - start
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    if args.output is None:
+        return
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise CLIError(f"--output {out} exists and is not empty; pass --overwrite to replace it")
+    try:
+        import quark.torch.export.api  # noqa: F401
+    except ModuleNotFoundError:
+        raise CLIError("--output: export is not available in this version of quark yet") from None
+
+
+def _export(model: Any, tokenizer: Any, args: argparse.Namespace) -> None:
+    from quark.torch.export.api import export_safetensors
+
+    export_safetensors(model, args.output, overwrite=args.overwrite, tokenizer=tokenizer)
+    print(f"exported to {args.output}")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from quark.torch.utils.model_loading import model_size_bytes
+
+    _check_output(args)
+    model, tokenizer = _load(args)
+    rows = []
+    size_before = model_size_bytes(model)
+    ppl_before = _eval(model, tokenizer, args) if args.eval else None
+    _, seconds = _quantize(model, tokenizer, args)
+    ppl_after = _eval(model, tokenizer, args) if args.eval else None
+    from quark.torch.quantization.api import ModelQuantizer
+
+    ModelQuantizer.freeze(model)
+    size_after = model_size_bytes(model)
+    rows.append(_report_row(args.scheme, ppl_before, ppl_after, size_before, size_after, seconds))
+    print(_table(REPORT_HEADERS, rows))
+    if args.output:
+        _export(model, tokenizer, args)
     return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    model, tokenizer = _load(args)
+    start = time.perf_counter()
+    ppl = _eval(model, tokenizer, args)
+    print(f"perplexity {ppl:.3f} ({args.eval_windows} windows of {args.seq_len} tokens, {time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+REPORT_HEADERS = ["scheme", "ppl before", "ppl after", "size before (MB)", "size after (MB)", "quantize (s)"]
+
+
+def _report_row(scheme: str, before: float | None, after: float | None, size_before: int, size_after: int,
+                seconds: float) -> list[str]:
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    return [scheme, fmt(before), fmt(after), f"{size_before / 1e6:.1f}", f"{size_after / 1e6:.1f}", f"{seconds:.1f}"]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Quantize the bundled SmolLM2-135M and report perplexity, size and time."""
+    args.eval = True
+    print(f"quark demo: {args.scheme} on the bundled SmolLM2-135M-Instruct (shared WikiText-2 protocol)")
+    if args.scheme.startswith("uint4") and args.scheme.endswith("_32"):
+        print("note: the bundled weights were stored as GGUF Q4_1 (uint4, groups of 32): uint4 g32 is flattered")
+    return cmd_quantize(args)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="a .gguf file or a Hugging Face model directory (default: bundled SmolLM2)")
+    p.add_argument("--model-type", default=None, help="template to use (default: the model's config.model_type)")
+    p.add_argument("--device", default=None, help="compute device, e.g. cpu, cuda, cuda:1 (default: where the model loads)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration/evaluation window")
+    p.add_argument("--eval-windows", type=int, default=40, help="evaluation windows (shared protocol: 40)")
+
+
+def _add_quantize_args(p: argparse.ArgumentParser, default_scheme: str | None) -> None:
+    p.add_argument("--scheme", required=default_scheme is None, default=default_scheme, help="quantization scheme (see `quark schemes`)")
+    p.add_argument("--algorithm", nargs="+", default=None, help="algorithms to run, in order (awq gptq ...)")
+    p.add_argument("--kv-cache-scheme", default=None, help="fp8")
+    p.add_argument("--attention-scheme", default=None, help="fp8")
+    p.add_argument("--min-kv-scale", type=float, default=0.0)
+    p.add_argument("--layer-scheme", nargs=2, action="append", metavar=("PATTERN", "SCHEME"), help="per-layer scheme override")
+    p.add_argument("--exclude", nargs="+", default=None, help="layer name patterns to leave in float")
+    p.add_argument("--calib-data", default=None, help="calibration text file (.txt or .jsonl with a 'text' field)")
+    p.add_argument("--num-calib-samples", type=int, default=32)
+    p.add_argument("--output", default=None, help="export directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,8 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("schemes", help="list quantization schemes").set_defaults(func=cmd_schemes)
     sub.add_parser("templates", help="list model templates").set_defaults(func=cmd_templates)
-    sub.add_parser("demo", help="quantize the bundled SmolLM2 model and report").set_defaults(func=cmd_demo)
+    q = sub.add_parser("quantize", help="quantize a model")
+    _add_model_args(q)
+    _add_quantize_args(q, None)
+    q.add_argument("--eval", action="store_true", help="report perplexity before and after (shared protocol)")
+    q.set_defaults(func=cmd_quantize)
+    e = sub.add_parser("eval", help="perplexity of a model under the shared protocol")
+    _add_model_args(e)
+    e.set_defaults(func=cmd_eval)
+    d = sub.add_parser("demo", help="quantize the bundled SmolLM2 model and report")
+    _add_model_args(d)
+    _add_quantize_args(d, DEMO_SCHEME)
+    d.set_defaults(func=cmd_demo)
     return parser
+
+
+DEMO_SCHEME = "int4_wo_64"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CLIError, ValueError, KeyError, FileNotFoundError) as exc:
+    except (CLIError, ValueError, KeyError, FileNotFoundError, NotImplementedError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"quark {args.command}: error: {message}", file=sys.stderr)
         return 2
