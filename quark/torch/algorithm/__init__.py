@@ -1,23 +1,127 @@
-"""Quantization algorithms, one module per algorithm.
+"""Quantization algorithms, one module per algorithm (``quark/torch/algorithm/<name>.py``).
 
-An algorithm works on one decoder block at a time: ``apply(block, inputs, index, config)`` where
-``inputs`` are the block's cached calibration inputs (:class:`~quark.torch.quantization.driver.BlockInputs`).
-It knows nothing of model classes; where to act comes from its config (template data).
+An algorithm works on one decoder block at a time and knows nothing of model classes: where to act
+comes from its config (template data, layer names relative to the block). The quantizer's block
+loop (``quark.torch.quantization.api``) calls, for every configured algorithm in order:
+
+1. ``prepare_model(model, config)`` once, before calibration inputs are captured (model-level
+   transforms such as rotation that must also change embeddings / lm_head);
+2. ``apply(ctx, config)`` for each block, with the block on the compute device, its weights still
+   float, its weight quantizers ready and activation quantizers not yet calibrated.
+
+After the algorithms, the loop recomputes the block's weight qparams from the (possibly changed)
+weights, calibrates static activation quantizers, and runs the block to produce the next block's
+inputs.
+
+Each algorithm module defines ``ALGORITHM = <BlockAlgorithm subclass>()``; :func:`get_algorithm`
+imports it on first use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import fnmatch
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-#: name -> apply(block, inputs, index, config, context) ; filled by the algorithm modules
-ALGORITHMS: dict[str, Callable[..., Any]] = {}
+import torch
+import torch.nn as nn
+
+from quark.torch.quantization.config.algo_configs import AlgoConfig
+from quark.torch.quantization.driver import BlockInputs, run_block
+from quark.torch.quantization.modules import QuantLinear
+from quark.torch.quantization.tensor_quantizer import TensorQuantizer
+
+#: algorithm name -> module implementing it
+MODULES = {
+    "awq": "awq",
+    "gptq": "gptq",
+    "gptaq": "gptaq",
+    "smoothquant": "smoothquant",
+    "autosmoothquant": "autosmoothquant",
+    "qronos": "qronos",
+    "rotation": "rotation",
+}
 
 
-def get_algorithm(name: str) -> Callable[..., Any]:
-    if name not in ALGORITHMS:
+@dataclass
+class BlockContext:
+    """What an algorithm gets for one block."""
+
+    block: nn.Module
+    index: int
+    #: the block's calibration inputs as the quantized model produces them (quantized stream)
+    inputs: BlockInputs
+    #: the same inputs as the float model produces them (only when an algorithm asks for it)
+    float_hidden: list[torch.Tensor] | None = None
+
+    def run(self, hidden: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Run the block on the cached inputs (``hidden`` replaces the hidden states)."""
+        return run_block(self.block, self.inputs, self.index, hidden)
+
+    def linears(self, patterns: list[str] | None = None) -> dict[str, QuantLinear]:
+        """The block's quantized linears by relative name, optionally filtered by fnmatch patterns."""
+        out = {}
+        for name, m in self.block.named_modules():
+            if isinstance(m, QuantLinear) and (
+                patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+            ):
+                out[name] = m
+        return out
+
+    def module(self, name: str) -> nn.Module:
+        try:
+            return self.block.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"block {self.index} has no module {name!r}: check the algorithm config's layer names "
+                "(they are relative to one decoder block)"
+            ) from None
+
+
+class BlockAlgorithm:
+    """Base class of the algorithms."""
+
+    name: str = ""
+    #: whether ``apply`` needs ``ctx.float_hidden`` (the float model's inputs to this block)
+    needs_float_stream: bool = False
+
+    def prepare_model(self, model: nn.Module, config: AlgoConfig) -> None:
+        """Model-level transform run once before calibration (default: nothing)."""
+
+    def apply(self, ctx: BlockContext, config: AlgoConfig) -> None:
+        """Change the block's weights (and nothing about its float function unless the algorithm
+        quantizes): default nothing."""
+
+
+def get_algorithm(name: str) -> BlockAlgorithm:
+    """The algorithm registered under ``name`` (its module is imported on first use)."""
+    if name not in MODULES:
+        raise ValueError(f"unknown algorithm {name!r}; allowed: {', '.join(MODULES)}")
+    try:
+        module = importlib.import_module(f"{__name__}.{MODULES[name]}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{MODULES[name]}":
+            raise
         raise NotImplementedError(
-            f"algorithm {name!r} is configured but not implemented in this version of quark "
-            f"(implemented: {', '.join(ALGORITHMS) or 'none'}); remove it from algorithm=/algo_config"
-        )
-    return ALGORITHMS[name]
+            f"algorithm {name!r} is not implemented in this version of quark; remove it from algorithm=..."
+        ) from None
+    return module.ALGORITHM
+
+
+def quantizers_off(module: nn.Module) -> Iterator[None]:
+    """Context manager: every TensorQuantizer under ``module`` is the identity (the float function)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def _ctx() -> Iterator[None]:
+        saved = [(q, q.mode) for q in module.modules() if isinstance(q, TensorQuantizer)]
+        for q, _ in saved:
+            q.mode = "off"
+        try:
+            yield
+        finally:
+            for q, mode in saved:
+                q.mode = mode
+
+    return _ctx()

@@ -212,14 +212,22 @@ class ModelQuantizer:
 
     def _calibrate_blocks(self, model: nn.Module, layers: nn.ModuleList, batches: list, device: torch.device | None,
                           progress: bool) -> None:
-        from quark.torch.algorithm import get_algorithm
+        from quark.torch.algorithm import BlockContext, get_algorithm, quantizers_off
 
-        inputs = capture_block_inputs(model, layers, batches, progress=progress)
         algorithms = [(get_algorithm(a.name), a) for a in self.config.algo_config or []]
+        for algo, algo_cfg in algorithms:
+            algo.prepare_model(model, algo_cfg)
+        inputs = capture_block_inputs(model, layers, batches, progress=progress)
+        float_stream = any(algo.needs_float_stream for algo, _ in algorithms)
+        state = {"float_hidden": list(inputs.hidden) if float_stream else None}
 
         def process(index: int, block: nn.Module, block_inputs: Any) -> None:
-            for apply, algo_cfg in algorithms:
-                apply(block, block_inputs, index, algo_cfg)
+            ctx = BlockContext(block, index, block_inputs, state["float_hidden"])
+            if float_stream:  # the float model's outputs of this block, before anything changes it
+                with quantizers_off(block):
+                    state["float_hidden"] = run_block(block, block_inputs, index, ctx.float_hidden)
+            for algo, algo_cfg in algorithms:
+                algo.apply(ctx, algo_cfg)
             for q in block.modules():
                 if isinstance(q, QuantLinear):
                     q.update_weight_qparams()
