@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from quark.torch.utils.model_loading import drop_gguf_marker
+
 from .attention import enable_softmax_quantization
 from .config.config import QConfig, QLayerConfig, first_stage
 from .config.type import QSchemeType, QuantFlow
@@ -50,25 +52,6 @@ def _check_layer_shapes(name: str, linear: nn.Linear, cfg: QLayerConfig) -> None
                 f"layer {name!r}: {role} group_size={s.group_size} does not divide {dim_name}={dim}; "
                 "choose a group size that divides it or exclude the layer (exclude_layers=[...])"
             )
-
-
-def drop_gguf_marker(model: nn.Module) -> None:
-    """Weights loaded from GGUF are plain floats once in memory; forget the file's quantization so
-    later export is not refused as 'already quantized'."""
-    config = getattr(model, "config", None)
-    for obj in (model, config):
-        if obj is None:
-            continue
-        for attr in ("gguf_file", "_gguf_file"):
-            if getattr(obj, attr, None) is not None:
-                setattr(obj, attr, None)
-    if config is not None and getattr(config, "quantization_config", None) is not None:
-        qc = config.quantization_config
-        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-        if str(method).lower().endswith("gguf"):
-            del config.quantization_config
-    if getattr(model, "hf_quantizer", None) is not None and "gguf" in type(model.hf_quantizer).__name__.lower():
-        model.hf_quantizer = None
 
 
 class ModelQuantizer:

@@ -1,0 +1,1 @@
+"""Helpers shared across ``quark.torch`` (model loading, sizes)."""
