@@ -1,0 +1,41 @@
+"""The `quark` command: tables, and one clear line (no traceback) for human errors."""
+
+import pytest
+
+from quark.cli import main
+
+
+def test_schemes_and_templates_tables(capsys):
+    assert main(["schemes"]) == 0
+    out = capsys.readouterr().out
+    assert "| int4_wo_64 " in out and "int4 group64 static" in out and "| nvfp4 " in out
+    assert main(["templates"]) == 0
+    out = capsys.readouterr().out
+    assert "| llama " in out and "*k_proj,*v_proj" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["quantize", "--model", "/nonexistent/model.gguf", "--scheme", "fp8"], "--model /nonexistent/model.gguf: no such file"),
+        (["eval", "--model", "/nonexistent/dir"], "no such file or directory"),
+    ],
+)
+def test_human_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_non_empty_output_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "x").write_text("keep me")
+    assert main(["quantize", "--scheme", "fp8", "--output", str(tmp_path)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "x").read_text() == "keep me"
+
+
+def test_missing_required_scheme_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize"])
+    assert exc.value.code == 2
+    assert "--scheme" in capsys.readouterr().err
