@@ -6,7 +6,7 @@ import torch
 pytestmark = pytest.mark.slow
 
 
-def test_uint4_g32_quantize_eval_freeze_on_smollm2():
+def test_fp8_with_fp8_kv_quantize_eval_freeze_on_smollm2():
     from quark.torch import LLMTemplate
     from quark.torch.evaluation import calibration_dataloader, evaluate_shared_protocol
     from quark.torch.quantization.api import ModelQuantizer
