@@ -1,0 +1,34 @@
+"""Cohere (Command-R): parallel attention and MLP fed by one LayerNorm (``modeling_cohere.py``).
+
+``input_layernorm`` (a LayerNorm with a weight and no bias) feeds q, k, v *and* gate, up, so they
+form one scaling site whose error is measured on the whole block (``inspect=""``). Command-R+
+uses grouped K/V heads, so no ``v -> o`` pair; LayerNorm (mean-subtracting) rules out rotation.
+"""
+
+from __future__ import annotations
+
+from ._common import GATE_UP_PROJ, KV_PROJ, Q_PROJ, algorithms, pair, template
+
+_QKV = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+
+TEMPLATES = [
+    template(
+        "cohere",
+        kv=KV_PROJ,
+        q=Q_PROJ,
+        gate_up=GATE_UP_PROJ,
+        exclude=[],
+        algorithm_configs=algorithms(
+            "model.layers",
+            pairs=[
+                pair("input_layernorm", [*_QKV, "mlp.gate_proj", "mlp.up_proj"], ""),
+                pair("mlp.up_proj", ["mlp.down_proj"]),
+            ],
+            groups=[
+                ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "mlp.up_proj", "mlp.gate_proj"],
+                ["self_attn.o_proj"],
+                ["mlp.down_proj"],
+            ],
+        ),
+    ),
+]

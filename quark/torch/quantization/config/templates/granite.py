@@ -1,0 +1,33 @@
+"""Granite 4.0 hybrid (``modeling_granitemoehybrid.py``): Mamba-2 and attention blocks, MoE + shared MLP.
+
+Each block has either ``mamba.{in_proj, norm, out_proj}`` or ``self_attn.{q,k,v,o}_proj`` behind
+``input_layernorm``; then ``post_attention_layernorm`` feeds ``block_sparse_moe`` (router
+``block_sparse_moe.router``, fused experts) *and* ``shared_mlp.{input_linear, output_linear}``
+(``input_linear`` is the fused gate+up projection), so it is no scaling site. The gated RMSNorm
+``mamba.norm`` has one weight per channel of ``out_proj``'s input: an exact site. Grouped K/V heads:
+no ``v -> o``.
+"""
+
+from __future__ import annotations
+
+from ._common import KV_PROJ, Q_PROJ, algorithms, attn_groups, attn_pairs, merge_groups, pair, template
+
+TEMPLATES = [
+    template(
+        "granitemoehybrid",
+        kv=KV_PROJ,
+        q=Q_PROJ,
+        gate_up=["*shared_mlp.input_linear"],
+        exclude=["*router*"],
+        algorithm_configs=algorithms(
+            "model.layers",
+            attn_pairs()
+            + [
+                pair("input_layernorm", ["mamba.in_proj"], "mamba"),
+                pair("mamba.norm", ["mamba.out_proj"]),
+            ],
+            merge_groups(attn_groups(), [["mamba.in_proj"], ["mamba.out_proj"]])
+            + [["shared_mlp.input_linear"], ["shared_mlp.output_linear"]],
+        ),
+    ),
+]

@@ -1,0 +1,64 @@
+"""Llama 4 and Llama 3.2 Vision (mllama), loaded as ``*ForConditionalGeneration``.
+
+Llama 4 (``modeling_llama4.py``): text decoder at ``language_model.model.layers``, LM head
+``language_model.lm_head``; every block has ``self_attn.{q,k,v,o}_proj`` (parameter-free L2 q/k norm)
+and a ``feed_forward`` that is either a dense ``Llama4TextMLP`` (``gate_proj``/``up_proj``/``down_proj``,
+interleaved in Maverick) or a MoE (``feed_forward.router``, an ``nn.Linear`` subclass; fused
+``feed_forward.experts``; ``feed_forward.shared_expert.{gate,up,down}_proj``). The MoE norm also feeds
+the router and fused experts: no scaling site there. ``vision_model`` and ``multi_modal_projector``
+are excluded.
+
+Mllama (``modeling_mllama.py``): text decoder at ``model.language_model.layers`` mixing self-attention
+blocks (``self_attn``) and cross-attention blocks (``cross_attn``, whose k/v read the vision states,
+so only ``cross_attn.q_proj`` follows ``input_layernorm``). Text-only calibration skips the
+cross-attention blocks entirely. ``vision_model`` and ``multi_modal_projector`` are excluded.
+
+Grouped K/V heads in both: no ``v -> o``; no rotation (MoE / cross-attention).
+"""
+
+from __future__ import annotations
+
+from ._common import (
+    GATE_UP_PROJ,
+    KV_PROJ,
+    Q_PROJ,
+    algorithms,
+    attn_groups,
+    attn_pairs,
+    merge_groups,
+    mlp_groups,
+    mlp_pairs,
+    pair,
+    template,
+)
+
+TEMPLATES = [
+    template(
+        "llama4",
+        kv=KV_PROJ,
+        q=Q_PROJ,
+        gate_up=GATE_UP_PROJ,
+        exclude=["language_model.lm_head", "*router*", "*vision_model*", "*multi_modal_projector*"],
+        algorithm_configs=algorithms(
+            "language_model.model.layers",
+            attn_pairs()
+            + mlp_pairs("post_attention_layernorm", mlp="feed_forward")
+            + mlp_pairs(None, mlp="feed_forward.shared_expert"),
+            attn_groups() + mlp_groups(("feed_forward", "feed_forward.shared_expert")),
+        ),
+    ),
+    template(
+        "mllama",
+        kv=KV_PROJ,
+        q=Q_PROJ,
+        gate_up=GATE_UP_PROJ,
+        exclude=["*vision_model*", "*multi_modal_projector*"],
+        algorithm_configs=algorithms(
+            "model.language_model.layers",
+            attn_pairs()
+            + [pair("input_layernorm", ["cross_attn.q_proj"], "cross_attn")]
+            + mlp_pairs("post_attention_layernorm"),
+            merge_groups(attn_groups(), attn_groups("cross_attn")) + mlp_groups(),
+        ),
+    ),
+]

@@ -1,0 +1,58 @@
+"""Phi (phi-1/1.5/2) and Phi-3 (Phi-3, Phi-3.5, Phi-4), module names from ``modeling_phi.py`` and
+``modeling_phi3.py`` of transformers 5.24.
+
+Phi: one LayerNorm (``input_layernorm``) feeds attention and MLP in parallel, so q, k, v and
+``mlp.fc1`` form one scaling site measured on the whole block (``inspect=""``). Multi-head
+attention (no grouped K/V in the released models), so ``v_proj -> dense`` is exact. ``fc1 -> fc2``
+has a GELU in between, which does not commute with a scale: no pair. No gate/up layers.
+
+Phi-3: fused ``self_attn.qkv_proj`` and ``mlp.gate_up_proj``. The fused QKV output scale covers
+q, k and v together, a safe (if loose) bound for the K/V cache scale; no separate Q layer.
+``gate_up_proj -> down_proj`` would scale only the up half of a fused output: no pair. Rotation is
+left out because R2 needs a separate ``v_proj``.
+"""
+
+from __future__ import annotations
+
+from ._common import algorithms, pair, template
+
+TEMPLATES = [
+    template(
+        "phi",
+        kv=["*k_proj", "*v_proj"],
+        q="*q_proj",
+        gate_up=None,
+        exclude=[],
+        algorithm_configs=algorithms(
+            "model.layers",
+            pairs=[
+                pair(
+                    "input_layernorm",
+                    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1"],
+                    "",
+                ),
+                pair("self_attn.v_proj", ["self_attn.dense"]),
+            ],
+            groups=[
+                ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "mlp.fc1"],
+                ["self_attn.dense"],
+                ["mlp.fc2"],
+            ],
+        ),
+    ),
+    template(
+        "phi3",
+        kv=["*qkv_proj"],
+        q=None,
+        gate_up=["*gate_up_proj"],
+        exclude=[],
+        algorithm_configs=algorithms(
+            "model.layers",
+            pairs=[
+                pair("input_layernorm", ["self_attn.qkv_proj"], "self_attn"),
+                pair("post_attention_layernorm", ["mlp.gate_up_proj"], "mlp"),
+            ],
+            groups=[["self_attn.qkv_proj"], ["self_attn.o_proj"], ["mlp.gate_up_proj"], ["mlp.down_proj"]],
+        ),
+    ),
+]

@@ -1,0 +1,106 @@
+"""Qwen MoE family: Qwen1.5/2-MoE, Qwen3-MoE, Qwen3-Next, Qwen3-VL-MoE, Qwen3.5-MoE.
+
+Module names from transformers 5.24 (``modeling_qwen2_moe.py``, ``modeling_qwen3_moe.py``,
+``modeling_qwen3_next.py``, ``modeling_qwen3_vl_moe.py``, ``modeling_qwen3_5_moe.py``).
+
+* Routed experts are fused 3-D parameters (``mlp.experts.gate_up_proj`` / ``down_proj``), the router
+  is ``mlp.gate`` (a ``TopKRouter`` holding a weight) and Qwen2-MoE / Qwen3-Next / Qwen3.5 add a
+  shared expert ``mlp.shared_expert.{gate,up,down}_proj`` with its sigmoid gate
+  ``mlp.shared_expert_gate`` (a 1-output linear, kept in high precision like the router).
+* ``post_attention_layernorm`` feeds the router and the fused experts of a MoE block, so it is no
+  scaling site there; only ``shared_expert.up_proj -> down_proj`` is. Blocks listed in
+  ``mlp_only_layers`` hold a dense ``mlp.{gate,up,down}_proj`` and get the usual MLP pairs.
+* Qwen3-Next / Qwen3.5 interleave Gated-DeltaNet blocks (``linear_attn.in_proj_qkvz`` +
+  ``in_proj_ba`` in Qwen3-Next, ``in_proj_qkv`` + ``in_proj_z`` + ``in_proj_b`` + ``in_proj_a`` in
+  Qwen3.5, then ``out_proj``) with full-attention blocks (``self_attn``, whose ``q_proj`` also
+  emits the output gate). Their RMSNorms compute ``norm(x) * (1 + w)``. The gated norm before
+  ``linear_attn.out_proj`` has one weight per head dimension shared by all heads: no scaling site.
+* Grouped K/V heads everywhere: no ``v -> o``. No rotation (MoE routers and fused experts).
+* Qwen3-VL-MoE and Qwen3.5-MoE are loaded as ``*ForConditionalGeneration``: the text decoder sits at
+  ``model.language_model.layers`` and the vision tower ``model.visual`` is excluded.
+"""
+
+from __future__ import annotations
+
+from ._common import (
+    GATE_UP_PROJ,
+    KV_PROJ,
+    Q_PROJ,
+    algorithms,
+    attn_groups,
+    attn_pairs,
+    merge_groups,
+    mlp_groups,
+    mlp_pairs,
+    pair,
+    template,
+)
+
+_ROUTER = "*mlp.gate"
+_SHARED_GATE = "*mlp.shared_expert_gate"
+_VISION = ("*visual*",)
+
+#: dense MLP blocks (``mlp_only_layers``)
+_DENSE_PAIRS = mlp_pairs("post_attention_layernorm")
+_SHARED_PAIRS = mlp_pairs(None, mlp="mlp.shared_expert")
+
+_DELTANET_QWEN3_NEXT = ["linear_attn.in_proj_qkvz", "linear_attn.in_proj_ba"]
+_DELTANET_QWEN3_5 = [
+    "linear_attn.in_proj_qkv",
+    "linear_attn.in_proj_z",
+    "linear_attn.in_proj_b",
+    "linear_attn.in_proj_a",
+]
+
+
+def _qwen_moe(
+    model_type: str,
+    decoder_layers: str,
+    *,
+    shared_expert: bool,
+    dense_blocks: bool,
+    deltanet: list[str] | None = None,
+    exclude: tuple[str, ...] = (),
+) -> dict:
+    pairs = attn_pairs()
+    attention = attn_groups()
+    if deltanet:
+        pairs.append(pair("input_layernorm", deltanet, "linear_attn"))
+        attention = merge_groups(attention, [deltanet, ["linear_attn.out_proj"]])
+    mlp_prefixes: tuple[str, ...] = ()
+    if dense_blocks:
+        pairs += _DENSE_PAIRS
+        mlp_prefixes += ("mlp",)
+    if shared_expert:
+        pairs += _SHARED_PAIRS
+        mlp_prefixes += ("mlp.shared_expert",)
+    groups = attention + (mlp_groups(mlp_prefixes) if mlp_prefixes else [])
+    return template(
+        model_type,
+        kv=KV_PROJ,
+        q=Q_PROJ,
+        # shared-expert / dense gate and up; the fused experts keep one gate_up_proj tensor
+        gate_up=GATE_UP_PROJ,
+        exclude=[_ROUTER, *([_SHARED_GATE] if shared_expert else []), *exclude],
+        algorithm_configs=algorithms(decoder_layers, pairs, groups),
+    )
+
+
+TEMPLATES = [
+    _qwen_moe("qwen2_moe", "model.layers", shared_expert=True, dense_blocks=True),
+    _qwen_moe("qwen3_moe", "model.layers", shared_expert=False, dense_blocks=True),
+    _qwen_moe(
+        "qwen3_next", "model.layers", shared_expert=True, dense_blocks=True, deltanet=_DELTANET_QWEN3_NEXT
+    ),
+    _qwen_moe(
+        "qwen3_vl_moe", "model.language_model.layers", shared_expert=False, dense_blocks=True, exclude=_VISION
+    ),
+    _qwen_moe(
+        "qwen3_5_moe",
+        "model.language_model.layers",
+        shared_expert=True,
+        dense_blocks=False,
+        deltanet=_DELTANET_QWEN3_5,
+        exclude=_VISION,
+    ),
+]
