@@ -54,6 +54,14 @@ def _check_layer_shapes(name: str, linear: nn.Linear, cfg: QLayerConfig) -> None
             )
 
 
+def _drop_weight_caches(module: nn.Module) -> None:
+    """Free the fake-quantized weight copies: during calibration only the current block keeps one,
+    so peak memory stays near the float model's size (they are rebuilt lazily on the next forward)."""
+    for m in module.modules():
+        if isinstance(m, QuantLinear):
+            m._wq_cache = None
+
+
 class ModelQuantizer:
     """Quantize a model according to a :class:`QConfig`.
 
@@ -93,6 +101,7 @@ class ModelQuantizer:
         drop_gguf_marker(model)
         model.eval()
         self._swap_linears(model)
+        model._quark_qconfig = cfg  # export writes it into config.json
         attention_modules = self._setup_attention(model)
         if self.config.softmax_quant_spec is not None:
             enable_softmax_quantization(model, attention_modules, self.config.softmax_quant_spec)
@@ -205,6 +214,8 @@ class ModelQuantizer:
         state = {"float_hidden": list(inputs.hidden) if float_stream else None}
 
         def process(index: int, block: nn.Module, block_inputs: Any) -> None:
+            if index > 0:  # the previous block is done: drop its cached fake-quantized weights
+                _drop_weight_caches(layers[index - 1])
             ctx = BlockContext(block, index, block_inputs, state["float_hidden"])
             if float_stream:  # the float model's outputs of this block, before anything changes it
                 with quantizers_off(block):
@@ -217,6 +228,7 @@ class ModelQuantizer:
             self._observe(block, lambda: run_block(block, block_inputs, index))
 
         for_each_block(layers, inputs, process, device=device, progress=progress)
+        _drop_weight_caches(layers[len(layers) - 1])
         # quantizers outside the blocks (a non-excluded lm_head with static inputs ...): one more pass
         inside = {id(q) for q in _quantizers(layers)}
         outside = [q for q in _quantizers(model) if id(q) not in inside]
