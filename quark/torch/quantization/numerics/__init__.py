@@ -1,0 +1,137 @@
+"""Number formats as pure tensor functions, one module per family.
+
+- :mod:`.rounding`: the three ``RoundType`` modes.
+- :mod:`.integer`: uniform int2..int8 quantization with min-max parameters.
+- :mod:`.minifloat`: fp8 / fp6 / fp4 / ue5m3 / e8m0 values, rounding and bit codes.
+- :mod:`.mx`: OCP MX v1.0 block formats (E8M0 shared scale).
+- :mod:`.shared_exponent`: MX6 / MX9 / BFP16 (Rouhani et al. 2023).
+- :mod:`.packing`: storage layouts of sub-byte codes.
+
+Everything computes in float32 on the input's device and never produces inf from finite input.
+"""
+
+from .integer import (
+    asymmetric_qparams,
+    code_dtype,
+    dequantize_int,
+    fake_quantize_int,
+    int_range,
+    quantize_int,
+    safe_scale,
+    symmetric_scale,
+    zero_point_from_scale,
+)
+from .minifloat import (
+    E8M0,
+    FORMATS,
+    FP4_E2M1,
+    FP6_E2M3,
+    FP6_E3M2,
+    FP8_E4M3,
+    FP8_E5M2,
+    UE5M3,
+    FloatFormat,
+    decode,
+    encode,
+    fake_quantize_fp,
+    pow2,
+    round_to_format,
+    round_to_format_,
+)
+from .mx import (
+    MX_ELEMENTS,
+    MXElement,
+    absmax,
+    block_view,
+    mx_dequantize,
+    mx_element,
+    mx_fake_quantize,
+    mx_quantize,
+    mx_scale_codes,
+    mx_scale_from_amax,
+)
+from .packing import (
+    AWQ_ORDER,
+    pack,
+    pack_fp4,
+    pack_fp6,
+    pack_int4,
+    unpack,
+    unpack_fp4,
+    unpack_fp6,
+    unpack_int4,
+)
+from .rounding import parse_round_method, round_tensor, round_tensor_
+from .shared_exponent import (
+    BFP16,
+    MX6,
+    MX9,
+    SHARED_EXPONENT_FORMATS,
+    SharedExponentFormat,
+    shared_dequantize,
+    shared_exponent_format,
+    shared_exponents,
+    shared_fake_quantize,
+    shared_quantize,
+    ulp_from_exponents,
+)
+
+__all__ = [
+    "AWQ_ORDER",
+    "BFP16",
+    "E8M0",
+    "FORMATS",
+    "FP4_E2M1",
+    "FP6_E2M3",
+    "FP6_E3M2",
+    "FP8_E4M3",
+    "FP8_E5M2",
+    "MX6",
+    "MX9",
+    "MX_ELEMENTS",
+    "MXElement",
+    "SHARED_EXPONENT_FORMATS",
+    "SharedExponentFormat",
+    "UE5M3",
+    "FloatFormat",
+    "absmax",
+    "asymmetric_qparams",
+    "block_view",
+    "code_dtype",
+    "decode",
+    "dequantize_int",
+    "encode",
+    "fake_quantize_fp",
+    "fake_quantize_int",
+    "int_range",
+    "mx_dequantize",
+    "mx_element",
+    "mx_fake_quantize",
+    "mx_quantize",
+    "mx_scale_codes",
+    "mx_scale_from_amax",
+    "pack",
+    "pack_fp4",
+    "pack_fp6",
+    "pack_int4",
+    "parse_round_method",
+    "pow2",
+    "quantize_int",
+    "round_tensor",
+    "round_tensor_",
+    "round_to_format",
+    "round_to_format_",
+    "safe_scale",
+    "shared_dequantize",
+    "shared_exponent_format",
+    "shared_exponents",
+    "shared_fake_quantize",
+    "shared_quantize",
+    "symmetric_scale",
+    "ulp_from_exponents",
+    "zero_point_from_scale",
+    "unpack",
+    "unpack_fp4",
+    "unpack_fp6",
+    "unpack_int4",
+]

@@ -1,0 +1,199 @@
+"""Uniform integer quantization (int2..int8, signed or unsigned) with min-max parameters.
+
+Conventions (shared by quantize, dequantize and fake-quantize, so the three always agree):
+
+- Integer zero point (``int32`` tensor):  ``q = clamp(round(x / s) + z, qmin, qmax)`` and
+  ``x' = (q - z) * s``.  Rounding happens before the zero point is added, so ties are decided on
+  ``x / s`` alone and real 0 is always exactly representable (it maps to ``z``).
+- Float zero point (floating tensor, ``ZeroPointType.float32``): ``q = clamp(round(x / s + z),
+  qmin, qmax)`` and ``x' = (q - z) * s``; ``z`` is not rounded, so the calibrated min and max map
+  exactly onto ``qmin`` and ``qmax`` (real 0 is then generally not representable).
+- No zero point (``None``): symmetric, ``q = clamp(round(x / s), qmin, qmax)``.
+
+A scale of 0 (an all-zero group) is guarded: the division uses 1 instead, the final product uses
+the real 0, so the group comes out as exact zeros and never NaN/inf.  NaN in ``x`` stays NaN in
+fake-quantize; it has no integer code, so ``quantize`` treats it as 0 (the code of real 0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quark.torch.quantization.config.type import RoundType, ZeroPointType
+
+from ._chunk import Scratch, as_param, finish, run_chunked, start
+from .rounding import parse_round_method, round_tensor_
+
+__all__ = [
+    "int_range",
+    "code_dtype",
+    "symmetric_scale",
+    "asymmetric_qparams",
+    "zero_point_from_scale",
+    "safe_scale",
+    "quantize_int",
+    "dequantize_int",
+    "fake_quantize_int",
+]
+
+
+def int_range(bits: int, signed: bool) -> tuple[int, int]:
+    """``(qmin, qmax)`` of a ``bits``-bit two's complement (signed) or unsigned integer."""
+    if not 1 <= bits <= 16:
+        raise ValueError(f"integer quantization supports 1..16 bits, got {bits}")
+    if signed:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def code_dtype(qmin: int, qmax: int) -> torch.dtype:
+    """Torch dtype of codes in ``[qmin, qmax]``: uint8 for unsigned ranges, int8, else int32."""
+    if qmin >= 0 and qmax <= 255:
+        return torch.uint8
+    if qmin >= -128 and qmax <= 127:
+        return torch.int8
+    return torch.int32
+
+
+def safe_scale(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` with zeros replaced by 1: the divisor used for all-zero groups (see module doc)."""
+    return scale.masked_fill(scale == 0, 1.0)
+
+
+def symmetric_scale(amax: torch.Tensor, qmax: int) -> torch.Tensor:
+    """``amax / qmax`` in float32, so that the largest magnitude is exactly ``qmax`` steps."""
+    return amax.float() / qmax
+
+
+def asymmetric_qparams(
+    min_val: torch.Tensor,
+    max_val: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    zero_point_type: ZeroPointType | str = ZeroPointType.int32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scale and zero point of an affine integer grid covering ``[min_val, max_val]``.
+
+    The range is first widened to include 0 (``min = min(min_val, 0)``, ``max = max(max_val, 0)``)
+    and ``scale = (max - min) / (qmax - qmin)``, computed as ``(max/2 - min/2) / ((qmax-qmin)/2)``
+    (the same float32 value for normal bounds, but no overflow for ranges beyond 1.7e38).
+
+    - ``int32`` zero point: ``z = clamp(qmin - round_half_even(min / scale), qmin, qmax)``; real 0
+      maps exactly to code ``z``.
+    - ``float32`` zero point: ``z = qmin - min / scale`` unrounded; ``min`` maps to ``qmin``.
+
+    An all-zero range gives scale 0 and ``z = qmin`` (0 maps to code ``qmin``).
+    NaN bounds give a NaN scale (which carries the NaN through dequantization) and zero point ``qmin``.
+    """
+    lo = torch.clamp(min_val.float(), max=0.0)
+    hi = torch.clamp(max_val.float(), min=0.0)
+    scale = (hi * 0.5 - lo * 0.5) / ((qmax - qmin) * 0.5)
+    return scale, zero_point_from_scale(lo, scale, qmin, qmax, zero_point_type)
+
+
+def zero_point_from_scale(
+    min_val: torch.Tensor,
+    scale: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    zero_point_type: ZeroPointType | str = ZeroPointType.int32,
+) -> torch.Tensor:
+    """Zero point placing ``min(min_val, 0)`` at ``qmin`` for a given ``scale`` (see
+    :func:`asymmetric_qparams`); int32, or float32 unrounded for ``ZeroPointType.float32``."""
+    zp_type = ZeroPointType.parse(zero_point_type, "zero_point_type")
+    shifted = torch.clamp(min_val.float(), max=0.0) / safe_scale(scale.float())
+    if zp_type is ZeroPointType.float32:
+        return (qmin - shifted).nan_to_num_(nan=float(qmin))
+    zp = (qmin - shifted.round_()).nan_to_num_(nan=float(qmin)).clamp_(qmin, qmax)
+    return zp.to(torch.int32)
+
+
+def _prepare(x, scale, zero_point):
+    """Float32 params shaped for ``x``: scale, guarded divisor, zero point, and whether it is float."""
+    s = as_param(scale, x)
+    zp = None
+    float_zp = False
+    if zero_point is not None:
+        zt = torch.as_tensor(zero_point, device=x.device)
+        float_zp = zt.is_floating_point()
+        zp = as_param(zt, x)
+    return s, safe_scale(s), zp, float_zp
+
+
+def _to_codes_(y, zp, qmin, qmax, method, float_zp):
+    """``y = x / s`` -> integer codes in [qmin, qmax], in place (NaN stays NaN)."""
+    if zp is None:
+        return round_tensor_(y, method).clamp_(qmin, qmax)
+    if float_zp:
+        return round_tensor_(y.add_(zp), method).clamp_(qmin, qmax)
+    # Integer zero point: round first (ties decided on x / s), then shift.
+    return round_tensor_(y, method).add_(zp).clamp_(qmin, qmax)
+
+
+def fake_quantize_int(
+    x: torch.Tensor,
+    scale: torch.Tensor | float,
+    zero_point: torch.Tensor | int | None,
+    qmin: int,
+    qmax: int,
+    round_method: RoundType | str | None = RoundType.half_even,
+    out: torch.Tensor | None = None,
+    scratch: Scratch | None = None,
+) -> torch.Tensor:
+    """``dequantize_int(quantize_int(x, ...))`` fused, computed in float32, returned in ``x.dtype``.
+
+    ``scale`` and ``zero_point`` broadcast to ``x``; an integer-dtype ``zero_point`` uses the
+    integer convention, a floating one the float-zero-point convention (module doc).  ``out`` may be
+    ``x`` for an in-place update; ``scratch`` is for callers already working on a chunk.
+    """
+    method = parse_round_method(round_method)
+    s, div, zp, float_zp = _prepare(x, scale, zero_point)
+
+    def kernel(xc, oc, scratch, divc, sc, zpc):
+        y = _to_codes_(start(xc, oc, scratch, divc), zpc, qmin, qmax, method, float_zp)
+        if zpc is not None:
+            y.sub_(zpc)
+        finish(y, oc, sc)
+
+    return run_chunked(kernel, x, [div, s, zp], out=out, scratch=scratch)
+
+
+def quantize_int(
+    x: torch.Tensor,
+    scale: torch.Tensor | float,
+    zero_point: torch.Tensor | int | None,
+    qmin: int,
+    qmax: int,
+    round_method: RoundType | str | None = RoundType.half_even,
+) -> torch.Tensor:
+    """Integer codes in ``[qmin, qmax]`` (dtype from :func:`code_dtype`).
+
+    NaN has no code: it is quantized as 0 (so it maps to the code of real 0).
+    """
+    method = parse_round_method(round_method)
+    _, div, zp, float_zp = _prepare(x, scale, zero_point)
+
+    def kernel(xc, oc, scratch, divc, zpc):
+        y = start(xc, scratch.get(1, xc.shape, torch.float32), scratch, divc).nan_to_num_(nan=0.0)
+        oc.copy_(_to_codes_(y, zpc, qmin, qmax, method, float_zp))
+
+    return run_chunked(kernel, x, [div, zp], out_dtype=code_dtype(qmin, qmax))
+
+
+def dequantize_int(
+    codes: torch.Tensor,
+    scale: torch.Tensor | float,
+    zero_point: torch.Tensor | int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``(codes - zero_point) * scale`` computed in float32, returned as ``dtype``."""
+    s = as_param(scale, codes)
+    zp = None if zero_point is None else as_param(torch.as_tensor(zero_point, device=codes.device), codes)
+
+    def kernel(cc, oc, scratch, sc, zpc):
+        y = start(cc, oc, scratch)
+        if zpc is not None:
+            y.sub_(zpc)
+        finish(y, oc, sc)
+
+    return run_chunked(kernel, codes, [s, zp], out_dtype=dtype)

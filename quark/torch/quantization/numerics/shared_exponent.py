@@ -1,0 +1,229 @@
+"""Shared-exponent block formats: MX6 / MX9 (shared microexponents) and BFP16.
+
+Rouhani et al. 2023, "Shared Microexponents: A Little Shifting Goes a Long Way" (ISCA'23): a
+block of ``block_size`` elements shares an 8-bit exponent ``E``; each sub-block of
+``micro_block`` elements shares a ``micro_bits``-bit micro-exponent ``d`` (a right shift); each
+element is a sign and ``mantissa_bits`` magnitude bits.  MX9 = (16, 7 bits, pairs, 1 bit),
+MX6 = (16, 4 bits, pairs, 1 bit); BFP16 is plain block floating point, (8, 7 bits, no micro
+exponent).  One implementation covers all three.
+
+Conventions (the paper's, made concrete):
+
+- ``E = floor(log2(max |block|))`` clamped to [-127, 127] (an all-zero block gets -127); stored
+  biased by 127 in a uint8, 255 marking a NaN block (decodes to NaN).
+- ``d = min(E - floor(log2(max |sub-block|)), 2^micro_bits - 1)``, i.e. the number of
+  ``k = 1 .. 2^micro_bits - 1`` with ``max |sub-block| < 2^(E - k + 1)``: a sub-block whose own
+  maximum lies below the block's binade shifts down, gaining precision (all-zero sub-blocks shift
+  fully).
+- Elements are sign-magnitude integers ``M`` with ``|M| <= 2^m - 1`` on the fixed-point grid
+  ``ulp = 2^(E - d + 1 - m)``: the block's largest element ``[2^E, 2^(E+1))`` uses the top bit.
+  ``M = clamp(round_half_even(x / ulp), -(2^m - 1), 2^m - 1)``, value ``M * ulp``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quark.torch.quantization.config.type import Dtype, RoundType
+
+from ._chunk import finish, run_chunked, start
+from .integer import dequantize_int, quantize_int
+from .minifloat import pow2
+from .mx import absmax, block_view
+from .rounding import parse_round_method, round_tensor_
+
+__all__ = [
+    "SharedExponentFormat",
+    "MX6",
+    "MX9",
+    "BFP16",
+    "SHARED_EXPONENT_FORMATS",
+    "shared_exponent_format",
+    "shared_exponents",
+    "ulp_from_exponents",
+    "shared_quantize",
+    "shared_dequantize",
+    "shared_fake_quantize",
+]
+
+
+@dataclass(frozen=True)
+class SharedExponentFormat:
+    name: str
+    block_size: int
+    mantissa_bits: int
+    micro_block: int
+    micro_bits: int
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.mantissa_bits) - 1
+
+    @property
+    def bits_per_element(self) -> float:
+        """Average storage bits: sign + mantissa + shared bits amortised over the block."""
+        shared = 8 + self.micro_bits * (self.block_size // self.micro_block)
+        return 1 + self.mantissa_bits + shared / self.block_size
+
+
+MX9 = SharedExponentFormat("mx9", 16, 7, 2, 1)
+MX6 = SharedExponentFormat("mx6", 16, 4, 2, 1)
+BFP16 = SharedExponentFormat("bfp16", 8, 7, 8, 0)
+SHARED_EXPONENT_FORMATS: dict[str, SharedExponentFormat] = {
+    Dtype.mx6.value: MX6,
+    Dtype.mx9.value: MX9,
+    Dtype.bfp16.value: BFP16,
+}
+
+
+def shared_exponent_format(fmt: SharedExponentFormat | Dtype | str) -> SharedExponentFormat:
+    if isinstance(fmt, SharedExponentFormat):
+        return fmt
+    key = fmt.value if isinstance(fmt, Dtype) else str(fmt)
+    if key not in SHARED_EXPONENT_FORMATS:
+        raise ValueError(f"{key!r} is not a shared-exponent format; allowed: {', '.join(SHARED_EXPONENT_FORMATS)}")
+    return SHARED_EXPONENT_FORMATS[key]
+
+
+def _floor_log2(a: torch.Tensor) -> torch.Tensor:
+    """floor(log2(a)) of a float32 a >= 0 from its exponent field (-127 for 0 and subnormals)."""
+    return (a.view(torch.int32) >> 23) - 127
+
+
+def _block_exponent(xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E, nan)`` per block row of ``xb``: E = floor(log2(max|block|)) clamped to [-127, 127]."""
+    amax = absmax(xb, 1)
+    return _floor_log2(amax).clamp_(-127, 127), torch.isnan(amax)
+
+
+def _thresholds(e: torch.Tensor, fmt: SharedExponentFormat) -> list[torch.Tensor]:
+    """``2^(E - k + 1)`` for k = 1 .. 2^micro_bits - 1: d >= k iff max|sub-block| < threshold k."""
+    return [pow2(e - k + 1) for k in range(1, 1 << fmt.micro_bits)]
+
+
+def shared_exponents(x: torch.Tensor, fmt: SharedExponentFormat | Dtype | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(exponents, micro_exponents)`` of ``x``'s blocks along the last dim.
+
+    ``exponents``: uint8 ``E + 127`` shaped ``[..., K / block_size]`` (255 for a block with NaN);
+    ``micro_exponents``: uint8 ``d`` shaped ``[..., K / micro_block]``.
+    """
+    fmt = shared_exponent_format(fmt)
+    xb = block_view(x, fmt.block_size)
+    e, nan = _block_exponent(xb)
+    per_block = fmt.block_size // fmt.micro_block
+    sub_amax = absmax(x.reshape(-1, fmt.micro_block), 1).view(-1, per_block)
+    d = torch.zeros_like(sub_amax, dtype=torch.int32)
+    for thr in _thresholds(e, fmt):
+        d += sub_amax < thr
+    exps = torch.where(nan, 255, e + 127).to(torch.uint8)
+    lead = x.shape[:-1]
+    return exps.view(*lead, -1), d.to(torch.uint8).view(*lead, -1)
+
+
+def ulp_from_exponents(
+    exponents: torch.Tensor, micro_exponents: torch.Tensor, fmt: SharedExponentFormat | Dtype | str
+) -> torch.Tensor:
+    """Float32 grid step ``2^(E - d + 1 - m)`` of each sub-block, shaped like ``micro_exponents``."""
+    fmt = shared_exponent_format(fmt)
+    per_block = fmt.block_size // fmt.micro_block
+    e = exponents.to(torch.int32).reshape(-1, 1)
+    d = micro_exponents.to(torch.int32).reshape(-1, per_block)
+    ulp = pow2(e - 127 - d + 1 - fmt.mantissa_bits)
+    ulp = torch.where(e == 255, float("nan"), ulp)
+    return ulp.view(micro_exponents.shape)
+
+
+_PATTERN = {2: (torch.int16, 0x0101), 4: (torch.int32, 0x01010101), 8: (torch.int64, 0x0101010101010101)}
+
+
+def _all_in_micro_block(flags: torch.Tensor, micro: int) -> torch.Tensor:
+    """Per element (uint8 0/1): are all flags of its micro-block set?  ``flags``: bool [rows, block].
+
+    For micro-blocks of 2, 4 or 8 the flag bytes of a micro-block are read as one 16/32/64-bit
+    integer, which equals 0x0101.. exactly when all are set; no reduction over a tiny dim.
+    """
+    rows, block = flags.shape
+    if micro == 1:
+        return flags.view(torch.uint8)
+    if micro in _PATTERN:
+        dt, ones = _PATTERN[micro]
+        word = flags.view(torch.uint8).view(dt)
+        return ((word == ones).to(dt) * ones).view(torch.uint8).view(rows, block)
+    return flags.view(rows, block // micro, micro).all(-1, keepdim=True).expand(-1, -1, micro).reshape(rows, block).view(torch.uint8)
+
+
+def shared_fake_quantize(
+    x: torch.Tensor,
+    fmt: SharedExponentFormat | Dtype | str,
+    round_method: RoundType | str | None = RoundType.half_even,
+) -> torch.Tensor:
+    """Quantize-dequantize ``x`` (blocks along its last dim); same shape and dtype as ``x``.
+
+    Scales and elements are computed chunk by chunk in one pass (see ``_chunk``), with the step
+    ``2^(E - d + 1 - m)`` expanded per element (a broadcast over micro-blocks of 2 would be slow);
+    the result equals ``shared_dequantize(*shared_quantize(x))`` exactly.
+    """
+    fmt = shared_exponent_format(fmt)
+    method = parse_round_method(round_method)
+    xb = block_view(x, fmt.block_size)
+    qmax = fmt.qmax
+
+    m = fmt.mantissa_bits
+    levels = (1 << fmt.micro_bits) - 1
+
+    def kernel(xc, oc, scratch):
+        shape = xc.shape
+        amax = absmax(xc, 1, scratch=scratch)
+        e = _floor_log2(amax).clamp_(-127, 127)
+        u0 = pow2(e + 1 - m).masked_fill_(torch.isnan(amax), float("nan"))
+        y = start(xc, oc, scratch, u0)  # x / 2^(E + 1 - m), exact
+        f = None
+        if levels:
+            # d >= k  iff  max|sub-block| < 2^(E - k + 1)  iff  max|y| over it < 2^(m - k): a scalar
+            # compare in the normalised domain instead of a broadcast one.
+            a = torch.abs(y, out=scratch.get(2, shape, torch.float32))
+            below = scratch.get(4, shape, torch.bool)
+            f = scratch.get(5, shape, torch.float32)
+            if levels == 1:
+                torch.add(_all_in_micro_block(torch.lt(a, 2.0 ** (m - 1), out=below), fmt.micro_block), 1, out=f)
+            else:
+                d = scratch.get(3, shape, torch.uint8).zero_()
+                for k in range(1, levels + 1):
+                    d += _all_in_micro_block(torch.lt(a, 2.0 ** (m - k), out=below), fmt.micro_block)
+                torch.exp2(d, out=f)  # exact for small integers
+            y.mul_(f)  # 2^d: the micro-block's finer grid
+        round_tensor_(y, method).clamp_(-qmax, qmax)
+        if f is not None:
+            y.div_(f)
+        finish(y, oc, u0)
+
+    return run_chunked(kernel, xb, []).view(x.shape)
+
+
+def shared_quantize(
+    x: torch.Tensor,
+    fmt: SharedExponentFormat | Dtype | str,
+    round_method: RoundType | str | None = RoundType.half_even,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes, exponents, micro_exponents)``: int8 signed mantissas ``M`` shaped like ``x`` plus
+    the exponents of :func:`shared_exponents`."""
+    fmt = shared_exponent_format(fmt)
+    exps, micro = shared_exponents(x, fmt)
+    ulp = ulp_from_exponents(exps, micro, fmt).reshape(-1, 1)
+    codes = quantize_int(x.reshape(-1, fmt.micro_block), ulp, None, -fmt.qmax, fmt.qmax, round_method)
+    return codes.view(x.shape), exps, micro
+
+
+def shared_dequantize(
+    codes: torch.Tensor,
+    exponents: torch.Tensor,
+    micro_exponents: torch.Tensor,
+    fmt: SharedExponentFormat | Dtype | str,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Values ``M * 2^(E - d + 1 - m)``."""
+    fmt = shared_exponent_format(fmt)
+    ulp = ulp_from_exponents(exponents, micro_exponents, fmt).reshape(-1, 1)
+    return dequantize_int(codes.reshape(-1, fmt.micro_block), ulp, None, dtype=dtype).view(codes.shape)
