@@ -19,6 +19,7 @@ imports it on first use.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import importlib
 from collections.abc import Iterator
@@ -89,6 +90,13 @@ class BlockAlgorithm:
     def prepare_model(self, model: nn.Module, config: AlgoConfig) -> None:
         """Model-level transform run once before calibration (default: nothing)."""
 
+    def float_pass(self, ctx: BlockContext, config: AlgoConfig) -> contextlib.AbstractContextManager:
+        """Context manager entered around the loop's float-stream pass over this block (run, when
+        some algorithm ``needs_float_stream``, before any ``apply`` on the block, quantizers off, on
+        ``ctx.float_hidden``): lets an algorithm record float activations with hooks instead of
+        running the block again. Default: nothing."""
+        return contextlib.nullcontext()
+
     def apply(self, ctx: BlockContext, config: AlgoConfig) -> None:
         """Change the block's weights (and nothing about its float function unless the algorithm
         quantizes): default nothing."""
@@ -111,8 +119,6 @@ def get_algorithm(name: str) -> BlockAlgorithm:
 
 def quantizers_off(module: nn.Module) -> Iterator[None]:
     """Context manager: every TensorQuantizer under ``module`` is the identity (the float function)."""
-    import contextlib
-
     @contextlib.contextmanager
     def _ctx() -> Iterator[None]:
         saved = [(q, q.mode) for q in module.modules() if isinstance(q, TensorQuantizer)]

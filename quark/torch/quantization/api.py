@@ -9,6 +9,7 @@ stack of decoder blocks (any ``nn.Module``) are calibrated with whole-model forw
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -112,7 +113,8 @@ class ModelQuantizer:
             model.to(device)
         compute = torch.device(device) if device is not None else home
         with torch.no_grad():
-            if batches is None:
+            if batches is None or not (cfg.needs_calibration() or cfg.algo_config):
+                # weight-only / fully dynamic and no algorithm: the weights alone give every qparam
                 for _, q in quantized_linears(model):
                     q.update_weight_qparams()
             else:
@@ -218,7 +220,9 @@ class ModelQuantizer:
                 _drop_weight_caches(layers[index - 1])
             ctx = BlockContext(block, index, block_inputs, state["float_hidden"])
             if float_stream:  # the float model's outputs of this block, before anything changes it
-                with quantizers_off(block):
+                with quantizers_off(block), contextlib.ExitStack() as observers:
+                    for algo, algo_cfg in algorithms:
+                        observers.enter_context(algo.float_pass(ctx, algo_cfg))
                     state["float_hidden"] = run_block(block, block_inputs, index, ctx.float_hidden)
             for algo, algo_cfg in algorithms:
                 algo.apply(ctx, algo_cfg)
