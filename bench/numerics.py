@@ -3,7 +3,9 @@
 Each format fake-quantizes a 4096x4096 float32 tensor dynamically (qparams computed from the
 tensor, as for activations) through ``tensor_quantize.fake_quantize``; the table reports the
 median time of several repeats and the throughput as a fraction of a plain ``x.clone()``
-run alternately with it (median of the per-pair ratios; 1.0 = as fast as copying the tensor).  Results are printed as a markdown
+run alternately with it (median of the per-pair ratios; 1.0 = as fast as copying the tensor), plus
+the best-of ratio and the ratio of CPU time (the work done; robust on a busy machine).  CPU chunks
+run on a small worker pool (see ``numerics/_chunk.py``; ``QUARK_NUMERICS_THREADS=0`` disables it).  Results are printed as a markdown
 table and written as JSON (``--out``, default ``bench/results/numerics.json``).
 
     python bench/numerics.py [--size 4096] [--repeats 7] [--only mxfp4,nvfp4] [--out FILE]
@@ -66,23 +68,37 @@ def formats() -> dict[str, object]:
     return out
 
 
-def paired_times(fn, ref, repeats: int) -> tuple[float, float, float, float]:
-    """Median seconds of ``fn`` and of ``ref`` run alternately, the median of the per-pair ratios
-    ``ref / fn`` (a pair shares the machine's load at that moment, which keeps the ratio meaningful
-    on a shared machine) and the best-of ratio ``min(ref) / min(fn)`` (the uncontended speed)."""
+def paired_times(fn, ref, repeats: int) -> dict[str, float]:
+    """Time ``fn`` and ``ref`` run alternately ``repeats`` times.
+
+    - ``ms`` / ``clone_ms``: median wall times;
+    - ``x_clone``: median of the per-pair ratios ``ref / fn`` (a pair shares the machine's load at
+      that moment, which keeps the ratio meaningful on a shared machine);
+    - ``x_clone_best``: ``min(ref) / min(fn)``, the uncontended speed;
+    - ``x_clone_cpu``: the same from process CPU time (all threads): the work done, which other
+      processes on the machine hardly change.
+    """
     fn()
     ref()
-    ts, rs, ratios = [], [], []
+    ts, rs, ratios, tc, rc = [], [], [], [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         ref()
-        t1 = time.perf_counter()
+        c1, t1 = time.process_time(), time.perf_counter()
         fn()
-        t2 = time.perf_counter()
+        c2, t2 = time.process_time(), time.perf_counter()
         rs.append(t1 - t0)
         ts.append(t2 - t1)
+        rc.append(c1 - c0)
+        tc.append(c2 - c1)
         ratios.append((t1 - t0) / (t2 - t1))
-    return statistics.median(ts), statistics.median(rs), statistics.median(ratios), min(rs) / min(ts)
+    return {
+        "ms": statistics.median(ts) * 1e3,
+        "clone_ms": statistics.median(rs) * 1e3,
+        "x_clone": statistics.median(ratios),
+        "x_clone_best": min(rs) / min(ts),
+        "x_clone_cpu": min(rc) / max(min(tc), 1e-9),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,17 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     for name, spec in formats().items():
         if args.only and not any(k.strip() in name for k in args.only.split(",")):
             continue
-        t, c, ratio, best = paired_times(lambda spec=spec: fake_quantize(x, spec), lambda: x.clone(), args.repeats)
-        rows.append({"format": name, "ms": t * 1e3, "clone_ms": c * 1e3, "x_clone": ratio, "x_clone_best": best})
+        rows.append({"format": name, **paired_times(lambda spec=spec: fake_quantize(x, spec), lambda: x.clone(), args.repeats)})
     clone_s = statistics.median(r["clone_ms"] for r in rows) / 1e3 if rows else float("nan")
 
     print(f"\n{args.size}x{args.size} float32, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"clone {clone_s * 1e3:.2f} ms (median over the run); each row: median of {args.repeats} "
           "fake-quantize / clone pairs\n")
-    print("| format | ms | clone ms | throughput vs clone (median) | best-of |")
-    print("|---|---:|---:|---:|---:|")
+    print("| format | ms | clone ms | throughput vs clone (median) | best-of | CPU time |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['format']} | {r['ms']:.2f} | {r['clone_ms']:.2f} | {r['x_clone']:.2f}x | {r['x_clone_best']:.2f}x |")
+        print(f"| {r['format']} | {r['ms']:.2f} | {r['clone_ms']:.2f} | {r['x_clone']:.2f}x "
+              f"| {r['x_clone_best']:.2f}x | {r['x_clone_cpu']:.2f}x |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({

@@ -275,3 +275,23 @@ def test_meta_tensors_give_qparam_and_code_shapes():
         codes = quantize(m, spec, qp)
         assert codes.shape == m.shape and dequantize(codes, spec, qp).shape == m.shape
         assert fake_quantize(m, spec).shape == m.shape
+
+
+def test_requires_grad_input_gives_a_detached_result():
+    x = torch.randn(4, 64, requires_grad=True)
+    for spec in (Spec("int8", "per_tensor", symmetric=True), Spec("mx", mx_element_dtype="fp4"), Spec("mx6")):
+        y = fake_quantize(x, spec)
+        assert not y.requires_grad and torch.equal(y, fake_quantize(x.detach(), spec))
+    assert not mx_fake_quantize(x, "fp4").requires_grad
+
+
+def test_worker_pool_matches_plain_loop(monkeypatch):
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(3))
+    specs = [Spec("uint4", "per_group", group_size=32, symmetric=False), Spec("mx9"),
+             [Spec("fp4", "per_group", group_size=16), Spec("fp8_e4m3", "per_tensor", is_scale_quant=True)]]
+    whole = [fake_quantize(x, s) for s in specs]
+    monkeypatch.setattr(_chunk, "CHUNK_ELEMS", 512)
+    for threads in ("0", "3"):
+        monkeypatch.setenv("QUARK_NUMERICS_THREADS", threads)
+        for s, w in zip(specs, whole):
+            assert torch.equal(fake_quantize(x, s), w)

@@ -69,7 +69,8 @@ def test_frozen_weight_memory_is_the_quantized_size():
     q = model.model.layers[0].mlp.down_proj
     float_bytes = q.weight.numel() * 4
     ModelQuantizer.freeze(model)
-    assert q.weight.dtype == torch.int32 and q.weight.shape == (64, 128 // 8)
+    # per-group int4 is stored transposed and packed along N: int32 [K, N / 8] (FORMATS.md section 4)
+    assert q.weight.dtype == torch.int32 and q.weight.shape == (128, 64 // 8)
     stored = q.weight.numel() * 4 + q.weight_quantizer.scale.numel() * 4
     assert stored == float_bytes // 8 + float_bytes // 32
 

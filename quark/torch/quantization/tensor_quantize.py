@@ -14,7 +14,8 @@ Granularity, on the tensor viewed as ``[M, K]`` (all leading dims flattened, K t
   ``[*x.shape[:-1], K / group_size]``.
 
 Scales (min-max, NaN-propagating: a NaN in a group makes that group's scale, hence the whole
-group, NaN; with given static qparams NaN stays where it is):
+group, NaN; with given static qparams NaN stays where it is; a zero scale -- an all-zero group, or
+a stored block scale that rounds to 0 -- gives exact zeros):
 
 - integers: symmetric ``amax / qmax`` (unsigned symmetric: zero point ``2^(bits-1)``, scale
   ``amax / (2^(bits-1) - 1)``); asymmetric per :func:`numerics.asymmetric_qparams`, the zero point
@@ -346,6 +347,8 @@ def _shared_view(x: torch.Tensor, kind: _Kind, qp: QParams) -> tuple[torch.Tenso
 def _fake_one(x: torch.Tensor, spec: SpecLike, qp: QParams | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``qp`` natural-shaped, or None: computed from ``x`` chunk by chunk in the same pass."""
     kind = _kind(spec)
+    if qp is not None and qp.scale is None:
+        qp = None
     if kind.family == "cast":
         res = x.to(kind.fmt).to(x.dtype)
         return res if out is None else out.copy_(res)
@@ -527,6 +530,7 @@ def _empty_qparams(x: torch.Tensor, spec: Specs) -> QParams | list[QParams]:
 
 def compute_qparams(x: torch.Tensor, spec: Specs) -> QParams | list[QParams]:
     """Min-max qparams of ``x`` for ``spec`` (a list of qparams, one per stage, for two specs)."""
+    x = x.detach()
     if x.numel() == 0:
         return _empty_qparams(x, spec)
     pair = _two(spec)
@@ -541,7 +545,10 @@ def compute_qparams(x: torch.Tensor, spec: Specs) -> QParams | list[QParams]:
 
 
 def fake_quantize(x: torch.Tensor, spec: Specs, qparams: QParamsLike = None) -> torch.Tensor:
-    """Quantize-dequantize ``x``; qparams None (or None entries) are computed from ``x`` (dynamic)."""
+    """Quantize-dequantize ``x``; qparams None (or None entries, or a None scale) are computed from
+    ``x`` (dynamic), per group and in the same pass as the elements.  Not differentiable: the
+    result never requires grad (wrap it in a straight-through estimator for training)."""
+    x = x.detach()
     if x.numel() == 0:
         return x.clone()
     pair = _two(spec)
@@ -563,11 +570,14 @@ def quantize(x: torch.Tensor, spec: Specs, qparams: QParamsLike = None) -> torch
     For two specs these are the codes of the last stage that quantizes elements (the second for
     progressive, the first for scale quantization).
     """
+    x = x.detach()
     pair = _two(spec)
     if pair is None:
         spec = _single(spec)
         _check_one(spec, qparams)
-        return _quantize_one(x, spec, qparams if qparams is not None else _compute_one(x, spec))
+        if qparams is None or qparams.scale is None:
+            qparams = _compute_one(x, spec)
+        return _quantize_one(x, spec, qparams)
     first, second = pair
     q1, q2 = _stage_qparams(qparams)
     if getattr(second, "is_scale_quant", False):
@@ -584,6 +594,7 @@ def dequantize(
     codes: torch.Tensor, spec: Specs, qparams: QParamsLike, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Values of ``codes`` as ``dtype`` (what :func:`fake_quantize` returns, for the same qparams)."""
+    codes = codes.detach()
     pair = _two(spec)
     if pair is None:
         spec = _single(spec)

@@ -4,18 +4,32 @@ A fake-quantize is a short chain of elementwise ops (divide by the scale, round,
 back).  Run eagerly on a whole tensor, every intermediate is a fresh tensor of the input's size, and
 on the CPU each such allocation costs as much as the arithmetic (the pages are new to the process).
 So on the CPU the chain runs on slices of about ``CHUNK_ELEMS`` elements along dim 0, in place on
-the output and on a few chunk-sized scratch buffers that are reused from chunk to chunk: the only
-full-size allocation is the output, and the working set stays in cache.  Other devices have a
-caching allocator and a launch cost per op, so they run the chain once on the whole tensor.
+the output and on a few chunk-sized scratch buffers reused from chunk to chunk: the only full-size
+allocation is the output, and the working set stays in cache.
+
+The chunks are spread over a small pool of worker threads, each running its ops with one
+intra-op thread (the ops release the GIL).  Letting every op fork and join torch's OpenMP team
+instead costs a barrier per op, and a barrier waits for the slowest thread: on a busy machine,
+where a thread loses its core for a scheduler time slice at a time, a chain of a few hundred
+small parallel regions then ran 10-100x slower than one ``clone()``; with independent workers the
+slowdown stays proportional to the load.  ``QUARK_NUMERICS_THREADS=0`` turns the pool off (plain
+loop, torch's own intra-op parallelism); a positive value sets the number of workers.
+
+Other devices have a caching allocator and a launch cost per op, so they run the chain once on the
+whole tensor.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 CHUNK_ELEMS = 1 << 20
+MAX_WORKERS = 8  # past this the GIL (held while an op is dispatched) becomes the bottleneck
 
 
 class Scratch:
@@ -41,7 +55,7 @@ def as_param(value: torch.Tensor | float | int, like: torch.Tensor) -> torch.Ten
 
     Parameters are never 0-d so that type promotion with a low-precision ``x`` yields float32.
     """
-    t = torch.as_tensor(value, device=like.device)
+    t = torch.as_tensor(value, device=like.device).detach()
     if t.dtype != torch.float32:
         t = t.float()
     if t.dim() > max(like.dim(), 1):
@@ -55,6 +69,63 @@ def _row_slices(x: torch.Tensor) -> list[slice]:
     rows = x.shape[0]
     step = max(1, CHUNK_ELEMS // max(1, x.numel() // rows))
     return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+# --------------------------------------------------------------------------------------------
+# worker pool
+# --------------------------------------------------------------------------------------------
+_state = threading.local()  # .worker: this thread is a pool worker
+_pool: ThreadPoolExecutor | None = None
+_pool_key: tuple[int, int] | None = None
+_pool_lock = threading.Lock()
+
+
+def _reset_after_fork() -> None:
+    global _pool, _pool_key
+    _pool, _pool_key = None, None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _wanted_workers() -> tuple[int, int]:
+    """(workers, intra-op threads per worker) for the current torch thread setting."""
+    env = os.environ.get("QUARK_NUMERICS_THREADS")
+    threads = torch.get_num_threads()
+    workers = int(env) if env not in (None, "") else min(threads, MAX_WORKERS)
+    if workers <= 1:
+        return 0, threads
+    return workers, max(1, threads // workers)
+
+
+def _get_pool() -> ThreadPoolExecutor | None:
+    global _pool, _pool_key
+    key = _wanted_workers()
+    if key[0] == 0:
+        return None
+    with _pool_lock:
+        if _pool is not None and _pool_key == key:
+            return _pool
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        workers, per_worker = key
+        ready = threading.Barrier(workers + 1)
+        main_threads = torch.get_num_threads()
+
+        def init() -> None:
+            _state.worker = True
+            torch.get_num_threads()  # torch's lazy per-thread init first, so it cannot undo the next line
+            torch.set_num_threads(per_worker)  # OpenMP's thread count is per calling thread
+            ready.wait()
+
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="quark-numerics", initializer=init)
+        for _ in range(workers):
+            pool.submit(int)  # start every worker now (each runs ``init``) ...
+        ready.wait()
+        torch.set_num_threads(main_threads)  # ... then restore the process-wide default they changed
+        _pool, _pool_key = pool, key
+        return pool
 
 
 def run_chunked(
@@ -71,19 +142,39 @@ def run_chunked(
     dtype is float32) and may take temporaries from ``scratch`` (a :class:`Scratch`).  ``params``
     are tensors with ``x.dim()`` dims broadcastable to ``x`` (or None); those whose dim 0 equals
     ``x``'s are sliced along with it.  ``out`` may be ``x`` itself (an in-place update).  A caller
-    that is itself running on a chunk passes its ``scratch`` on.
+    that is itself running on a chunk passes its ``scratch`` on (and is never chunked again).
+    No autograd: inputs are detached.
     """
+    x = x.detach()
+    params = [None if p is None else p.detach() for p in params]
     if out is None:
         out = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
-    scratch = scratch or Scratch(x.device)
-    slices = _row_slices(x)
+    slices = [slice(None)] if scratch is not None else _row_slices(x)
     if len(slices) == 1:
-        fn(x, out, scratch, *params)
+        fn(x, out, scratch or Scratch(x.device), *params)
         return out
     rows = x.shape[0]
-    for sl in slices:
-        chunk_params = [p[sl] if p is not None and p.dim() and p.shape[0] == rows else p for p in params]
-        fn(x[sl], out[sl], scratch, *chunk_params)
+
+    def chunk(sl: slice, scr: Scratch) -> None:
+        fn(x[sl], out[sl], scr, *[p[sl] if p is not None and p.dim() and p.shape[0] == rows else p for p in params])
+
+    pool = None if getattr(_state, "worker", False) else _get_pool()
+    if pool is None:
+        local = Scratch(x.device)
+        for sl in slices:
+            chunk(sl, local)
+        return out
+    per_thread = threading.local()  # one Scratch per worker for this call
+
+    def work(sl: slice) -> None:
+        scr = getattr(per_thread, "scratch", None)
+        if scr is None:
+            scr = per_thread.scratch = Scratch(x.device)
+        with torch.no_grad():
+            chunk(sl, scr)
+
+    for _ in pool.map(work, slices):
+        pass
     return out
 
 

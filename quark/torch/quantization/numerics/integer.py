@@ -10,8 +10,9 @@ Conventions (shared by quantize, dequantize and fake-quantize, so the three alwa
   exactly onto ``qmin`` and ``qmax`` (real 0 is then generally not representable).
 - No zero point (``None``): symmetric, ``q = clamp(round(x / s), qmin, qmax)``.
 
-A scale of 0 (an all-zero group) is guarded: the division uses 1 instead, the final product uses
-the real 0, so the group comes out as exact zeros and never NaN/inf.  NaN in ``x`` stays NaN in
+A scale of 0 (an all-zero group) is guarded: the division uses the smallest positive float
+instead, the final product uses the real 0, so the group comes out as exact zeros and never
+NaN/inf.  NaN in ``x`` stays NaN in
 fake-quantize; it has no integer code, so ``quantize`` treats it as 0 (the code of real 0).
 """
 
@@ -56,8 +57,11 @@ def code_dtype(qmin: int, qmax: int) -> torch.dtype:
 
 
 def safe_scale(scale: torch.Tensor) -> torch.Tensor:
-    """``scale`` with zeros replaced by 1: the divisor used for all-zero groups (see module doc)."""
-    return scale.masked_fill(scale == 0, 1.0)
+    """The divisor for ``scale`` (>= 0): zeros become the smallest float32 subnormal, every other
+    value (NaN included) is kept.  A zero-scale group then divides to 0 or +-inf, clamps to the
+    range and is multiplied back by the real 0: exact zeros, no NaN (module doc).  A clamp rather
+    than a comparison: several times cheaper on the CPU."""
+    return scale.clamp_min(2.0**-149)
 
 
 def symmetric_scale(amax: torch.Tensor, qmax: int) -> torch.Tensor:

@@ -169,10 +169,13 @@ def round_to_format_(
     fmt: FloatFormat,
     round_method: RoundType | str | None = RoundType.half_even,
     scratch: torch.Tensor | None = None,
+    signed_zero: bool = True,
 ) -> torch.Tensor:
     """Round a float32 tensor in place onto ``fmt``'s value grid (module doc for the semantics).
 
     ``scratch``: an optional int32 tensor shaped like ``y`` for the one temporary.
+    ``signed_zero=False`` allows negative values that round to zero to give +0 (a faster path,
+    used by fake-quantization where only the value matters).
     """
     if y.dtype != torch.float32:
         raise TypeError(f"round_to_format_ works on float32 tensors, got {y.dtype}")
@@ -185,6 +188,14 @@ def round_to_format_(
     # the format share the step of its smallest binade.
     t = torch.bitwise_and(y.view(torch.int32), _EXP_MASK, out=scratch)
     t.clamp_(min=(fmt.emin + 127) << 23)
+    if method is RoundType.half_even and not signed_zero:
+        # Magic-number rounding: adding C = 1.5 * 2^(e - mbits + 23) puts y in a binade whose
+        # float32 ulp is exactly the step, so the addition itself rounds y to the grid (ties to
+        # even) and subtracting C is exact.  Two cheap ops instead of divide-round-multiply; a
+        # negative value that rounds to zero comes out as +0 instead of -0 (equal values).
+        t.add_(((23 - fmt.mbits) << 23) | (1 << 22))
+        c = t.view(torch.float32)
+        return y.add_(c).sub_(c)
     t.sub_(fmt.mbits << 23)
     step = t.view(torch.float32)
     return round_tensor_(y.div_(step), method).mul_(step)
@@ -198,7 +209,8 @@ def round_to_format(
     Ties go to the even mantissa (``round_method="half_even"``, the default) or follow
     ``round_method``; out-of-range values saturate to +-``fmt.max_value``; NaN stays NaN.
     """
-    return fake_quantize_fp(x, None, fmt, round_method, out=torch.empty(x.shape, dtype=torch.float32, device=x.device))
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    return fake_quantize_fp(x, None, fmt, round_method, out=out, signed_zero=True)
 
 
 def fake_quantize_fp(
@@ -208,11 +220,16 @@ def fake_quantize_fp(
     round_method: RoundType | str | None = RoundType.half_even,
     out: torch.Tensor | None = None,
     scratch: Scratch | None = None,
+    signed_zero: bool = False,
 ) -> torch.Tensor:
     """``round_to_format(x / scale, fmt) * scale``, fused; result in ``x.dtype`` (or ``out``).
 
-    ``scale`` broadcasts to ``x``; a zero scale yields zeros (the division uses 1).  ``out`` may be
-    ``x`` for an in-place update; ``scratch`` is for callers already working on a chunk.
+    Values that round to zero may come out as +0 where the exact result is -0 (``signed_zero``
+    keeps the sign, at some cost); everything else is bit-identical to the unfused expression.
+
+    ``scale`` (>= 0) broadcasts to ``x``; a zero scale yields zeros (see ``integer.safe_scale``).
+    ``out`` may be ``x`` for an in-place update; ``scratch`` is for callers already working on a
+    chunk.
     """
     method = parse_round_method(round_method)
     s = None if scale is None else as_param(scale, x)
@@ -220,7 +237,7 @@ def fake_quantize_fp(
 
     def kernel(xc, oc, scratch, divc, sc):
         y = start(xc, oc, scratch, divc)
-        finish(round_to_format_(y, fmt, method, scratch.get(1, y.shape, torch.int32)), oc, sc)
+        finish(round_to_format_(y, fmt, method, scratch.get(1, y.shape, torch.int32), signed_zero), oc, sc)
 
     return run_chunked(kernel, x, [div, s], out=out, scratch=scratch)
 

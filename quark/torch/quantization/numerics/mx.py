@@ -27,6 +27,7 @@ import torch
 
 from quark.torch.quantization.config.type import Dtype, RoundType, ScaleCalculationMode
 
+from . import _chunk
 from ._chunk import Scratch, run_chunked
 from .integer import dequantize_int, fake_quantize_int, quantize_int
 from .minifloat import (
@@ -124,8 +125,12 @@ def absmax(
     from a caller already working on a chunk), so no full-size temporary is made.
     """
     if dim is None:
-        lo, hi = torch.aminmax(x)
-        return torch.maximum(hi.float(), lo.float().neg()).reshape((1,) * x.dim() if keepdim else ())
+        if x.dim() == 2 and x.device.type == "cpu" and x.numel() > 2 * _chunk.CHUNK_ELEMS:
+            amax = absmax(x, 1).amax()  # row maxima chunk by chunk (on the worker pool), then one
+        else:
+            lo, hi = torch.aminmax(x)
+            amax = torch.maximum(hi.float(), lo.float().neg())
+        return amax.reshape((1,) * x.dim() if keepdim else ())
     if x.dim() != 2 or dim not in (1, -1):
         return torch.maximum(x.amax(dim, keepdim=keepdim).float(), x.amin(dim, keepdim=keepdim).float().neg_())
 

@@ -1,0 +1,172 @@
+"""Quantization algorithms on SmolLM2-135M under the shared protocol: perplexity, time, memory.
+
+Every cell (scheme x algorithm list) runs in a fresh subprocess: load the model, build
+``LLMTemplate.get(template).get_config(scheme, algorithm=[...])``, quantize with
+``ModelQuantizer`` on the protocol's calibration windows (32 x 512 tokens of wikitext-2 valid),
+evaluate the shared protocol (40 x 512 tokens of wiki.test.raw). Recorded per cell: perplexity,
+quantization wall seconds, its CPU seconds, evaluation seconds, peak RSS of the cell's process (``ru_maxrss``,
+which includes the model load). ``none`` is round-to-nearest (no algorithm); ``a+b`` runs
+``algorithm=["a", "b"]``; scheme ``fp32`` evaluates the unquantized model.
+
+Results are merged by (scheme, algorithm) into ``bench/results/algorithms.json`` (so separate runs
+accumulate) and the whole table is rewritten to ``bench/results/algorithms.md`` and printed.
+
+    python bench/algorithms.py --schemes int4_wo_64 mxfp4 --algorithms none gptq gptaq qronos
+    python bench/algorithms.py --schemes int4_wo_64 --algorithms rotation+gptq --threads 2
+
+Timings on a shared machine are noisy: compare cells measured in the same run (the table keeps
+each cell's date and thread count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+UINT4_G32_NOTE = (
+    "SmolLM2's bundled weights were stored as GGUF Q4_1 (uint4, groups of 32): uint4 g32 results are flattered."
+)
+
+
+def run_cell(scheme: str, algorithm: str, template: str, threads: int | None, samples: int, seq_len: int,
+             windows: int) -> dict:
+    """One cell, in this process (called in a subprocess by :func:`main`)."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from quark.torch import LLMTemplate
+    from quark.torch.evaluation import calibration_dataloader, evaluate_shared_protocol
+    from quark.torch.quantization.api import ModelQuantizer
+    from quark.torch.utils.model_loading import load_model_and_tokenizer
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer()
+    load_s = time.perf_counter() - t0
+    quant_s = quant_cpu = 0.0
+    if scheme != "fp32":
+        algos = None if algorithm == "none" else algorithm.split("+")
+        config = LLMTemplate.get(template).get_config(scheme, algorithm=algos)
+        calib = calibration_dataloader(tokenizer, samples, seq_len)
+        t0, c0 = time.perf_counter(), cpu()
+        ModelQuantizer(config).quantize_model(model, calib, progress=False)
+        quant_s, quant_cpu = time.perf_counter() - t0, cpu() - c0
+    t0 = time.perf_counter()
+    ppl = evaluate_shared_protocol(model, tokenizer, num_windows=windows, seq_len=seq_len, progress=False)
+    eval_s = time.perf_counter() - t0
+    return {
+        "scheme": scheme,
+        "algorithm": algorithm,
+        "ppl": ppl,
+        "quant_s": round(quant_s, 1),
+        "quant_cpu_s": round(quant_cpu, 1),
+        "eval_s": round(eval_s, 1),
+        "load_s": round(load_s, 1),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "threads": torch.get_num_threads(),
+        "calibration": f"{samples}x{seq_len}",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+    }
+
+
+def load_results(path: Path) -> list[dict]:
+    if path.exists():
+        return json.loads(path.read_text())
+    return []
+
+
+def merge(results: list[dict], cell: dict) -> list[dict]:
+    key = (cell["scheme"], cell["algorithm"])
+    return [r for r in results if (r["scheme"], r["algorithm"]) != key] + [cell]
+
+
+def markdown(results: list[dict]) -> str:
+    """The table, one row per cell, with each scheme's RTN (``none``) perplexity as the reference."""
+    rtn = {r["scheme"]: r["ppl"] for r in results if r["algorithm"] == "none"}
+    fp32 = next((r["ppl"] for r in results if r["scheme"] == "fp32"), None)
+    lines = [
+        "| scheme | algorithm | ppl | gap closed vs RTN | quantize s | quantize CPU s | eval s | peak RSS GB | threads "
+        "| date |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    order = sorted(results, key=lambda r: (r["scheme"] != "fp32", r["scheme"], r["algorithm"] != "none", r["algorithm"]))
+    for r in order:
+        closed = ""
+        base = rtn.get(r["scheme"])
+        if fp32 is not None and base is not None and r["algorithm"] != "none" and base != fp32:
+            closed = f"{100 * (base - r['ppl']) / (base - fp32):.0f}%"
+        lines.append(
+            f"| {r['scheme']} | {r['algorithm']} | {r['ppl']:.2f} | {closed} | {r['quant_s']:.0f} | "
+            f"{r.get('quant_cpu_s', float('nan')):.0f} | {r['eval_s']:.0f} | "
+            f"{r['peak_rss_gb']:.2f} | {r['threads']} | {r['date']} |"
+        )
+    notes = ["", "Shared protocol: calibration 32 x 512 tokens of wikitext-2 valid, ppl over 40 x 512 tokens of "
+             "wiki.test.raw. Gap closed = (RTN - ppl) / (RTN - fp32). Times are wall seconds on a shared machine; "
+             "quantize CPU s (user + system time of the cell's process) is less sensitive to other load."]
+    if any(r["scheme"].startswith("uint4") and r["scheme"].endswith("_32") for r in results):
+        notes.append(UINT4_G32_NOTE)
+    return "\n".join(lines + notes) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--schemes", nargs="+", default=["int4_wo_64", "mxfp4"])
+    parser.add_argument("--algorithms", nargs="+", default=["none", "gptq", "gptaq", "qronos"],
+                        help="algorithm names; 'none' = RTN; 'a+b' = algorithm=['a', 'b']")
+    parser.add_argument("--template", default="llama")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: torch's)")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--out", type=Path, default=RESULTS / "algorithms.json")
+    parser.add_argument("--cell", nargs=2, metavar=("SCHEME", "ALGORITHM"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.cell:
+        cell = run_cell(*args.cell, args.template, args.threads, args.samples, args.seq_len, args.windows)
+        print("CELL " + json.dumps(cell), flush=True)
+        return 0
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    results = load_results(args.out)
+    cells = [(s, a) for s in args.schemes for a in (["none"] if s == "fp32" else args.algorithms)]
+    for scheme, algorithm in cells:
+        cmd = [sys.executable, __file__, "--cell", scheme, algorithm, "--template", args.template,
+               "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--windows", str(args.windows)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        print(f"== {scheme} / {algorithm}", flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CELL ")]
+        if proc.returncode != 0 or not lines:
+            print(f"   failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+            continue
+        cell = json.loads(lines[-1][5:])
+        print(f"   ppl {cell['ppl']:.2f}, quantize {cell['quant_s']:.0f} s, peak RSS {cell['peak_rss_gb']:.2f} GB",
+              flush=True)
+        results = merge(results, cell)
+        args.out.write_text(json.dumps(results, indent=1))
+        args.out.with_suffix(".md").write_text(markdown(results))
+    table = markdown(results)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""AWQ: Activation-aware Weight Quantization (Lin et al. 2023, arXiv:2306.00978).
+
+Weight channels that meet large activations matter most. Scaling input channel ``j`` of the
+weights up by ``s_j`` (and the activations down by the same factor, folded into the previous op, so
+the float model is unchanged) shrinks the relative rounding error of those salient weights. Per
+scaling pair of the template, AWQ
+
+1. measures the mean activation magnitude per input channel ``m_j = mean|x_j|`` over the block's
+   calibration inputs;
+2. searches ``s = m^alpha`` (normalised to ``sqrt(max(s) min(s)) = 1``) over ``num_grid`` values
+   ``alpha = 0, 1/n, ..., (n-1)/n`` for the lowest MSE of the pair's ``inspect`` module output (or
+   of its single layer) with the pair's layers quantized, against the float output
+   (``alpha = 0`` is plain rounding, so the search never does worse than it on its data);
+3. folds the winning scale into the previous op (norm weight, or a previous linear's output rows
+   for ``v -> o`` and ``up -> down``) and the layers.
+
+Every pair is searched on the unmodified block (the other layers float) and the scales are folded
+afterwards, as in the reference implementation, so the captured inputs stay valid for every search.
+
+Then the weight clipping search (optional, ``clip_search``): for every quantized linear of the
+block except ``clip_exclude`` (q/k: attention scores are too sensitive), each quantization group's
+range is shrunk to ``r * [min, max]`` with ``r`` on a grid of ``num_grid`` values in ``(0.5, 1]``,
+choosing per group the ``r`` with the lowest output error ``||x (W - Q(clip(W)))^T||^2`` on the
+layer's (scaled) calibration inputs; the weights are clamped to the chosen ranges. The error of a
+group only depends on its own range, so all groups are searched at once through the per-group Gram
+matrices ``X_g^T X_g`` of the inputs.
+
+Cost: the scale search runs the inspect module ``num_grid`` times on about
+:data:`~.scaling.SEARCH_TOKENS` calibration tokens (whole sequences); statistics use every token.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+
+import torch
+import torch.nn as nn
+
+from quark.torch.quantization.config.algo_configs import AWQConfig
+from quark.torch.quantization.config.config import first_stage
+from quark.torch.quantization.config.type import QSchemeType
+from quark.torch.quantization.modules import QuantLinear
+from quark.torch.quantization.tensor_quantize import fake_quantize
+
+from . import BlockAlgorithm, BlockContext, scaling
+from .scaling import ScaleEvaluator, capture, check_pairs, fold, resolve_sites, search
+
+logger = logging.getLogger(__name__)
+
+#: the clipping search shrinks each group's range to at most this fraction
+MAX_SHRINK = 0.5
+
+
+def awq_candidates(absmean: torch.Tensor, num_grid: int) -> list[torch.Tensor]:
+    """``s = m^alpha`` for ``alpha = i / num_grid``, ``i = 0 .. num_grid-1``, normalised so that
+    ``max(s) * min(s) = 1`` (the first candidate is all ones: no scaling)."""
+    out = []
+    for i in range(num_grid):
+        s = absmean.pow(i / num_grid).clamp(min=1e-4)
+        out.append(s / (s.max() * s.min()).sqrt())
+    return out
+
+
+def _clip_groups(layer: QuantLinear) -> int | None:
+    """The group width the clipping search works on (``in_features`` for per-row scales), or None when
+    the weight's scales are not per row / per group (per-tensor, two-stage)."""
+    q = layer.weight_quantizer
+    if q is None or isinstance(q.spec, list):
+        return None
+    spec = first_stage(q.spec)
+    if spec.qscheme is QSchemeType.per_group and spec.group_size:
+        return int(spec.group_size)
+    if spec.qscheme is QSchemeType.per_channel and (spec.ch_axis or 0) == 0:
+        return layer.in_features
+    return None
+
+
+def clip_layer(layer: QuantLinear, x: torch.Tensor, num_grid: int, max_shrink: float = MAX_SHRINK) -> torch.Tensor:
+    """Clamp the layer's weight, per quantization group, to the shrunk range with the lowest output
+    error on inputs ``x`` ([tokens, in_features]); returns the chosen ratio per (row, group)."""
+    g = _clip_groups(layer)
+    if g is None:
+        raise ValueError("clip_layer needs a per-group or per-row weight quantizer")
+    spec = layer.weight_quantizer.spec
+    w = layer.weight.detach()
+    n, k = w.shape
+    groups = k // g
+    wf = w.float()
+    wg = wf.view(n, groups, g)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    xg = x.float().reshape(-1, groups, g).transpose(0, 1)  # [G, T, g]
+    use_gram = g <= xg.shape[1]
+    gram = xg.transpose(1, 2) @ xg if use_gram else None  # [G, g, g]
+    best_err = torch.full((groups, n), float("inf"), device=w.device)
+    best_r = torch.ones(groups, n, device=w.device)
+    for i in range(num_grid):
+        r = 1.0 - max_shrink * i / num_grid
+        clipped = torch.clamp(wg, lo * r, hi * r).reshape(n, k).to(w.dtype)
+        d = (fake_quantize(clipped, spec).float() - wf).view(n, groups, g).transpose(0, 1)  # [G, n, g]
+        if use_gram:
+            err = ((d @ gram) * d).sum(-1)
+        else:
+            err = (xg @ d.transpose(1, 2)).pow(2).sum(1)  # [G, n]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+    ratio = best_r.t().unsqueeze(-1)  # [n, G, 1]
+    with torch.no_grad():
+        layer.weight.copy_(torch.clamp(wg, lo * ratio, hi * ratio).reshape(n, k))
+    return best_r.t()
+
+
+class AWQ(BlockAlgorithm):
+    name = "awq"
+
+    def prepare_model(self, model: nn.Module, config: AWQConfig) -> None:
+        check_pairs(model, config)
+
+    def apply(self, ctx: BlockContext, config: AWQConfig) -> None:
+        sites = resolve_sites(ctx, config.scaling_layers)
+        clip = {}
+        if config.clip_search:
+            for name, layer in ctx.linears().items():
+                if any(fnmatch.fnmatchcase(name, p) for p in config.clip_exclude):
+                    continue
+                if _clip_groups(layer) is None:
+                    logger.debug("awq: %s has no per-group/per-row weight scales; no clipping", name)
+                    continue
+                clip[name] = layer
+        single = {n: m for site in sites if site.inspect is None for n, m in site.layers.items()}
+        datas, samples = capture(ctx, sites, search=True, stats_tokens=scaling.STATS_TOKENS, sample_layers={**single, **clip})
+        scales = []
+        for site, data in zip(sites, datas):
+            candidates = awq_candidates(data.stats.absmean, config.num_grid)
+            best, losses = search(ScaleEvaluator(site, data, samples, "mse"), candidates)
+            logger.debug("awq block %d %s: alpha=%.2f loss %.3g (rounding %.3g)", ctx.index, site.describe(),
+                         best / config.num_grid, losses[best], losses[0])
+            scales.append(candidates[best] if best else None)
+        for site, s in zip(sites, scales):
+            if s is None:
+                continue
+            fold(site, s)
+            for name in site.layers:
+                if name in samples:
+                    samples[name] = samples[name] / s.to(samples[name].device)
+        for name, layer in clip.items():
+            if name in samples:  # a layer no calibration token reached (an idle expert) keeps its range
+                clip_layer(layer, samples[name], config.num_grid)
+
+
+ALGORITHM = AWQ()

@@ -1,0 +1,80 @@
+"""GPTAQ: GPTQ with asymmetric calibration (Li et al. 2025, "GPTAQ: Efficient Finetuning-Free
+Quantization for Asymmetric Calibration", arXiv:2504.02692; ICML 2025).
+
+GPTQ fits each quantized layer to its own output on the *quantized* stream, ``min ||(Q - W) X~||``,
+so the error the earlier quantized layers put into its input ``X~`` is never corrected. GPTAQ
+fits the quantized layer on ``X~`` to the *float* model's output on the float input ``X``:
+
+    min_Q || Q X~ - W X ||^2 = || (Q - W) X~ - W dX ||^2,   dX = X - X~   (features x tokens)
+
+Following the paper's derivation from optimal brain compression: when column ``q`` is quantized,
+the optimal update of the not-yet-quantized columns ``F`` is GPTQ's plus a term that makes them
+absorb the input drift of column ``q`` (the paper's "neuron decomposition" of the residual
+``W dX`` into per-column parts ``w_q dX_q``)::
+
+    dW_F = -(w_q - Q(w_q)) / [H_F^-1]_qq * [H_F^-1]_q,F  +  w_q dX_q X~_F^T (X~_F X~_F^T)^-1
+
+and, with the upper Cholesky factor ``U`` of ``H^-1`` (``H = X~ X~^T``; the inverse Hessian of the
+trailing columns is ``U_FF^T U_FF``), all those second terms are rows of one matrix (the paper's
+Cholesky reformulation)::
+
+    P = triu(D U^T, 1) U,     D = dX X~^T   (here: 2/N sum over tokens of (x - x~)^T x~)
+
+so column ``j``'s update is ``W[:, j+1:] += w_j P[j, j+1:]`` next to GPTQ's (lazily, by blocks, as
+GPTQ's). ``w_j`` is the column's value when it is quantized (after the earlier columns' updates), as
+in the paper's sequential algorithm. ``alpha`` scales ``D`` (the paper's ``alpha``, default 0.25):
+``alpha = 0`` is GPTQ exactly. ``H`` is damped by ``damp_percent`` as in GPTQ; act-order permutes
+``D`` with ``H``. The float stream ``X`` is the block's float inputs (``ctx.float_hidden``) through
+the block's original weights with every quantizer off.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from quark.torch.quantization.config.algo_configs import GPTAQConfig
+
+from .gptq import GPTQ
+from .hessian_solver import Gram, quantize_weight
+
+
+def gptaq_residual(D: torch.Tensor, alpha: float):
+    """``residual(U, perm)`` for :func:`~.hessian_solver.quantize_weight`: ``alpha triu(D U^T, 1) U``
+    with ``D`` permuted like the Hessian."""
+
+    def residual(U: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+        Dp = D if perm is None else D[perm][:, perm]
+        return torch.triu(Dp @ U.T, diagonal=1).mul_(alpha) @ U
+
+    return residual
+
+
+class GPTAQ(GPTQ):
+    """GPTQ whose updates also absorb the float/quantized input drift (see the module docstring)."""
+
+    name = "gptaq"
+    needs_float_stream = True
+
+    def new_stats(self) -> dict[str, Gram]:
+        return {"H": Gram(), "D": Gram()}
+
+    def accumulate(self, stats: dict[str, Gram], x_quant: torch.Tensor, x_float: torch.Tensor | None) -> None:
+        stats["H"].add_batch(x_quant)
+        stats["D"].add_batch(x_float.to(x_quant.device) - x_quant, x_quant)
+
+    def solve_stack(self, weight: torch.Tensor, stats: dict[str, Gram], spec: Any, splits: list[int],
+                    config: GPTAQConfig):
+        return quantize_weight(
+            weight, stats["H"].value, spec,
+            damp_percent=config.damp_percent,
+            block_size=config.block_size,
+            desc_act=config.desc_act,
+            static_groups=config.static_groups,
+            row_splits=splits,
+            residual=gptaq_residual(stats["D"].value, config.alpha) if config.alpha else None,
+        )
+
+
+ALGORITHM = GPTAQ()

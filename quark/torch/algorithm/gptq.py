@@ -1,0 +1,355 @@
+"""GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", arXiv:2210.17323), per decoder block.
+
+For every layer group of ``inside_layer_modules`` in order ("true sequential"): run the block on its
+cached calibration inputs (the quantized stream) with the earlier groups already quantized, collect
+through forward pre-hooks the Hessian ``H = 2/N X^T X`` of each distinct layer input (q/k/v share
+one, so do gate/up), and quantize each layer column by column, spreading each column's rounding
+error over the columns not yet quantized (:mod:`.hessian_solver`): damping ``damp_percent *
+mean(diag H)``, act-order ``desc_act`` (columns by decreasing ``diag H``), ``static_groups``,
+lazy batches of ``block_size`` columns. Layers that share an input and a weight spec are solved as
+one stacked matrix (GPTQ treats rows independently, so this is exact and saves work).
+
+Each block pass stops as soon as every layer of the group has received its input, so collecting
+q/k/v's inputs costs a norm, o_proj's the attention, and so on.
+
+After the solver a layer's weight holds the fake-quantized result ``Q`` and its weight quantizer
+the solver's qparams, fixed with :meth:`QuantLinear.set_weight_qparams`: ``fake_quantize(Q)`` with
+those qparams is ``Q`` exactly, whereas min-max qparams recomputed from ``Q`` need not be (an int4
+group whose largest code is -8 would get scale ``8s/7``), so the quantizer loop keeps them.
+
+The Hessian uses each layer's input as it arrives (before the layer's own input quantizer, if any);
+activation quantizers that are static and not yet calibrated are off while collecting. GPTAQ and
+Qronos (:mod:`.gptaq`, :mod:`.qronos`) reuse this module's orchestration with other statistics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from quark.torch.quantization.config.algo_configs import GPTQConfig
+from quark.torch.quantization.driver import module_device, move_to
+from quark.torch.quantization.modules import QuantLinear
+from quark.torch.quantization.tensor_quantizer import TensorQuantizer
+
+from . import BlockAlgorithm, BlockContext, quantizers_off
+from .hessian_solver import Gram, quantize_weight
+
+logger = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised by a pre-hook once every hooked layer has its input: the rest of the block is skipped."""
+
+
+def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["input"]
+
+
+def layer_groups(ctx: BlockContext, groups: list[list[str]]) -> list[dict[str, QuantLinear]]:
+    """The block's weight-quantized linears per group of patterns, in order; a layer belongs to the
+    first group that matches it, empty groups are dropped. No groups: one group of every layer."""
+    out: list[dict[str, QuantLinear]] = []
+    taken: set[str] = set()
+    for patterns in groups or [["*"]]:
+        found = {n: m for n, m in ctx.linears(patterns).items() if m.weight_quantizer is not None and n not in taken}
+        taken.update(found)
+        if found:
+            out.append(found)
+    return out
+
+
+@contextlib.contextmanager
+def uncalibrated_off(block: nn.Module) -> Iterator[None]:
+    """Static activation quantizers without qparams yet are the identity (they are calibrated after
+    the algorithms); weight quantizers and dynamic quantizers stay as they are."""
+    weight_quantizers = {id(m.weight_quantizer) for m in block.modules() if isinstance(m, QuantLinear)}
+    saved = [
+        (q, q.mode) for q in block.modules()
+        if isinstance(q, TensorQuantizer) and id(q) not in weight_quantizers and not q.is_dynamic and not q.has_qparams
+    ]
+    for q, _ in saved:
+        q.mode = "off"
+    try:
+        yield
+    finally:
+        for q, mode in saved:
+            q.mode = mode
+
+
+def _tensors_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(_tensors_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_tensors_equal(a[k], b[k]) for k in a)
+    return a is b or a == b
+
+
+def _clone(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, tuple):
+        return tuple(_clone(o) for o in out)
+    return out
+
+
+@contextlib.contextmanager
+def _skippable(layers: dict[str, nn.Module], state: dict) -> Iterator[None]:
+    """While ``state["skip"]`` is set, ``layers`` output zeros instead of computing (see
+    :meth:`BlockRunner.inputs`)."""
+    patched = []
+
+    def make(m: nn.Module, original: Any) -> Any:
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if state["skip"]:
+                return x.new_zeros(*x.shape[:-1], m.out_features)
+            return original(x, *args, **kwargs)
+
+        return forward
+
+    for m in layers.values():
+        patched.append((m, m.__dict__.get("forward")))
+        m.forward = make(m, m.forward)
+    try:
+        yield
+    finally:
+        for m, fwd in patched:
+            if fwd is None:
+                del m.forward
+            else:
+                m.forward = fwd
+
+
+class BlockRunner:
+    """Runs one block on its cached batches for an algorithm that quantizes layer groups in order.
+
+    * :meth:`inputs` stops each batch's forward as soon as every wanted layer has its input; when
+      the wanted layers all read one tensor (q/k/v, gate/up), they output zeros instead of computing
+      (their outputs only feed work that the stop throws away);
+    * submodules whose quantized linears are all final (:meth:`finalize`) replay the output they
+      produced for the same batch and the same inputs (checked with ``torch.equal``) in a later pass
+      instead of computing it again: with q/k/v/o final, the MLP's passes skip the attention.
+    """
+
+    def __init__(self, ctx: BlockContext) -> None:
+        self.ctx = ctx
+        self.final: set[int] = set()
+        self._cache: dict[str, dict[tuple[int, int], tuple[Any, Any]]] = {}
+        self._linears = {
+            name: {id(q) for q in m.modules() if isinstance(q, QuantLinear) and q.weight_quantizer is not None}
+            for name, m in ctx.block.named_modules() if name
+        }
+        self._batch = 0
+        self._calls: dict[str, int] = {}
+
+    def finalize(self, layers: list[nn.Module]) -> None:
+        """These layers will not change any more in this block."""
+        self.final.update(id(m) for m in layers)
+
+    def _memo(self, name: str, module: nn.Module, store: bool) -> Any:
+        original = module.forward
+        cache = self._cache.setdefault(name, {})
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            call = self._calls.get(name, 0)
+            self._calls[name] = call + 1
+            key = (self._batch, call)
+            hit = cache.get(key)
+            if hit is not None and _tensors_equal(hit[0], (args, kwargs)):
+                return _clone(hit[1])
+            out = original(*args, **kwargs)
+            if store:
+                cache[key] = ((args, kwargs), _clone(out))
+            return out
+
+        return forward
+
+    @contextlib.contextmanager
+    def _memoized(self, store: bool) -> Iterator[None]:
+        patched = []
+        for name, module in self.ctx.block.named_modules():
+            ids = self._linears.get(name)
+            if ids and ids <= self.final and (store or self._cache.get(name)):
+                patched.append((module, module.__dict__.get("forward")))
+                module.forward = self._memo(name, module, store)
+        try:
+            yield
+        finally:
+            for module, fwd in patched:
+                if fwd is None:
+                    del module.forward
+                else:
+                    module.forward = fwd
+
+    def inputs(
+        self, layers: dict[str, nn.Module], hidden: list[torch.Tensor] | None = None, last: bool = False
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Per batch, ``{name: input}`` of ``layers`` (layers fed the same tensor get the same
+        object). ``hidden`` replaces the cached hidden states (the float stream); ``last``: no later
+        pass will come, so nothing new is memoized."""
+        ctx = self.ctx
+        memo = hidden is None
+        hidden = ctx.inputs.hidden if hidden is None else hidden
+        device = module_device(ctx.block)
+        seen: dict[str, torch.Tensor] = {}
+
+        def hook(name: str):
+            def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+                if name not in seen:
+                    seen[name] = _layer_input(args, kwargs)
+                if len(seen) == len(layers):
+                    raise _Stop
+
+            return pre
+
+        handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in layers.items()]
+        memoized = self._memoized(store=not last) if memo else contextlib.nullcontext()
+        state = {"skip": False}
+        try:
+            with torch.no_grad(), memoized, _skippable(layers, state):
+                for b, (h, extras) in enumerate(zip(hidden, ctx.inputs.extras)):
+                    if b == 1:  # parallel layers (one shared input): none feeds another, skip their work
+                        state["skip"] = len(layers) > 1 and len({id(x) for x in seen.values()}) == 1
+                    seen = {}
+                    self._batch, self._calls = b, {}
+                    args, kwargs = move_to(extras[ctx.index], device)
+                    try:
+                        ctx.block(move_to(h, device), *args, **kwargs)
+                    except _Stop:
+                        pass
+                    missing = set(layers) - set(seen)
+                    if missing:
+                        raise RuntimeError(
+                            f"block {ctx.index}: layers {sorted(missing)} were not called by the block's forward"
+                        )
+                    yield seen
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def shared_inputs(inputs: dict[str, torch.Tensor], group: dict[str, QuantLinear]) -> list[list[str]]:
+    """Layers of ``group`` fed the same tensor and quantized with the same weight spec (solved as one
+    stacked matrix)."""
+    stacks: dict[tuple[int, str], list[str]] = {}
+    for name, layer in group.items():
+        key = (id(inputs[name]), repr(layer.weight_quantizer.spec))
+        stacks.setdefault(key, []).append(name)
+    return list(stacks.values())
+
+
+def _signature(block: nn.Module) -> list[tuple[int, int]]:
+    """Changes whenever a parameter of ``block`` is replaced or modified in place."""
+    return [(p.data_ptr(), p._version) for p in block.parameters()]
+
+
+class GPTQ(BlockAlgorithm):
+    """GPTQ on each layer group of the block, in order (see the module docstring)."""
+
+    name = "gptq"
+
+    # -- hooks for the variants ------------------------------------------------------------------
+    def new_stats(self) -> dict[str, Gram]:
+        """Accumulators of one stack of layers sharing an input."""
+        return {"H": Gram()}
+
+    def accumulate(self, stats: dict[str, Gram], x_quant: torch.Tensor, x_float: torch.Tensor | None) -> None:
+        stats["H"].add_batch(x_quant)
+
+    def solve_stack(self, weight: torch.Tensor, stats: dict[str, Gram], spec: Any, splits: list[int],
+                    config: GPTQConfig):
+        """Quantize the stacked weight; returns a :class:`~.hessian_solver.Solution`."""
+        return quantize_weight(
+            weight, stats["H"].value, spec,
+            damp_percent=config.damp_percent,
+            block_size=config.block_size,
+            desc_act=config.desc_act,
+            static_groups=config.static_groups,
+            row_splits=splits,
+        )
+
+    # -- the block -------------------------------------------------------------------------------
+    def float_pass(self, ctx: BlockContext, config: GPTQConfig) -> contextlib.AbstractContextManager:
+        """Record every grouped layer's float input during the loop's float-stream pass (only for the
+        variants that need the float stream)."""
+        if not self.needs_float_stream:
+            return contextlib.nullcontext()
+        return self._record_float(ctx, config)
+
+    @contextlib.contextmanager
+    def _record_float(self, ctx: BlockContext, config: GPTQConfig) -> Iterator[None]:
+        layers = {n: m for g in layer_groups(ctx, config.inside_layer_modules) for n, m in g.items()}
+        batches: list[dict[str, torch.Tensor]] = []
+
+        def on_block(_m: nn.Module, _args: tuple) -> None:
+            batches.append({})
+
+        def hook(name: str):
+            def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+                batches[-1].setdefault(name, _layer_input(args, kwargs))
+
+            return pre
+
+        handles = [ctx.block.register_forward_pre_hook(on_block)]
+        handles += [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in layers.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        self._float = (ctx.block, _signature(ctx.block), batches)
+
+    def float_inputs(self, ctx: BlockContext, layers: dict[str, QuantLinear]) -> list[dict[str, torch.Tensor]]:
+        """Per batch, every layer's input in the float model: recorded during the loop's float pass
+        when the block has not changed since, else from a float pass of our own (quantizers off,
+        ``ctx.float_hidden``)."""
+        recorded, self._float = getattr(self, "_float", None), None
+        if recorded is not None and recorded[0] is ctx.block and recorded[1] == _signature(ctx.block) and \
+                len(recorded[2]) == len(ctx.inputs) and all(set(layers) <= set(b) for b in recorded[2]):
+            return recorded[2]
+        if ctx.float_hidden is None:
+            raise RuntimeError(f"{self.name} needs the float stream (needs_float_stream=True)")
+        with quantizers_off(ctx.block):
+            return list(BlockRunner(ctx).inputs(layers, ctx.float_hidden))
+
+    def apply(self, ctx: BlockContext, config: GPTQConfig) -> None:
+        groups = layer_groups(ctx, config.inside_layer_modules)
+        all_layers = {n: m for g in groups for n, m in g.items()}
+        floats = self.float_inputs(ctx, all_layers) if self.needs_float_stream else None
+        runner = BlockRunner(ctx)
+        for i, group in enumerate(groups):
+            stacks: list[list[str]] | None = None
+            stats: list[dict[str, Gram]] = []
+            with uncalibrated_off(ctx.block):
+                for b, inputs in enumerate(runner.inputs(group, last=i == len(groups) - 1)):
+                    if stacks is None:
+                        stacks = shared_inputs(inputs, group)
+                        stats = [self.new_stats() for _ in stacks]
+                    for names, st in zip(stacks, stats):
+                        xf = None if floats is None else floats[b][names[0]]
+                        self.accumulate(st, inputs[names[0]], xf)
+            for names, st in zip(stacks or [], stats):
+                self._quantize_stack(ctx, [group[n] for n in names], names, st, config)
+            runner.finalize(list(group.values()))
+
+    def _quantize_stack(self, ctx: BlockContext, layers: list[QuantLinear], names: list[str],
+                        stats: dict[str, Gram], config: GPTQConfig) -> None:
+        with torch.no_grad():
+            weight = torch.cat([m.weight.detach() for m in layers], 0)
+            splits = [m.out_features for m in layers]
+            sol = self.solve_stack(weight, stats, layers[0].weight_quantizer.spec, splits, config)
+            for m, q, qp in zip(layers, sol.Q.split(splits, 0), sol.qparams):
+                m.weight.copy_(q.to(m.weight.dtype))
+                m.set_weight_qparams(qp)
+        logger.debug("%s block %d: quantized %s", self.name, ctx.index, ", ".join(names))
+
+
+ALGORITHM = GPTQ()

@@ -1,0 +1,391 @@
+"""The GPTQ solver, shared by GPTQ, GPTAQ and Qronos: model-agnostic linear algebra on one weight.
+
+Nothing here knows about blocks or modules. It provides
+
+* :class:`Gram`: running ``2/N * sum_t a_t^T b_t`` over calibration tokens (the Hessian
+  ``H = 2 X^T X`` of the layer-wise loss when ``a = b = X``, or a cross term of two streams);
+* :func:`damp` and :func:`inverse_cholesky`: the damped Hessian and the upper Cholesky factor ``U``
+  of its inverse (``H^-1 = U^T U``), the only form of ``H^-1`` the column updates need;
+* :class:`ColumnQuantizer`: a weight's quantization grid (any format ``tensor_quantize`` knows),
+  applied one input column at a time with the qparams fixed per group;
+* :func:`solve`: the column loop with lazy batch updates (Frantar et al. 2022, Algorithm 1), with an
+  optional extra term for GPTAQ;
+* :func:`quantize_weight`: damping, act-order permutation, solve, un-permute.
+
+Weights are ``[rows, n]`` (output x input features); "columns" are input features. The solver
+works in float32; ``H^-1`` falls back to float64 when the float32 factorisation fails.
+
+Groups and qparams. Element ``(r, c)`` of a weight is quantized with the qparams of its group, so
+quantizing one column is a per-row fake-quantization with that column's group qparams. A grouped
+single-stage format (int/uint per group, MX, AMD fp4, MX6/MX9/BFP16 blocks) computes a group's
+qparams (min-max) when the solver first reaches one of its columns, from the group's current values
+(after the updates of every column quantized before); with ``static_groups`` (and for every format
+whose qparams span a whole row or tensor: per-channel, per-tensor, two-stage) all qparams are
+computed up front from the original weight. With act-order the groups stay the natural contiguous
+ones (the storage format has no group index), whatever the processing order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from quark.torch.quantization.config.type import Dtype, QSchemeType, ScaleType
+from quark.torch.quantization.numerics import shared_exponent as nse
+from quark.torch.quantization.numerics.mx import MX_BLOCK_SIZE
+from quark.torch.quantization.tensor_quantize import QParams, compute_qparams, fake_quantize
+
+#: processing-order column indices -> their current values ``[rows, len]``
+Current = Callable[[torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics
+# ---------------------------------------------------------------------------------------------
+class Gram:
+    """Running ``2/N sum_t a_t^T b_t`` over the ``N`` tokens seen so far (float32).
+
+    ``add_batch(x)`` accumulates the Hessian ``2/N X^T X``; ``add_batch(a, b)`` a cross term such
+    as GPTAQ's ``(X - X~)^T X~``. Every Gram uses the same normalisation, so ratios of them (the
+    solver only uses ``H^-1`` times a cross term) do not depend on ``N``.
+    """
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+        self.tokens = 0
+
+    def add_batch(self, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
+        a = a.reshape(-1, a.shape[-1]).float()
+        b = a if b is None else b.reshape(-1, b.shape[-1]).float()
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(f"the two streams have {a.shape[0]} and {b.shape[0]} tokens")
+        m = a.shape[0]
+        if self.value is None:
+            self.value = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float32, device=a.device)
+        total = self.tokens + m
+        self.value.mul_(self.tokens / total).addmm_(a.T, b, alpha=2.0 / total)
+        self.tokens = total
+
+
+# ---------------------------------------------------------------------------------------------
+# Hessian inverse
+# ---------------------------------------------------------------------------------------------
+def damp(H: torch.Tensor, percent: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``H + percent * mean(diag H) * I`` with dead inputs (zero diagonal: the feature was always 0)
+    given a unit diagonal; returns the damped copy and the dead mask (their weights are irrelevant
+    to the loss and get zeroed by :func:`quantize_weight`)."""
+    H = H.clone()
+    diag = H.diagonal()
+    dead = diag == 0
+    diag[dead] = 1.0
+    diag.add_(percent * diag.mean())
+    return H, dead
+
+
+def inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
+    """Upper-triangular ``U`` with ``H^-1 = U^T U`` (float32; computed in float64 when float32
+    Cholesky fails). Row ``j`` of ``U`` divided by ``U[j, j]`` is row ``j`` of the inverse Hessian of
+    columns ``j..n-1`` after eliminating the earlier ones: the GPTQ update direction."""
+    for dtype in (torch.float32, torch.float64):
+        L, info = torch.linalg.cholesky_ex(H.to(dtype))
+        if info.item() == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info.item() == 0 and torch.isfinite(U).all():
+                return U.float()
+    raise torch.linalg.LinAlgError(
+        "the damped Hessian is not positive definite even in float64: raise damp_percent"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# quantizing one column with fixed per-group qparams
+# ---------------------------------------------------------------------------------------------
+def _stages(spec) -> list:
+    return list(spec) if isinstance(spec, (list, tuple)) else [spec]
+
+
+def _stage_group(stage, in_features: int) -> int:
+    """Columns that share one qparam of this stage: the group, MX block, or the whole row."""
+    qscheme = stage.qscheme
+    is_mx = stage.dtype is Dtype.mx or stage.scale_type is ScaleType.float8_e8m0fnu
+    if qscheme is QSchemeType.per_group or (is_mx and qscheme is None):
+        return stage.group_size or MX_BLOCK_SIZE
+    if qscheme is QSchemeType.per_channel and stage.ch_axis not in (0, None):
+        raise NotImplementedError("GPTQ needs weight qparams per output row (ch_axis=0), per group or per tensor")
+    return in_features
+
+
+def _per_row(stage):
+    """The same format with one qparam per row: what quantizing a single column needs."""
+    return stage.with_changes(qscheme=QSchemeType.per_channel, ch_axis=0, group_size=None)
+
+
+def _column_params(stage, qp: QParams, group: int, rows: int, width: int, in_features: int) -> QParams:
+    """Per-row qparams ``[rows]`` of ``group`` from a stage's natural qparams."""
+
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        if t.dim() == 0 or t.numel() == 1:
+            return t.reshape(1).expand(rows)
+        if width < in_features:  # per group: [rows, groups]
+            return t.reshape(rows, -1)[:, group]
+        return t.reshape(rows)
+
+    return QParams(pick(qp.scale), pick(qp.zero_point))
+
+
+def _cat_qparams(parts: list[QParams], dim: int) -> QParams:
+    zps = [p.zero_point for p in parts]
+    return QParams(
+        torch.cat([p.scale for p in parts], dim),
+        None if any(z is None for z in zps) else torch.cat(zps, dim),
+    )
+
+
+class ColumnQuantizer:
+    """The quantization grid of a weight (or of several weights stacked along rows that share one
+    Hessian, e.g. q/k/v), applied one column at a time.
+
+    Args:
+        spec: the layer's weight spec (a ``QTensorConfig`` or a two-stage list).
+        weight: the original weight ``[rows, n]``, natural column order (stacked layers: concatenated).
+        row_splits: rows of each stacked layer (tensor-wide qparams are per layer); None: one layer.
+        static_groups: compute every group's qparams up front from ``weight``.
+
+    ``__call__(col, values, current)`` fake-quantizes ``values`` (column ``col``, natural index);
+    ``current(cols)`` gives the current values of natural columns not yet quantized (used when a
+    group's qparams are computed). :meth:`qparams` returns each layer's natural qparams.
+    """
+
+    def __init__(self, spec, weight: torch.Tensor, row_splits: list[int] | None = None,
+                 static_groups: bool = False) -> None:
+        rows, n = weight.shape
+        self.spec = spec
+        self.splits = list(row_splits) if row_splits else [rows]
+        if sum(self.splits) != rows:
+            raise ValueError(f"row_splits {self.splits} do not add up to {rows} rows")
+        self.rows, self.n = rows, n
+        stages = _stages(spec)
+        first = stages[0]
+        if first.dtype in (Dtype.float16, Dtype.bfloat16):
+            raise NotImplementedError(f"weight dtype {first.dtype.value} is a plain cast: nothing to solve for")
+        shared = first.dtype.value in nse.SHARED_EXPONENT_FORMATS
+        # shared-exponent steps live per micro-block and dtype=mx is always blocked: such formats
+        # quantize a column inside a tile of its group; the others through a per-row spec
+        self.tile = shared or first.dtype is Dtype.mx
+        scale_quant = len(stages) == 2 and stages[1].is_scale_quant
+        if shared:
+            self.width = nse.shared_exponent_format(first.dtype).block_size
+        else:
+            self.width = min(_stage_group(s, n) for s in (stages[:1] if scale_quant else stages))
+        if n % self.width:
+            raise ValueError(f"group width {self.width} does not divide the {n} input features")
+        # one-stage grouped formats take their qparams when reached; the rest up front
+        self.dynamic = len(stages) == 1 and self.width < n and not static_groups
+        self.stages = stages
+        self.scale_quant = scale_quant
+        # quantizing one column: a per-row version of the spec (or the spec itself, on a tile)
+        if self.tile:
+            self.column_spec = spec
+        elif scale_quant:
+            self.column_spec = _per_row(first)
+        else:
+            per_row = [_per_row(s) for s in stages]
+            self.column_spec = per_row[0] if len(per_row) == 1 else per_row
+        n_groups = n // self.width
+        self._column_qp: list = [None] * n_groups  # per group: what fake_quantize needs per column
+        self._group_qp: list[QParams | None] = [None] * n_groups  # dynamic: natural qparams of the group
+        self._layer_qp: list | None = None  # up front: each layer's natural qparams
+        if not self.dynamic:
+            self._layer_qp = [compute_qparams(w, spec) for w in weight.float().split(self.splits, 0)]
+            for g in range(n_groups):
+                self._column_qp[g] = self._upfront_column(g)
+
+    # -- qparams ---------------------------------------------------------------------------------
+    def _upfront_column(self, g: int):
+        if self.tile:  # natural qparams [rows, n / micro]: slice the group's part, stack rows
+            parts = []
+            for qp in self._layer_qp:
+                per = qp.scale.shape[-1] // (self.n // self.width)
+                parts.append(QParams(qp.scale[..., g * per:(g + 1) * per]))
+            return _cat_qparams(parts, 0)
+        per_layer = []
+        for qp, rows in zip(self._layer_qp, self.splits):
+            if self.scale_quant:  # element scale = stored group scale * global scale
+                q1, q2 = qp
+                col = _column_params(self.stages[0], q1, g, rows, self.width, self.n)
+                per_layer.append([QParams(col.scale * q2.scale.float().reshape(()), col.zero_point)])
+            else:
+                widths = [_stage_group(s, self.n) for s in self.stages]
+                qps = [qp] if len(self.stages) == 1 else qp
+                per_layer.append([
+                    _column_params(s, q, g * self.width // w if w < self.n else 0, rows, w, self.n)
+                    for s, q, w in zip(self.stages, qps, widths)
+                ])
+        stacked = [_cat_qparams([layer[i] for layer in per_layer], 0) for i in range(len(per_layer[0]))]
+        return stacked[0] if len(stacked) == 1 else stacked
+
+    def _compute_group(self, g: int, current: Current) -> None:
+        tile = current(torch.arange(g * self.width, (g + 1) * self.width))
+        qp = compute_qparams(tile, self.spec)  # natural: [rows, 1] (or [rows, block / micro])
+        self._group_qp[g] = qp
+        self._column_qp[g] = qp if self.tile else QParams(
+            qp.scale.reshape(self.rows), None if qp.zero_point is None else qp.zero_point.reshape(self.rows)
+        )
+
+    def group_of(self, col: int) -> int:
+        return col // self.width
+
+    def __call__(self, col: int, values: torch.Tensor, current: Current) -> torch.Tensor:
+        g = col // self.width
+        if self._column_qp[g] is None:
+            self._compute_group(g, current)
+        if self.tile:  # the group's layout (micro-blocks, MX blocks): quantize a tile of the column
+            tile = values[:, None].expand(self.rows, self.width).contiguous()
+            return fake_quantize(tile, self.spec, self._column_qp[g])[:, col - g * self.width]
+        return fake_quantize(values[:, None], self.column_spec, self._column_qp[g]).reshape(-1)
+
+    def qparams(self) -> list:
+        """Each stacked layer's qparams in ``tensor_quantize``'s natural shapes."""
+        if self._layer_qp is not None:
+            return self._layer_qp
+        missing = [g for g, qp in enumerate(self._group_qp) if qp is None]
+        if missing:
+            raise RuntimeError(f"groups {missing[:4]}... were never reached by the solver")
+        full = _cat_qparams(self._group_qp, -1)
+        out = []
+        for scale, zp in zip(full.scale.split(self.splits, 0),
+                             [None] * len(self.splits) if full.zero_point is None else full.zero_point.split(self.splits, 0)):
+            out.append(QParams(scale, zp))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the column loop
+# ---------------------------------------------------------------------------------------------
+class _Pending:
+    """The lazy block being processed: its accumulated column errors not yet applied to the later
+    columns, so that :meth:`current` can still give exact values of any unquantized column."""
+
+    def __init__(self, W: torch.Tensor, U: torch.Tensor, P: torch.Tensor | None, i1: int, i2: int,
+                 block: torch.Tensor) -> None:
+        self.W, self.U, self.P, self.i1, self.i2, self.block = W, U, P, i1, i2, block
+        self.err = torch.zeros_like(block)  # [columns of the block, rows]
+        self.seen = torch.zeros_like(block) if P is not None else None
+        self.done = 0
+
+    def current(self, cols: torch.Tensor) -> torch.Tensor:
+        """Up-to-date values ``[rows, len(cols)]`` of not-yet-quantized columns (processing order):
+        in-block ones from the block being updated, later ones with this block's pending update."""
+        cols = cols.to(self.W.device)
+        vals = self.W[:, cols]
+        inside = (cols >= self.i1) & (cols < self.i2)
+        if bool(inside.any()):
+            vals[:, inside] = self.block[cols[inside] - self.i1].T
+        later = cols >= self.i2
+        if self.done and bool(later.any()):
+            c, rows = cols[later], slice(self.i1, self.i1 + self.done)
+            pending = self.err[:self.done].T @ self.U[rows, c]
+            if self.P is not None:
+                pending -= self.seen[:self.done].T @ self.P[rows, c]
+            vals[:, later] -= pending
+        return vals
+
+
+def solve(
+    W: torch.Tensor,
+    U: torch.Tensor,
+    quantize: Callable[[int, torch.Tensor, Current], torch.Tensor],
+    block_size: int = 128,
+    P: torch.Tensor | None = None,
+    start: int = 0,
+    Q: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """GPTQ's column loop on ``W`` (changed in place; processing order) with ``H^-1 = U^T U``.
+
+    Column ``j`` is quantized to ``q = quantize(j, w_j, current)`` and the later columns absorb its
+    error: ``W[:, j+1:] -= (w_j - q) / U[j, j] * U[j, j+1:]`` (the optimal update of the remaining
+    weights, Frantar et al. 2022 eq. 2 with the Cholesky form of sec. 3.3). ``P`` (GPTAQ) adds
+    ``W[:, j+1:] += w_j * P[j, j+1:]`` with ``w_j`` the column's value when it is quantized.
+    Updates to columns past the current lazy block of ``block_size`` columns are applied once per
+    block as one matrix product. Columns before ``start`` are left as given (their results are
+    ``Q[:, :start]``). Returns ``Q``, the quantized weight.
+    """
+    n = W.shape[1]
+    Q = torch.zeros_like(W) if Q is None else Q
+    for i1 in range(start, n, block_size):
+        i2 = min(i1 + block_size, n)
+        Wt = W[:, i1:i2].T.contiguous()  # this block's columns as contiguous rows
+        Qt = torch.empty_like(Wt)
+        U1 = U[i1:i2, i1:i2]
+        P1 = None if P is None else P[i1:i2, i1:i2]
+        lazy = _Pending(W, U, P, i1, i2, Wt)
+        for k in range(i2 - i1):
+            lazy.done = k
+            w = Wt[k].clone()
+            q = quantize(i1 + k, w, lazy.current)
+            Qt[k] = q
+            e = (w - q) / U1[k, k]
+            Wt[k:].addr_(U1[k, k:], e, alpha=-1.0)
+            if P1 is not None:
+                Wt[k:].addr_(P1[k, k:], w)
+                lazy.seen[k] = w
+            lazy.err[k] = e
+        W[:, i1:i2] = Wt.T
+        Q[:, i1:i2] = Qt.T
+        if i2 < n:
+            W[:, i2:].addmm_(lazy.err.T, U[i1:i2, i2:], alpha=-1.0)
+            if P is not None:
+                W[:, i2:].addmm_(lazy.seen.T, P[i1:i2, i2:])
+    return Q
+
+
+@dataclass
+class Solution:
+    """What :func:`quantize_weight` returns: the quantized weight and each layer's qparams."""
+
+    Q: torch.Tensor
+    qparams: list
+
+
+def quantize_weight(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec,
+    damp_percent: float = 0.01,
+    block_size: int = 128,
+    desc_act: bool = False,
+    static_groups: bool = False,
+    row_splits: list[int] | None = None,
+    residual: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
+) -> Solution:
+    """GPTQ-quantize ``W`` ``[rows, n]`` for the Hessian ``H`` ``[n, n]`` (Frantar et al. 2022).
+
+    ``desc_act`` processes columns by decreasing ``diag(H)`` (act-order). ``residual(U, perm)``
+    returns the extra term ``P`` of :func:`solve` in processing order (GPTAQ); ``perm`` is None
+    without act-order. Returns the fake-quantized weight (natural order) and the qparams with which
+    ``fake_quantize`` of it reproduces it, per stacked layer.
+    """
+    W = W.detach().float().clone()
+    H, dead = damp(H.float(), damp_percent)
+    W[:, dead] = 0
+    quantizer = ColumnQuantizer(spec, W, row_splits, static_groups)
+    perm = torch.argsort(torch.diagonal(H), descending=True) if desc_act else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+        inv = torch.argsort(perm)
+        perm_list = perm.tolist()
+
+        def quantize(j: int, w: torch.Tensor, current: Current) -> torch.Tensor:
+            return quantizer(perm_list[j], w, lambda cols: current(inv[cols.to(inv.device)]))
+    else:
+        quantize = quantizer
+    U = inverse_cholesky(H)
+    P = residual(U, perm) if residual is not None else None
+    Q = solve(W, U, quantize, block_size, P)
+    if perm is not None:
+        Q = Q[:, inv]
+    return Solution(Q, quantizer.qparams())

@@ -1,0 +1,108 @@
+"""Qronos (Zhang, Zhang, Colbert, Saab 2025, "Qronos: Correcting the Past by Shaping the Future...
+in Post-Training Quantization", arXiv:2505.11695).
+
+Qronos quantizes a layer so that its output on the *quantized* stream ``X~`` matches the *float*
+model's output on the float stream ``X`` (tokens x features, one output row ``w`` at a time)::
+
+    min_q || X w - X~ q ||^2
+
+sequentially over the columns ``t = 1..n``, alternating two optimal steps (the paper's iteration):
+
+* correcting the past: ``q_t = Q(argmin_p || X w - sum_{j<t} X~_j q_j - X~_t p - sum_{j>t} X~_j w_j^(t-1) ||)``,
+  the best value of column ``t`` given the quantized past and the current future, then rounded;
+* shaping the future: ``w_{>t}^(t) = argmin_v || X w - sum_{j<=t} X~_j q_j - X~_{>t} v ||``, the
+  least-squares update of every later column given the quantized past.
+
+The paper shows the efficient equivalent we implement: after the first step the future columns are
+always the least-squares optimum given the past, so for ``t >= 2`` the correction step returns the
+current ``w_t`` and the diffusion step is GPTQ's update with ``H~ = X~^T X~`` (Cholesky of ``H~^-1``,
+lazy batches; :func:`~.hessian_solver.solve`). Only ``t = 1`` differs, and it needs the float
+stream through ``G = X~^T X``::
+
+    p   = (G_1,: w - H~_1,>1 w_>1) / H~_11,        q_1 = Q(p)
+    w_>1 = (H~_>1,>1 + lambda_beta I)^-1 (G_>1,: w - H~_>1,1 q_1)
+
+Damping (the paper's ``alpha``/``beta`` knobs; exact placement is this implementation's choice):
+``H~`` is damped by ``alpha * mean(diag H~)`` everywhere (the scalar step and the GPTQ diffusion),
+and the least-squares correction of ``w_>1`` - a full inverse that amplifies ill-conditioned
+directions - by ``lambda_beta = alpha * beta * mean(diag H~)`` (defaults 1e-6 and 1e4: 1e-2, GPTQ's
+usual damping). Columns run in natural order (no act-order); a group's qparams are computed when
+the group is reached, the first group's from ``p`` and the original later columns. Statistics are
+float32, the correction solve float64.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from quark.torch.quantization.config.algo_configs import QronosConfig
+
+from .gptq import GPTQ
+from .hessian_solver import ColumnQuantizer, Gram, Solution, damp, inverse_cholesky, solve
+
+
+def qronos_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    G: torch.Tensor,
+    spec: Any,
+    alpha: float = 1e-6,
+    beta: float = 1e4,
+    block_size: int = 128,
+    row_splits: list[int] | None = None,
+) -> Solution:
+    """Qronos on ``W`` ``[rows, n]`` with ``H = 2/N X~^T X~`` and ``G = 2/N X~^T X`` (quantized-stream
+    and float-stream inputs of the same tokens). Returns the fake-quantized weight and its qparams."""
+    W = W.detach().float().clone()
+    Hd, dead = damp(H.float(), alpha)
+    W[:, dead] = 0
+    G = G.float().clone()
+    G[dead] = 0
+    quantizer = ColumnQuantizer(spec, W, row_splits)
+    rows, n = W.shape
+    # t = 1, correcting the past: the best first column given the original future, then rounded
+    p = (W @ G[0] - W[:, 1:] @ Hd[1:, 0]) / Hd[0, 0]
+    Wt = W.clone()
+    Wt[:, 0] = p
+    q1 = quantizer(0, p, lambda cols: Wt[:, cols.to(Wt.device)])
+    Q = torch.zeros_like(W)
+    Q[:, 0] = q1
+    if n > 1:
+        # t = 1, shaping the future: least squares of the later columns given q_1 (float64)
+        rhs = W.double() @ G[1:].double().T - q1.double()[:, None] * H[0, 1:].double()[None]
+        A = H[1:, 1:].double().clone()
+        A.diagonal().add_(alpha * beta * Hd.diagonal().mean().double())
+        A[dead[1:], dead[1:]] = 1.0
+        L = torch.linalg.cholesky(A)
+        Wt[:, 1:] = torch.cholesky_solve(rhs.T, L).T.float()
+        Wt[:, 1:][:, dead[1:]] = 0
+        # t >= 2: GPTQ's diffusion with H~ from column 2 on
+        Wt[:, 0] = q1
+        solve(Wt, inverse_cholesky(Hd), quantizer, block_size, start=1, Q=Q)
+    return Solution(Q, quantizer.qparams())
+
+
+class Qronos(GPTQ):
+    """Qronos on each layer group of the block, in order (see the module docstring)."""
+
+    name = "qronos"
+    needs_float_stream = True
+
+    def new_stats(self) -> dict[str, Gram]:
+        return {"H": Gram(), "G": Gram()}
+
+    def accumulate(self, stats: dict[str, Gram], x_quant: torch.Tensor, x_float: torch.Tensor | None) -> None:
+        stats["H"].add_batch(x_quant)
+        stats["G"].add_batch(x_quant, x_float.to(x_quant.device))
+
+    def solve_stack(self, weight: torch.Tensor, stats: dict[str, Gram], spec: Any, splits: list[int],
+                    config: QronosConfig) -> Solution:
+        return qronos_quantize(
+            weight, stats["H"].value, stats["G"].value, spec,
+            alpha=config.alpha, beta=config.beta, block_size=config.block_size, row_splits=splits,
+        )
+
+
+ALGORITHM = Qronos()

@@ -1,0 +1,357 @@
+"""Hadamard rotation of a pre-norm decoder: QuaRot (Ashkboos et al. 2024, arXiv:2404.00456) with
+SpinQuant's R1-R4 placement (Liu et al. 2024, arXiv:2405.16406).
+
+An orthogonal ``Q`` inserted as ``Q Qᵀ`` between two linear maps changes nothing in float, but
+spreads each outlier channel over all channels, so activations (and weights) quantize with a much
+smaller range. Where the rotations go:
+
+- **R1** (hidden size, offline): the residual stream ``x`` becomes ``x Q``. RMSNorm commutes with
+  ``Q`` once its weight is folded into the linears it feeds (``rms(x Q) = rms(x)``), so: fold each
+  norm's weight into its following linears and set it to 1; embeddings ``E <- E Q``; every linear
+  reading the stream (q/k/v, gate/up, lm_head) ``W <- W Q``; every linear writing into it (o_proj,
+  down_proj) ``W <- Qᵀ W`` (and its bias ``b <- b Q``).
+- **R2** (head size, offline): per head, V's output ``v_h <- v_h H`` (v_proj's rows) and o_proj's
+  input columns of that head ``W_o[:, h] <- W_o[:, h] H``. Attention probabilities mix rows of V,
+  so the rotation passes through them; with grouped K/V heads every head uses the same ``H``.
+- **R4** (intermediate size, online): down_proj's input is rotated at run time by a forward
+  pre-hook (so down_proj's input quantizer sees the rotated activations) and its weight
+  ``W <- W H`` absorbs the inverse.
+- **R3** (online rotation of Q and K after RoPE) is not implemented: this toolkit quantizes Q/K at
+  the projections' outputs, before RoPE, so no quantized tensor would change.
+
+``Q = D H / sqrt(n)`` with ``H`` a Hadamard matrix (:mod:`.hadamard`) and ``D`` = I, or a seeded
+random ±1 diagonal when ``random=True``. All weight updates are computed in float64 and written
+back in place, so the Parameters shared with the quantized modules stay the same objects.
+
+Rotation is model-level (:meth:`RotationAlgorithm.prepare_model`, run once before calibration);
+the per-block step does nothing. Module roles come from :class:`RotationConfig` (template data).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from quark.torch.quantization.config.algo_configs import RotationConfig
+from quark.torch.quantization.driver import find_decoder_layers, get_submodule
+
+from . import BlockAlgorithm
+from .hadamard import HadamardTransform, construction, random_signs
+
+logger = logging.getLogger(__name__)
+
+#: rows (or columns) rotated at once: bounds the float64 scratch memory on large embeddings
+_CHUNK = 4096
+
+
+# -- weight updates ---------------------------------------------------------------------------------
+def _transform(rot: HadamardTransform, like: torch.Tensor) -> HadamardTransform:
+    return rot.to(like.device)
+
+
+@torch.no_grad()
+def rotate_input_side(weight: torch.Tensor, rot: HadamardTransform) -> None:
+    """``W <- W Q`` in place (the layer now reads ``x Q``): rotates each row."""
+    rot = _transform(rot, weight)
+    for i in range(0, weight.shape[0], _CHUNK):
+        block = weight[i : i + _CHUNK]
+        block.copy_(rot(block.double()))
+
+
+@torch.no_grad()
+def rotate_output_side(weight: torch.Tensor, rot: HadamardTransform) -> None:
+    """``W <- Qᵀ W`` in place for a ``(out, in)`` weight, or ``b <- b Q`` for a bias (the layer now
+    writes ``y Q``): rotates each column."""
+    rot = _transform(rot, weight)
+    if weight.dim() == 1:
+        weight.copy_(rot(weight.double()))
+        return
+    for j in range(0, weight.shape[1], _CHUNK):
+        block = weight[:, j : j + _CHUNK]
+        block.copy_(rot(block.double().T).T)
+
+
+@torch.no_grad()
+def rotate_heads_output(linear: nn.Linear, rot: HadamardTransform) -> None:
+    """Per head of size ``rot.n``: ``out_h <- out_h H`` (rows of the weight, and the bias)."""
+    rot = _transform(rot, linear.weight)
+    w = linear.weight
+    heads = w.shape[0] // rot.n
+    view = w.view(heads, rot.n, w.shape[1])
+    for j in range(0, w.shape[1], _CHUNK):
+        block = view[:, :, j : j + _CHUNK]
+        block.copy_(rot(block.double().transpose(1, 2)).transpose(1, 2))
+    if linear.bias is not None:
+        b = linear.bias.view(heads, rot.n)
+        b.copy_(rot(b.double()))
+
+
+@torch.no_grad()
+def rotate_heads_input(linear: nn.Linear, rot: HadamardTransform) -> None:
+    """Per head of size ``rot.n``: the columns of that head ``W[:, h] <- W[:, h] H``."""
+    rot = _transform(rot, linear.weight)
+    w = linear.weight
+    view = w.view(w.shape[0], w.shape[1] // rot.n, rot.n)
+    for i in range(0, w.shape[0], _CHUNK):
+        block = view[i : i + _CHUNK]
+        block.copy_(rot(block.double()))
+
+
+# -- norms ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def check_rms_norm(norm: nn.Module, path: str, hidden: int) -> None:
+    """Refuse anything but ``y = x / rms(x) * weight`` over the last dimension: rotation needs a
+    norm that commutes with an orthogonal map once its weight is folded away. Checked on a probe
+    input, so any class that computes an RMSNorm passes and a LayerNorm (mean subtraction), a bias
+    or a ``(1 + weight)`` scale does not."""
+    name = type(norm).__name__
+    if isinstance(norm, (nn.LayerNorm, nn.GroupNorm)) or getattr(norm, "bias", None) is not None:
+        raise ValueError(
+            f"rotation: {path} is a {name} (mean subtraction or bias); only RMSNorm-style norms "
+            "(y = x / rms(x) * weight) can be folded into the following linears"
+        )
+    weight = getattr(norm, "weight", None)
+    device = weight.device if weight is not None else None
+    dtype = weight.dtype if weight is not None else torch.float32
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, hidden, generator=g) * 4 + 3).to(device=device, dtype=dtype)
+    y = norm(x).double()
+    expected = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True))
+    if weight is not None:
+        expected = expected * weight.double()
+    tol = 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
+    if y.shape != expected.shape or (y - expected).norm() > tol * expected.norm():
+        raise ValueError(
+            f"rotation: {path} ({name}) does not compute y = x / rms(x) * weight over the hidden size "
+            "(a LayerNorm, a (1 + weight) scale or another normalisation?); it cannot be folded into the "
+            "following linears"
+        )
+
+
+@torch.no_grad()
+def fold_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
+    """``W <- W diag(w)`` for each linear fed by the norm, then ``w <- 1``."""
+    weight = getattr(norm, "weight", None)
+    if weight is None:
+        return
+    for lin in linears:
+        lin.weight.copy_(lin.weight.double() * weight.double().to(lin.weight.device))
+    weight.fill_(1.0)
+
+
+# -- online rotation ---------------------------------------------------------------------------------
+class OnlineHadamard(nn.Module):
+    """R4: rotates a linear's input at run time (attached to the linear as ``online_rotation``;
+    its forward pre-hook runs before the linear's forward, hence before the input quantizer).
+
+    Exported checkpoints do not carry it: a runtime loading them must apply the same transform.
+    """
+
+    def __init__(self, rot: HadamardTransform) -> None:
+        super().__init__()
+        self.rot = rot
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rot(x)
+
+    def pre_hook(self, module: nn.Module, args: tuple) -> tuple:
+        return (self(args[0]), *args[1:])
+
+
+def attach_online_rotation(linear: nn.Linear, rot: HadamardTransform) -> OnlineHadamard:
+    """``W <- W H`` and rotate the input online by ``H``: the layer's output is unchanged."""
+    rotate_input_side(linear.weight, rot)
+    online = OnlineHadamard(rot).to(linear.weight.device)
+    linear.online_rotation = online
+    linear.register_forward_pre_hook(online.pre_hook)
+    return online
+
+
+# -- model-level helpers -----------------------------------------------------------------------------
+def _head_dim(attention: nn.Module, model: nn.Module) -> int:
+    """The attention head size: the attention module's ``head_dim``, else the model config's
+    ``head_dim``, else ``hidden_size // num_attention_heads``."""
+    value = getattr(attention, "head_dim", None)
+    if isinstance(value, int):
+        return value
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "head_dim", None)
+    if isinstance(value, int):
+        return value
+    hidden, heads = getattr(text, "hidden_size", None), getattr(text, "num_attention_heads", None)
+    if isinstance(hidden, int) and isinstance(heads, int) and heads:
+        return hidden // heads
+    raise ValueError(
+        f"rotation r2: cannot tell the head size of {type(attention).__name__} (no head_dim attribute and no "
+        "head_dim / hidden_size + num_attention_heads in the model config); set r2=False"
+    )
+
+
+def untie_embeddings(model: nn.Module, embeddings: list[nn.Module], lm_head: nn.Module) -> bool:
+    """Give ``lm_head`` its own copy of a weight it shares with an embedding (rotation changes the
+    two differently) and record it in the config. Returns whether anything was untied."""
+    shared = any(getattr(e, "weight", None) is lm_head.weight for e in embeddings)
+    if not shared:
+        return False
+    lm_head.weight = nn.Parameter(lm_head.weight.detach().clone(), requires_grad=lm_head.weight.requires_grad)
+    config = getattr(model, "config", None)
+    for cfg in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)())}.values():
+        if cfg is not None and hasattr(cfg, "tie_word_embeddings"):
+            cfg.tie_word_embeddings = False
+    if hasattr(model, "get_expanded_tied_weights_keys") and hasattr(model, "all_tied_weights_keys"):
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+    logger.info("rotation: lm_head shared its weight with the embeddings; untied it (a copy) and set "
+                "config.tie_word_embeddings = False")
+    return True
+
+
+def _linear(module: nn.Module, path: str) -> nn.Linear:
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"rotation: {path} is a {type(module).__name__}, expected a linear layer")
+    return module
+
+
+class RotationAlgorithm(BlockAlgorithm):
+    name = "rotation"
+
+    def prepare_model(self, model: nn.Module, config: RotationConfig) -> None:
+        """Rotate the model's weights in place (R1, R2, R4 as configured); float outputs unchanged."""
+        cfg = config
+        if cfg.r3:
+            raise NotImplementedError(
+                "rotation r3 (online Hadamard on Q/K after RoPE) is not implemented: Q/K are quantized at "
+                "q_proj/k_proj outputs, before RoPE, so it would change no quantized tensor; set r3=False"
+            )
+        if not (cfg.r1 or cfg.r2 or cfg.r4):
+            logger.warning("rotation: r1, r2 and r4 are all off; nothing to do")
+            return
+        found = find_decoder_layers(model, cfg.model_decoder_layers or None)
+        if found is None:
+            raise ValueError("rotation needs the model's decoder layers: set model_decoder_layers in RotationConfig")
+        layers = found[1]
+        # plan everything (checks, Hadamard constructions) before the first change, so that a refusal
+        # leaves the model untouched
+        steps = []
+        if cfg.r1:
+            steps.append(self._plan_r1(model, layers, cfg, cfg.seed))
+        if cfg.r2:
+            steps.append(self._plan_r2(model, layers, cfg, cfg.seed + 1))
+        if cfg.r4:
+            steps.append(self._plan_r4(layers, cfg, cfg.seed + 2))
+        for step in steps:
+            step()
+
+    @staticmethod
+    def _rotation(n: int, cfg: RotationConfig, seed: int, role: str) -> HadamardTransform:
+        try:
+            how = construction(n)
+        except ValueError as exc:
+            raise ValueError(f"rotation {role}: {exc}; disable {role} for this model") from None
+        logger.info("rotation %s: order %d = %s%s", role, n, how, ", random signs" if cfg.random else "")
+        return HadamardTransform(n, random_signs(n, seed) if cfg.random else None)
+
+    def _plan_r1(self, model: nn.Module, layers: nn.ModuleList, cfg: RotationConfig, seed: int) -> Callable[[], None]:
+        embeddings = [get_submodule(model, p) for p in cfg.embedding_layers]
+        if not embeddings:
+            raise ValueError("rotation r1: RotationConfig.embedding_layers is empty")
+        lm_head = _linear(get_submodule(model, cfg.lm_head), cfg.lm_head)
+        final_norm = get_submodule(model, cfg.final_norm)
+        hidden = lm_head.in_features
+        for path, emb in zip(cfg.embedding_layers, embeddings):
+            weight = getattr(emb, "weight", None)
+            if weight is None or weight.dim() != 2 or weight.shape[1] != hidden:
+                raise ValueError(f"rotation r1: {path} has no (rows, {hidden}) weight to rotate")
+
+        plan = []
+        for i, block in enumerate(layers):
+            prefix = f"{cfg.model_decoder_layers}.{i}" if cfg.model_decoder_layers else str(i)
+
+            def sub(name: str, block: nn.Module = block, prefix: str = prefix) -> nn.Module:
+                return get_submodule(block, name) if name else block
+
+            attn_norm, mlp_norm = sub(cfg.attn_norm), sub(cfg.mlp_norm)
+            attn_in = [_linear(sub(n), f"{prefix}.{n}") for n in cfg.attn_inputs]
+            mlp_in = [_linear(sub(n), f"{prefix}.{n}") for n in cfg.mlp_inputs]
+            outs = [_linear(sub(n), f"{prefix}.{n}") for n in (cfg.o_proj, cfg.down_proj)]
+            check_rms_norm(attn_norm, f"{prefix}.{cfg.attn_norm}", hidden)
+            check_rms_norm(mlp_norm, f"{prefix}.{cfg.mlp_norm}", hidden)
+            for lin, n in zip(attn_in + mlp_in, cfg.attn_inputs + cfg.mlp_inputs):
+                if lin.in_features != hidden:
+                    raise ValueError(f"rotation r1: {prefix}.{n} reads {lin.in_features} features, not the hidden size {hidden}")
+            for lin, n in zip(outs, (cfg.o_proj, cfg.down_proj)):
+                if lin.out_features != hidden:
+                    raise ValueError(f"rotation r1: {prefix}.{n} writes {lin.out_features} features, not the hidden size {hidden}")
+            plan.append((attn_norm, attn_in, mlp_norm, mlp_in, outs))
+        check_rms_norm(final_norm, cfg.final_norm, hidden)
+
+        rot = self._rotation(hidden, cfg, seed, "r1")
+
+        def apply() -> None:
+            untie_embeddings(model, embeddings, lm_head)
+            for emb in embeddings:
+                rotate_input_side(emb.weight, rot)  # token vectors are rows: E <- E Q
+            for attn_norm, attn_in, mlp_norm, mlp_in, outs in plan:
+                fold_norm(attn_norm, attn_in)
+                fold_norm(mlp_norm, mlp_in)
+                for lin in attn_in + mlp_in:
+                    rotate_input_side(lin.weight, rot)
+                for lin in outs:
+                    rotate_output_side(lin.weight, rot)
+                    if lin.bias is not None:
+                        rotate_output_side(lin.bias, rot)
+            fold_norm(final_norm, [lm_head])
+            rotate_input_side(lm_head.weight, rot)
+
+        return apply
+
+    def _plan_r2(self, model: nn.Module, layers: nn.ModuleList, cfg: RotationConfig, seed: int) -> Callable[[], None]:
+        rots: dict[int, HadamardTransform] = {}
+        pairs = []
+        for i, block in enumerate(layers):
+            prefix = f"{cfg.model_decoder_layers}.{i}" if cfg.model_decoder_layers else str(i)
+            v = _linear(get_submodule(block, cfg.v_proj), f"{prefix}.{cfg.v_proj}")
+            o = _linear(get_submodule(block, cfg.o_proj), f"{prefix}.{cfg.o_proj}")
+            parent = cfg.v_proj.rpartition(".")[0]
+            head_dim = _head_dim(get_submodule(block, parent) if parent else block, model)
+            if v.out_features % head_dim or o.in_features % head_dim:
+                raise ValueError(
+                    f"rotation r2: {prefix}: head size {head_dim} does not divide {cfg.v_proj}'s outputs "
+                    f"({v.out_features}) and {cfg.o_proj}'s inputs ({o.in_features})"
+                )
+            if head_dim not in rots:
+                rots[head_dim] = self._rotation(head_dim, cfg, seed, "r2")
+            pairs.append((v, o, rots[head_dim]))
+
+        def apply() -> None:
+            for v, o, rot in pairs:
+                rotate_heads_output(v, rot)
+                rotate_heads_input(o, rot)
+
+        return apply
+
+    def _plan_r4(self, layers: nn.ModuleList, cfg: RotationConfig, seed: int) -> Callable[[], None]:
+        downs = []
+        for i, block in enumerate(layers):
+            prefix = f"{cfg.model_decoder_layers}.{i}" if cfg.model_decoder_layers else str(i)
+            downs.append(_linear(get_submodule(block, cfg.down_proj), f"{prefix}.{cfg.down_proj}"))
+        rots: dict[int, HadamardTransform] = {}
+        for lin in downs:
+            if lin.in_features not in rots:
+                rots[lin.in_features] = self._rotation(lin.in_features, cfg, seed, "r4")
+
+        def apply() -> None:
+            for lin in downs:
+                attach_online_rotation(lin, HadamardTransform(lin.in_features, rots[lin.in_features].signs))
+            logger.warning(
+                "rotation r4: %s inputs are rotated online (a forward pre-hook); a runtime loading an exported "
+                "checkpoint must apply the same Hadamard transform", cfg.down_proj
+            )
+
+        return apply
+
+
+ALGORITHM = RotationAlgorithm()

@@ -1,0 +1,554 @@
+"""Shared pieces of the scaling algorithms (AWQ, SmoothQuant, AutoSmoothQuant).
+
+A scaling site is a :class:`ScalingPair` of the template resolved in one decoder block: a previous
+op ``prev`` whose output feeds exactly the linears ``layers``. For a positive per-input-channel
+scale ``s``::
+
+    x W^T = (x / s) (W diag(s))^T
+
+so dividing ``prev``'s output by ``s`` (a norm's weight, or a previous linear's output rows) and
+multiplying every layer's input columns by ``s`` leaves the float model unchanged while changing
+what the quantizers see: activations ``x / s`` and weights ``W diag(s)``. The algorithms differ
+only in how they choose ``s``; this module holds everything else:
+
+- :func:`resolve_sites` / :func:`check_pairs`: a pair's modules in a block (skip rules, errors);
+- :func:`capture`: one float pass of the block over its cached inputs, with forward hooks that
+  record per-input-channel statistics of every site's activations and the samples a search
+  evaluates candidates on;
+- :class:`ScaleEvaluator`: the output error of a site (its ``inspect`` module, or its single
+  layer) with the site's layers quantized as if a candidate scale were folded in;
+- :func:`fold`: fold a scale into ``prev`` and the layers.
+
+Searches evaluate every candidate on the block's data, so their cost is (grid points) x (tokens).
+They use a subset of the calibration data: whole sequences (evenly spaced batches, about
+:data:`SEARCH_TOKENS` tokens) for an ``inspect`` module, which may mix tokens (attention), and
+evenly strided tokens from every batch for a single linear layer. The statistics the searching
+algorithms scale by come from about :data:`STATS_TOKENS` tokens (evenly spaced whole batches);
+SmoothQuant, which does not search, uses every token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quark.torch.quantization.config.algo_configs import ScalingPair, _ScalingConfig
+from quark.torch.quantization.config.config import first_stage
+from quark.torch.quantization.config.type import QSchemeType
+from quark.torch.quantization.driver import BlockInputs, find_decoder_layers, run_block
+from quark.torch.quantization.tensor_quantize import compute_qparams, fake_quantize
+from quark.torch.quantization.tensor_quantizer import TensorQuantizer
+
+from . import BlockContext, quantizers_off
+
+logger = logging.getLogger(__name__)
+
+#: calibration tokens a scale search evaluates each candidate on (see the module doc)
+SEARCH_TOKENS = 2048
+#: calibration tokens the statistics of the searching algorithms come from (None: all)
+STATS_TOKENS: int | None = 8192
+#: tokens of each linear's input kept for per-layer work (single-layer searches, AWQ clipping)
+LAYER_SAMPLE_TOKENS = 4096
+#: losses a search may minimise (``AutoSmoothQuantConfig.compute_scale_loss``)
+LOSSES = ("mse", "mae", "rmse")
+
+
+# ---------------------------------------------------------------------------------------------
+# sites
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Site:
+    """A scaling pair resolved in one block."""
+
+    pair: ScalingPair
+    prev: nn.Module
+    #: every linear the pair's ``layers`` patterns match, by name relative to the block
+    layers: dict[str, nn.Linear]
+    #: the module whose output error a search measures; None: the layers themselves
+    inspect: nn.Module | None
+
+    @property
+    def in_features(self) -> int:
+        return next(iter(self.layers.values())).in_features
+
+    def describe(self) -> str:
+        return f"{self.pair.prev_op} -> {', '.join(self.layers)}"
+
+
+def _is_pattern(name: str) -> bool:
+    return any(c in name for c in "*?[")
+
+
+def _find(block: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return block.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _match_linears(block: nn.Module, pattern: str) -> dict[str, nn.Linear]:
+    if _is_pattern(pattern):
+        found = {n: m for n, m in block.named_modules() if fnmatch.fnmatchcase(n, pattern)}
+    else:
+        m = _find(block, pattern)
+        found = {} if m is None else {pattern: m}
+    for n, m in found.items():
+        if not isinstance(m, nn.Linear):
+            raise TypeError(
+                f"scaling pair layer {n!r} is a {type(m).__name__}, not an nn.Linear: scaling pairs may only "
+                "list linear layers"
+            )
+    return found
+
+
+def _prev_features(pair: ScalingPair, prev: nn.Module) -> int:
+    if isinstance(prev, nn.Linear):
+        return prev.out_features
+    weight = getattr(prev, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        return weight.numel()
+    raise ValueError(
+        f"cannot fold a scale into prev_op {pair.prev_op!r} ({type(prev).__name__}): it is neither a linear "
+        "layer nor a norm with a per-channel weight; remove the pair from scaling_layers"
+    )
+
+
+def resolve_pair(block: nn.Module, pair: ScalingPair) -> tuple[Site | None, list[str], str]:
+    """``(site, missing, why)``: the site, or None with the names the block lacks (the pair does not
+    apply to this kind of block) or why its shapes rule it out."""
+    prev = _find(block, pair.prev_op)
+    missing = [] if prev is not None else [pair.prev_op]
+    layers: dict[str, nn.Linear] = {}
+    for pattern in pair.layers:
+        found = _match_linears(block, pattern)
+        if not found:
+            missing.append(pattern)
+        layers.update(found)
+    if not pair.layers:
+        raise ValueError(f"scaling pair with prev_op {pair.prev_op!r} lists no layers")
+    if missing:
+        return None, missing, ""
+    widths = {m.in_features for m in layers.values()}
+    if len(widths) != 1:
+        raise ValueError(
+            f"scaling pair {pair.prev_op!r} -> {list(layers)}: the layers take different input widths "
+            f"{sorted(widths)}, so they cannot share one input"
+        )
+    width = widths.pop()
+    out = _prev_features(pair, prev)
+    if out != width:
+        return None, [], (
+            f"{pair.prev_op!r} produces {out} features but {list(layers)} take {width} "
+            "(e.g. grouped K/V heads: v_proj is narrower than o_proj's input)"
+        )
+    inspect: nn.Module | None = None
+    if pair.inspect is not None:
+        inspect = block if pair.inspect == "" else _find(block, pair.inspect)
+        if inspect is None:
+            raise ValueError(f"scaling pair {pair.prev_op!r} -> {pair.layers}: inspect module {pair.inspect!r} "
+                             "does not exist in the block (names are relative to one decoder block)")
+    elif len(layers) > 1:
+        pass  # evaluated as the layers' outputs side by side
+    return Site(pair, prev, layers, inspect), [], ""
+
+
+def resolve_sites(ctx: BlockContext, pairs: list[ScalingPair]) -> list[Site]:
+    """The pairs that apply to this block (a pair whose modules the block lacks, or whose shapes do
+    not allow a scale, is skipped; :func:`check_pairs` reports those once per model)."""
+    sites = []
+    for pair in pairs:
+        site, missing, why = resolve_pair(ctx.block, pair)
+        if site is not None:
+            sites.append(site)
+        else:
+            logger.debug("block %d: scaling pair %s -> %s skipped: %s", ctx.index, pair.prev_op, pair.layers,
+                         why or f"no module {missing}")
+    return sites
+
+
+def check_pairs(model: nn.Module, config: _ScalingConfig) -> None:
+    """Fail early, naming it, on a pair that applies to no decoder block; log the pairs skipped
+    because of their shapes (once per model, not per block)."""
+    if not config.scaling_layers:
+        raise ValueError(f"{type(config).__name__}.scaling_layers is empty: give at least one ScalingPair")
+    found = find_decoder_layers(model, config.model_decoder_layers or None)
+    if found is None:
+        raise ValueError(f"{config.name}: the model has no stack of decoder blocks; set model_decoder_layers")
+    path, layers = found
+    for pair in config.scaling_layers:
+        applied, skipped, missing_first = 0, [], None
+        for block in layers:
+            site, missing, why = resolve_pair(block, pair)
+            if site is not None:
+                applied += 1
+            elif why:
+                skipped.append(why)
+            elif missing_first is None:
+                missing_first = missing
+        if skipped:
+            logger.info("%s: scaling pair %s -> %s skipped in %d of %d blocks: %s", config.name, pair.prev_op,
+                        pair.layers, len(skipped), len(layers), skipped[0])
+        if not applied and not skipped:
+            raise ValueError(
+                f"{config.name}: scaling pair {pair.prev_op!r} -> {pair.layers}: no decoder block of {path!r} has "
+                f"module(s) {missing_first}; names are relative to one decoder block (e.g. 'self_attn.q_proj')"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics and samples
+# ---------------------------------------------------------------------------------------------
+class ChannelStats:
+    """Per-input-channel statistics of activations: mean |x|, min, max."""
+
+    def __init__(self) -> None:
+        self.abs_sum: torch.Tensor | None = None
+        self.count = 0
+        self.lo: torch.Tensor | None = None
+        self.hi: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        if rows.shape[0] == 0:
+            return
+        abs_sum, lo, hi = rows.abs().sum(0), rows.amin(0), rows.amax(0)
+        if self.abs_sum is None:
+            self.abs_sum, self.lo, self.hi = abs_sum, lo, hi
+        else:
+            self.abs_sum += abs_sum
+            self.lo = torch.minimum(self.lo, lo)
+            self.hi = torch.maximum(self.hi, hi)
+        self.count += rows.shape[0]
+
+    def _check(self) -> None:
+        if self.abs_sum is None:
+            raise RuntimeError("no calibration token reached this scaling site's layers")
+
+    @property
+    def absmean(self) -> torch.Tensor:
+        self._check()
+        return self.abs_sum / self.count
+
+    @property
+    def absmax(self) -> torch.Tensor:
+        self._check()
+        return torch.maximum(-self.lo, self.hi)
+
+
+@dataclass
+class SiteData:
+    """What the float pass recorded for one site."""
+
+    stats: ChannelStats = field(default_factory=ChannelStats)
+    #: calls of the inspect module on the search batches: (args, kwargs) and its float output
+    calls: list[tuple[tuple, dict]] = field(default_factory=list)
+    targets: list[torch.Tensor] = field(default_factory=list)
+
+
+def _first_tensor(output: object) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find the output tensor in a module output of type {type(output).__name__}")
+
+
+def _linear_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["input"]
+
+
+def _evenly(n: int, k: int) -> list[int]:
+    """``k`` evenly spaced indices out of ``range(n)``."""
+    if k >= n:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+
+
+def capture(
+    ctx: BlockContext,
+    sites: list[Site],
+    search: bool = True,
+    sample_layers: dict[str, nn.Linear] | None = None,
+    stats_tokens: int | None = None,
+    search_tokens: int | None = None,
+    sample_tokens: int | None = None,
+) -> tuple[list[SiteData], dict[str, torch.Tensor]]:
+    """Run the block in float (quantizers off) on evenly spaced cached batches of about
+    ``stats_tokens`` tokens (None: all) and record, through forward hooks: each site's per-channel
+    input statistics; with ``search``, the calls and float outputs of each site's inspect module on
+    about ``search_tokens`` of those tokens (whole batches); and, for each layer of
+    ``sample_layers``, about ``sample_tokens`` rows of its input strided evenly over the batches.
+    Returns ``(per-site data, per-layer input samples)``."""
+    search_tokens = SEARCH_TOKENS if search_tokens is None else search_tokens
+    sample_tokens = LAYER_SAMPLE_TOKENS if sample_tokens is None else sample_tokens
+    inputs = ctx.inputs
+    sample_layers = dict(sample_layers or {})
+    per_batch = max(1, max(h.numel() // h.shape[-1] for h in inputs.hidden))
+    chosen = list(range(len(inputs)))
+    if stats_tokens is not None:
+        chosen = _evenly(len(inputs), math.ceil(stats_tokens / per_batch))
+    total = per_batch * len(chosen)
+    n_search = math.ceil(search_tokens / per_batch) if search else 0
+    search_batches = {chosen[i] for i in _evenly(len(chosen), n_search)} if n_search else set()
+    batch_ids = iter(chosen)
+    stride = max(1, total // max(1, sample_tokens))
+    datas = [SiteData() for _ in sites]
+    samples: dict[str, list[torch.Tensor]] = {name: [] for name in sample_layers}
+    state: dict = {"batch": -1, "seen": {}}
+    hooks = []
+
+    def on_block(_module: nn.Module, _args: tuple) -> None:
+        state["batch"] = next(batch_ids)
+        state["seen"] = {}
+
+    def stats_hook(i: int) -> Callable:
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = _linear_input(args, kwargs)
+            seen = state["seen"].setdefault(i, [])
+            if any(t is x for t in seen):  # q, k and v get the same tensor: count it once
+                return
+            seen.append(x)
+            datas[i].stats.update(x)
+
+        return hook
+
+    def inspect_hook(i: int) -> Callable:
+        def hook(_module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+            if state["batch"] in search_batches:
+                datas[i].calls.append((args, kwargs))
+                datas[i].targets.append(_first_tensor(output).detach())
+
+        return hook
+
+    def sample_hook(name: str) -> Callable:
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = _linear_input(args, kwargs).detach()
+            rows = x.reshape(-1, x.shape[-1])
+            samples[name].append(rows[(stride - 1) // 2 :: stride].float().clone())
+
+        return hook
+
+    try:
+        hooks.append(ctx.block.register_forward_pre_hook(on_block))
+        for i, site in enumerate(sites):
+            for layer in site.layers.values():
+                hooks.append(layer.register_forward_pre_hook(stats_hook(i), with_kwargs=True))
+            if search and site.inspect is not None:
+                hooks.append(site.inspect.register_forward_hook(inspect_hook(i), with_kwargs=True))
+        for name, layer in sample_layers.items():
+            hooks.append(layer.register_forward_pre_hook(sample_hook(name), with_kwargs=True))
+        with quantizers_off(ctx.block):
+            subset = BlockInputs([inputs.hidden[i] for i in chosen], [inputs.extras[i] for i in chosen])
+            run_block(ctx.block, subset, ctx.index)
+    finally:
+        for h in hooks:
+            h.remove()
+    return datas, {name: torch.cat(rows) for name, rows in samples.items() if rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluating a candidate scale
+# ---------------------------------------------------------------------------------------------
+def _quantizer(layer: nn.Module, role: str) -> TensorQuantizer | None:
+    q = getattr(layer, role, None)
+    return q if isinstance(q, TensorQuantizer) else None
+
+
+def _act_quant(layer: nn.Module, s: torch.Tensor, stats: ChannelStats) -> Callable | None:
+    """The layer's input quantization as it acts on the scaled activations ``x / s``, mapped back
+    to the unscaled input: ``x -> Q(x / s) * s``.
+
+    A static per-tensor scheme gets its min-max qparams from the per-channel range of the whole
+    calibration set divided by ``s`` (what a min-max observer would record after the fold); other
+    static schemes are quantized dynamically (min-max of the evaluated tensor) during the search.
+    """
+    q = _quantizer(layer, "input_quantizer")
+    if q is None:
+        return None
+    spec = q.spec
+    one = first_stage(spec)
+    if not q.is_dynamic and not isinstance(spec, list) and one.qscheme is QSchemeType.per_tensor:
+        qp = compute_qparams(torch.stack([stats.lo / s, stats.hi / s]), spec)
+        return lambda x: fake_quantize(x / s.to(x.dtype), spec, qp) * s.to(x.dtype)
+    return lambda x: fake_quantize(x / s.to(x.dtype), spec) * s.to(x.dtype)
+
+
+def quantized_scaled_weight(layer: nn.Linear, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``Q(w diag(s)) / s``: the layer's weight quantization as it acts after folding ``s``, in the
+    unscaled input basis (a layer without a weight quantizer keeps ``w``)."""
+    q = _quantizer(layer, "weight_quantizer")
+    if q is None:
+        return w
+    sw = s.to(w.dtype)
+    return fake_quantize(w * sw, q.spec) / sw
+
+
+class ScaleEvaluator:
+    """Output error of a site with its layers quantized as if a candidate scale were folded in.
+
+    The candidate is simulated without touching ``prev``: each layer's weight becomes
+    ``Q(W diag(s)) / s`` and its input ``Q_act(x / s) * s`` (when it quantizes inputs), so the
+    evaluated module sees the original activations. Every other quantizer under the evaluated
+    module is off: the error is that of this site's layers only, as in the AWQ paper. Use as a
+    context manager; the layers' weights are restored on exit.
+    """
+
+    def __init__(self, site: Site, data: SiteData, samples: dict[str, torch.Tensor], loss: str = "mse",
+                 max_layer_tokens: int | None = None) -> None:
+        if loss not in LOSSES:
+            raise ValueError(f"compute_scale_loss={loss!r}; allowed: {', '.join(LOSSES)}")
+        self.site, self.data, self.loss = site, data, loss
+        self.original = {name: layer.weight.data for name, layer in site.layers.items()}
+        self.act: dict[str, Callable | None] = {}
+        self.layer_inputs: dict[str, torch.Tensor] = {}
+        self.layer_targets: dict[str, torch.Tensor] = {}
+        if site.inspect is None:
+            for name, layer in site.layers.items():
+                if name not in samples:
+                    raise RuntimeError(f"no input sample was captured for {name!r}")
+                x = samples[name]
+                step = max(1, x.shape[0] // max(1, max_layer_tokens or SEARCH_TOKENS))
+                x = x[::step].to(layer.weight.dtype)
+                self.layer_inputs[name] = x
+                self.layer_targets[name] = F.linear(x, layer.weight, layer.bias)
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> ScaleEvaluator:
+        if self.site.inspect is not None:
+            self._stack.enter_context(quantizers_off(self.site.inspect))
+            for name, layer in self.site.layers.items():
+                self._stack.enter_context(_pre_hook(layer, self._input_hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+        for name, layer in self.site.layers.items():
+            layer.weight.data = self.original[name]
+
+    def _input_hook(self, name: str) -> Callable:
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            fn = self.act.get(name)
+            if fn is None:
+                return None
+            if args:
+                return (fn(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "input": fn(kwargs["input"])}
+
+        return hook
+
+    def __call__(self, s: torch.Tensor) -> float:
+        """The loss of scale ``s`` (``torch.ones`` = no scaling, i.e. plain rounding)."""
+        for name, layer in self.site.layers.items():
+            w = self.original[name]
+            self.act[name] = _act_quant(layer, s.to(w.device), self.data.stats)
+            layer.weight.data = quantized_scaled_weight(layer, w, s.to(w.device))
+        sq, ab, n = 0.0, 0.0, 0
+        with torch.no_grad():
+            if self.site.inspect is not None:
+                for (args, kwargs), target in zip(self.data.calls, self.data.targets):
+                    out = _first_tensor(self.site.inspect(*args, **kwargs))
+                    sq, ab, n = self._accumulate(out, target, sq, ab, n)
+            else:
+                for name, layer in self.site.layers.items():
+                    x = self.layer_inputs[name]
+                    fn = self.act[name]
+                    out = F.linear(fn(x) if fn is not None else x, layer.weight, layer.bias)
+                    sq, ab, n = self._accumulate(out, self.layer_targets[name], sq, ab, n)
+        if self.loss == "mae":
+            return ab / n
+        return sq / n if self.loss == "mse" else math.sqrt(sq / n)
+
+    def _accumulate(self, out: torch.Tensor, target: torch.Tensor, sq: float, ab: float, n: int
+                    ) -> tuple[float, float, int]:
+        d = (out.float() - target.float()).reshape(-1)
+        if self.loss == "mae":
+            ab += float(d.abs().sum())
+        else:
+            sq += float(torch.dot(d, d))
+        return sq, ab, n + d.numel()
+
+
+@contextlib.contextmanager
+def _pre_hook(module: nn.Module, hook: Callable) -> Iterator[None]:
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def search(evaluator: ScaleEvaluator, candidates: list[torch.Tensor]) -> tuple[int, list[float]]:
+    """Index of the candidate with the lowest loss (the first on ties) and every loss."""
+    with evaluator:
+        losses = [evaluator(s) for s in candidates]
+    best = min(range(len(losses)), key=lambda i: (losses[i], i))
+    return best, losses
+
+
+# ---------------------------------------------------------------------------------------------
+# folding
+# ---------------------------------------------------------------------------------------------
+def _norm_offset(norm: nn.Module, width: int) -> float:
+    """0 for a norm computing ``norm(x) * w``, 1 for ``norm(x) * (1 + w)`` (Gemma), found by probing
+    the module with ``w = 0`` and ``w = 1`` (its bias, if any, zeroed)."""
+    weight = norm.weight
+    bias = getattr(norm, "bias", None)
+    bias = bias if isinstance(bias, torch.Tensor) else None
+    saved_w = weight.data.clone()
+    saved_b = bias.data.clone() if bias is not None else None
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, width, generator=g).to(device=weight.device, dtype=weight.dtype)
+    try:
+        with torch.no_grad():
+            if bias is not None:
+                bias.data.zero_()
+            weight.data.zero_()
+            y0 = _first_tensor(norm(x)).float()
+            weight.data.fill_(1.0)
+            y1 = _first_tensor(norm(x)).float()
+    except Exception:  # a norm that cannot be called on a plain [rows, width] tensor
+        logger.warning("could not probe %s; assuming it computes norm(x) * weight", type(norm).__name__)
+        return 0.0
+    finally:
+        weight.data.copy_(saved_w)
+        if bias is not None:
+            bias.data.copy_(saved_b)
+    scale = y1.abs().max().clamp(min=1e-12)
+    if y0.abs().max() <= 1e-5 * scale:
+        return 0.0
+    if (y1 - 2 * y0).abs().max() <= 1e-4 * scale:
+        return 1.0
+    raise ValueError(f"cannot fold a scale into {type(norm).__name__}: its output is not norm(x) * w or "
+                     "norm(x) * (1 + w)")
+
+
+def fold(site: Site, s: torch.Tensor) -> None:
+    """Divide ``prev``'s output by ``s`` and multiply the layers' input columns by ``s`` (in place)."""
+    prev = site.prev
+    with torch.no_grad():
+        w = prev.weight
+        sp = s.to(w.device, torch.float32)
+        if isinstance(prev, nn.Linear):
+            w.copy_(w.float() / sp[:, None])
+        else:
+            offset = _norm_offset(prev, w.numel())
+            w.copy_((w.float() + offset) / sp - offset)
+        bias = getattr(prev, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.copy_(bias.float() / sp)
+        for layer in site.layers.values():
+            lw = layer.weight
+            lw.copy_(lw.float() * s.to(lw.device, torch.float32))
+
+
+def weight_absmax(site: Site) -> torch.Tensor:
+    """Per input channel, the largest |w| over every layer of the site."""
+    return torch.stack([layer.weight.detach().float().abs().amax(0) for layer in site.layers.values()]).amax(0)

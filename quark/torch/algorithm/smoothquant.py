@@ -1,0 +1,55 @@
+"""SmoothQuant (Xiao et al. 2022, arXiv:2211.10438): migrate activation outliers into the weights.
+
+Per-tensor activation quantization suffers from a few input channels with outliers far larger than
+the rest. Per scaling pair of the template, SmoothQuant divides input channel ``j`` of the
+activations by
+
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)      (clamped below at ``scale_clamp_min``)
+
+and multiplies the weights' column ``j`` by it, folded into the previous op (norm weight, or a
+previous linear's output rows) so the float model is unchanged. ``max|X_j|`` is taken over every
+calibration token reaching the pair's layers, ``max|W_j|`` over every layer of the pair; ``alpha``
+balances the difficulty between activations and weights (0.5 in the paper).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from quark.torch.quantization.config.algo_configs import SmoothQuantConfig
+
+from . import BlockAlgorithm, BlockContext
+from .scaling import Site, capture, check_pairs, fold, resolve_sites, weight_absmax
+
+#: floor of the statistics before the powers (a dead channel would otherwise give 0 or inf)
+EPS = 1e-5
+
+
+def smooth_scale(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float, clamp_min: float) -> torch.Tensor:
+    """``max|X|^alpha / max|W|^(1-alpha)`` per input channel, at least ``clamp_min``."""
+    act = act_absmax.float().clamp(min=EPS)
+    w = w_absmax.float().to(act.device).clamp(min=EPS)
+    return (act.pow(alpha) / w.pow(1.0 - alpha)).clamp(min=clamp_min)
+
+
+def smooth_candidate(site: Site, act_absmax: torch.Tensor, alpha: float, clamp_min: float) -> torch.Tensor:
+    return smooth_scale(act_absmax, weight_absmax(site), alpha, clamp_min)
+
+
+class SmoothQuant(BlockAlgorithm):
+    name = "smoothquant"
+
+    def prepare_model(self, model: nn.Module, config: SmoothQuantConfig) -> None:
+        check_pairs(model, config)
+
+    def apply(self, ctx: BlockContext, config: SmoothQuantConfig) -> None:
+        sites = resolve_sites(ctx, config.scaling_layers)
+        datas, _ = capture(ctx, sites, search=False)
+        scales = [smooth_candidate(site, data.stats.absmax, config.alpha, config.scale_clamp_min)
+                  for site, data in zip(sites, datas)]
+        for site, s in zip(sites, scales):  # all statistics come from the unscaled block
+            fold(site, s)
+
+
+ALGORITHM = SmoothQuant()

@@ -1,0 +1,1 @@
+"""Export configuration (the ``export`` block of an exported config.json)."""

@@ -1,0 +1,1 @@
+"""Config parsing for custom export modes (AWQ / fp8 configs as transformers hands them over)."""

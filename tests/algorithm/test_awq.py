@@ -1,0 +1,200 @@
+"""AWQ on a tiny random llama: exact folding, lower block error than rounding, clipping, pair checks."""
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+from quark.torch import LLMTemplate
+from quark.torch.algorithm import quantizers_off
+from quark.torch.algorithm.awq import awq_candidates, clip_layer
+from quark.torch.algorithm.scaling import Site, fold
+from quark.torch.quantization.api import ModelQuantizer
+from quark.torch.quantization.config.algo_configs import AWQConfig, ScalingPair
+from quark.torch.quantization.config.config import QLayerConfig, Uint4PerGroupSpec
+from quark.torch.quantization.modules import QuantLinear
+from tests.helpers import tiny_llama, token_batches
+
+
+def outlier_llama() -> nn.Module:
+    """A tiny llama whose norms produce a few large activation channels (what makes scaling matter)."""
+    model = tiny_llama(hidden=128)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:4] *= 20
+            layer.post_attention_layernorm.weight[5:9] *= 20
+    return model
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def block0_error(model: nn.Module, reference: nn.Module, batches: list[dict]) -> float:
+    """Squared error of the first block's output, quantized model vs float model, on ``batches``."""
+    outs = {}
+
+    def grab(key):
+        def hook(_m, _a, out):
+            outs.setdefault(key, []).append(out[0] if isinstance(out, tuple) else out)
+
+        return hook
+
+    handles = [model.model.layers[0].register_forward_hook(grab("q")),
+               reference.model.layers[0].register_forward_hook(grab("f"))]
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+            reference(**b)
+    for h in handles:
+        h.remove()
+    return sum(((q - f) ** 2).sum().item() for q, f in zip(outs["q"], outs["f"]))
+
+
+def quantize(model: nn.Module, scheme: str, batches: list[dict], algorithm: str | None = None, **algo_fields):
+    template = LLMTemplate.get("llama")
+    overrides = None
+    if algorithm is not None:
+        cfg = copy.deepcopy(template.algorithm_configs[algorithm])
+        for k, v in algo_fields.items():
+            setattr(cfg, k, v)
+        overrides = {algorithm: cfg}
+    config = template.get_config(scheme, algorithm=algorithm, algo_configs=overrides)
+    return ModelQuantizer(config).quantize_model(model, batches, progress=False)
+
+
+@pytest.fixture(scope="module")
+def batches():
+    return token_batches(4, seq=32)
+
+
+def test_scaling_keeps_the_float_model(batches):
+    reference = outlier_llama()
+    model = quantize(outlier_llama(), "uint4_wo_64", batches, "awq", clip_search=False)
+    changed = model.model.layers[0].input_layernorm.weight
+    assert not torch.equal(changed, reference.model.layers[0].input_layernorm.weight)  # scales were folded
+    with torch.no_grad(), quantizers_off(model):
+        for b in batches:
+            assert _rel(model(**b).logits, reference(**b).logits) < 1e-5
+
+
+def test_awq_lowers_block_error_versus_rounding(batches):
+    reference = outlier_llama()
+    rtn = block0_error(quantize(outlier_llama(), "uint4_wo_64", batches), reference, batches)
+    scaled = block0_error(quantize(outlier_llama(), "uint4_wo_64", batches, "awq", clip_search=False), reference,
+                          batches)
+    clipped = block0_error(quantize(outlier_llama(), "uint4_wo_64", batches, "awq"), reference, batches)
+    # measured: 20.40 -> 11.90 (scaling) -> 7.39 (scaling + clipping)
+    assert rtn == pytest.approx(20.40, rel=0.02)
+    assert scaled / rtn == pytest.approx(0.583, rel=0.02)
+    assert clipped / scaled == pytest.approx(0.621, rel=0.02)
+
+
+def test_candidates_start_with_rounding_and_are_normalised():
+    m = torch.tensor([0.5, 1.0, 4.0, 8.0])
+    cands = awq_candidates(m, 4)
+    assert torch.equal(cands[0], torch.ones(4))
+    s = m.pow(0.5)
+    torch.testing.assert_close(cands[2], s / (s.max() * s.min()).sqrt())
+    for c in cands:
+        torch.testing.assert_close(c.max() * c.min(), torch.tensor(1.0))
+
+
+def test_clipping_skips_q_and_k(batches):
+    reference = outlier_llama()
+    # only up -> down is scaled, so q/k/v/o/gate weights change only by clipping
+    model = quantize(outlier_llama(), "uint4_wo_64", batches, "awq",
+                     scaling_layers=[ScalingPair("mlp.up_proj", ["mlp.down_proj"])])
+    for i, block in enumerate(model.model.layers):
+        ref = reference.model.layers[i]
+        for name in ("q_proj", "k_proj"):
+            assert torch.equal(getattr(block.self_attn, name).weight, getattr(ref.self_attn, name).weight)
+        for lin, ref_lin in ((block.self_attn.v_proj, ref.self_attn.v_proj), (block.self_attn.o_proj, ref.self_attn.o_proj),
+                             (block.mlp.gate_proj, ref.mlp.gate_proj)):
+            w, w0 = lin.weight, ref_lin.weight
+            assert not torch.equal(w, w0)
+            assert (w.abs() <= w0.abs() + 1e-7).all()  # clipping only shrinks magnitudes
+            assert ((w == w0) | ((w - w0).abs() > 0)).all()
+
+
+def test_clip_layer_never_increases_the_output_error():
+    torch.manual_seed(0)
+    layer = QuantLinear(128, 32, False, QLayerConfig(weight=Uint4PerGroupSpec(group_size=32).to_quantization_spec()))
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.weight[:, 3] *= 8  # an outlier column: clipping its groups pays off
+    x = torch.randn(256, 128)
+    w0 = layer.weight.detach().clone()
+
+    def err() -> float:
+        with torch.no_grad():
+            layer.update_weight_qparams()
+            return ((x @ (layer.quantized_weight() - w0).t()) ** 2).sum().item()
+
+    before = err()
+    ratios = clip_layer(layer, x, num_grid=20)
+    assert ratios.shape == (32, 4)
+    assert ratios.min() < 1.0 and ratios.max() <= 1.0 and ratios.min() >= 0.5
+    assert err() < before
+
+
+def test_gqa_v_to_o_pair_is_skipped_with_a_log_line(batches, caplog):
+    reference = outlier_llama()  # 4 heads, 2 K/V heads: v_proj is half as wide as o_proj's input
+    pair = ScalingPair("self_attn.v_proj", ["self_attn.o_proj"])
+    with caplog.at_level(logging.INFO, logger="quark.torch.algorithm.scaling"):
+        model = quantize(outlier_llama(), "uint4_wo_64", batches, "awq", clip_search=False,
+                         scaling_layers=[pair, ScalingPair("mlp.up_proj", ["mlp.down_proj"])])
+    assert "self_attn.v_proj -> ['self_attn.o_proj'] skipped in 2 of 2 blocks" in caplog.text
+    for i, block in enumerate(model.model.layers):
+        assert torch.equal(block.self_attn.v_proj.weight, reference.model.layers[i].self_attn.v_proj.weight)
+        assert torch.equal(block.self_attn.o_proj.weight, reference.model.layers[i].self_attn.o_proj.weight)
+        assert not torch.equal(block.mlp.down_proj.weight, reference.model.layers[i].mlp.down_proj.weight)
+
+
+@pytest.mark.parametrize("pair", [ScalingPair("post_attention_layernorm", ["mlp.gate_proj", "mlp.upproj"], "mlp"),
+                                  ScalingPair("mlp.no_such_op", ["mlp.down_proj"])])
+def test_missing_pair_name_is_a_clear_error(batches, pair):
+    missing = "mlp.upproj" if "mlp.upproj" in pair.layers else "mlp.no_such_op"
+    with pytest.raises(ValueError, match=missing):
+        quantize(tiny_llama(hidden=128), "uint4_wo_64", batches, "awq", scaling_layers=[pair])
+
+
+def test_inspect_module_must_exist(batches):
+    pair = ScalingPair("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"], "feed_forward")
+    with pytest.raises(ValueError, match="feed_forward"):
+        quantize(tiny_llama(hidden=128), "uint4_wo_64", batches, "awq", scaling_layers=[pair])
+
+
+class OffsetNorm(nn.Module):
+    """A Gemma-style norm: ``norm(x) * (1 + w)``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(width) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+
+@pytest.mark.parametrize("norm_cls", [OffsetNorm, nn.LayerNorm])
+def test_fold_is_exact_for_offset_norms_and_layernorm(norm_cls):
+    torch.manual_seed(0)
+    norm, lin = norm_cls(16), nn.Linear(16, 8)
+    if isinstance(norm, nn.LayerNorm):
+        with torch.no_grad():
+            norm.weight.normal_()
+            norm.bias.normal_()
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        before = lin(norm(x))
+        s = torch.rand(16) * 3 + 0.2
+        fold(Site(ScalingPair("norm", ["lin"]), norm, {"lin": lin}, None), s)
+        torch.testing.assert_close(lin(norm(x)), before, rtol=1e-5, atol=1e-5)
+
+
+def test_config_round_trip_keeps_defaults():
+    cfg = LLMTemplate.get("llama").algorithm_configs["awq"]
+    assert isinstance(cfg, AWQConfig) and cfg.num_grid == 20
+    assert "*q_proj" in cfg.clip_exclude and "*k_proj" in cfg.clip_exclude

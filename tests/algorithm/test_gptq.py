@@ -1,0 +1,302 @@
+"""GPTQ: the shared solver on single layers (every weight format), and the block algorithm on a tiny llama."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from quark.torch import LLMTemplate
+from quark.torch.algorithm import get_algorithm
+from quark.torch.algorithm.gptq import GPTQ, layer_groups
+from quark.torch.algorithm.hessian_solver import Gram, damp, inverse_cholesky, quantize_weight
+from quark.torch.quantization.api import ModelQuantizer
+from quark.torch.quantization.config.algo_configs import GPTQConfig
+from quark.torch.quantization.modules import QuantLinear
+from quark.torch.quantization.tensor_quantize import compute_qparams, fake_quantize
+from tests.helpers import tiny_llama, token_batches
+
+FORMATS = ["int4_wo_32", "uint4_wo_64", "int4_wo_per_channel", "uint4_wo_per_channel", "int8", "fp8", "ptpc_fp8",
+           "mxfp4", "mxfp6_e2m3", "mx6", "bfp16", "amdfp4", "int4_fp8", "nvfp4"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Single-threaded BLAS: fast on a shared machine and bit-reproducible."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def weight_spec(scheme: str):
+    return LLMTemplate.get_scheme(scheme).config.weight
+
+
+def layer_problem(seed: int = 0, rows: int = 48, n: int = 128, tokens: int = 2048):
+    """A weight and correlated inputs (what makes error compensation pay off)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, n, generator=g)
+    X = torch.randn(tokens, n, generator=g) @ torch.randn(n, n, generator=g) * 0.2
+    return W, X
+
+
+def hessian(X: torch.Tensor) -> torch.Tensor:
+    gram = Gram()
+    for chunk in X.split(500):
+        gram.add_batch(chunk)
+    return gram.value
+
+
+def mismatch(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fraction of elements that differ beyond float32 rounding (a group scale one ulp off moves
+    every element of the group by an ulp; a different rounding decision moves it by a grid step)."""
+    return (~torch.isclose(a.double(), b.double(), rtol=1e-5, atol=1e-6)).double().mean().item()
+
+
+def out_err(Q: torch.Tensor, W: torch.Tensor, X: torch.Tensor) -> float:
+    return ((Q - W) @ X.T).pow(2).sum().item()
+
+
+def test_gram_is_the_running_mean_hessian():
+    _, X = layer_problem(tokens=1234)
+    torch.testing.assert_close(hessian(X), 2 * X.T @ X / X.shape[0], rtol=1e-5, atol=1e-5)
+
+
+def test_inverse_cholesky_factor():
+    _, X = layer_problem()
+    H, _ = damp(hessian(X), 0.01)
+    U = inverse_cholesky(H)
+    assert torch.equal(U, U.triu())
+    torch.testing.assert_close(U.T @ U, torch.linalg.inv(H.double()).float(), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", FORMATS)
+def test_identity_hessian_is_rounding_to_nearest(scheme):
+    W, _ = layer_problem()
+    spec = weight_spec(scheme)
+    sol = quantize_weight(W, torch.eye(W.shape[1]), spec, block_size=32)
+    assert torch.equal(sol.Q, fake_quantize(W, spec))
+
+
+@pytest.mark.parametrize("scheme", FORMATS)
+@pytest.mark.parametrize("desc_act,static_groups", [(False, False), (True, True), (True, False)])
+def test_gptq_result_is_its_own_fake_quantization_and_beats_rounding(scheme, desc_act, static_groups):
+    W, X = layer_problem()
+    spec = weight_spec(scheme)
+    sol = quantize_weight(W, hessian(X), spec, block_size=32, desc_act=desc_act, static_groups=static_groups)
+    (qp,) = sol.qparams
+    assert torch.equal(fake_quantize(sol.Q, spec, qp), sol.Q)  # what the QuantLinear will compute
+    assert out_err(sol.Q, W, X) < 0.6 * out_err(fake_quantize(W, spec), W, X)
+
+
+def test_static_groups_are_the_natural_groups_of_the_original_weight():
+    W, X = layer_problem()
+    spec = weight_spec("uint4_wo_64")
+    sol = quantize_weight(W, hessian(X), spec, desc_act=True, static_groups=True)
+    rtn = compute_qparams(W, spec)
+    assert torch.equal(sol.qparams[0].scale, rtn.scale) and torch.equal(sol.qparams[0].zero_point, rtn.zero_point)
+
+
+def test_dynamic_groups_take_their_qparams_when_reached():
+    W, X = layer_problem()
+    spec = weight_spec("int4_wo_32")
+    sol = quantize_weight(W, hessian(X), spec, block_size=128)
+    rtn = compute_qparams(W, spec).scale
+    scale = sol.qparams[0].scale
+    assert scale.shape == rtn.shape == (48, 4)
+    assert torch.equal(scale[:, 0], rtn[:, 0])  # the first group is reached before any update
+    assert not torch.equal(scale[:, 1:], rtn[:, 1:])  # later groups see the compensated weights
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_lazy_batches_do_not_change_the_result(desc_act):
+    """Block size only changes when later columns receive their updates (and when group qparams
+    read pending updates): results agree up to float32 rounding of the sums."""
+    W, X = layer_problem(rows=64, n=96)
+    H = hessian(X)
+    spec = weight_spec("int4_wo_32")
+    one = quantize_weight(W, H, spec, block_size=1, desc_act=desc_act).Q
+    for bs in (7, 32, 96):
+        other = quantize_weight(W, H, spec, block_size=bs, desc_act=desc_act).Q
+        assert mismatch(other, one) < 2e-3
+
+
+def test_matches_the_textbook_obs_loop():
+    """Against a direct implementation of GPTQ's update with explicitly eliminated inverse
+    Hessians (float64, per-channel grid fixed up front): same quantized weight."""
+    W, X = layer_problem(rows=32, n=64)
+    H = hessian(X)
+    spec = weight_spec("int4_wo_per_channel")
+    sol = quantize_weight(W, H, spec, damp_percent=0.01, block_size=16)
+    qp = compute_qparams(W, spec)
+    Hd = damp(H, 0.01)[0].double()
+    Hinv = torch.linalg.inv(Hd)
+    w = W.double().clone()
+    Q = torch.zeros_like(w)
+    for j in range(W.shape[1]):
+        Q[:, j] = fake_quantize(w[:, j:j + 1].float(), spec, qp).double()[:, 0]
+        w[:, j:] -= ((w[:, j] - Q[:, j]) / Hinv[0, 0])[:, None] * Hinv[0][None]
+        Hinv = Hinv[1:, 1:] - Hinv[1:, :1] @ Hinv[:1, 1:] / Hinv[0, 0]
+    assert mismatch(sol.Q, Q) < 2e-3
+
+
+def test_dead_inputs_get_zero_weights():
+    W, X = layer_problem()
+    X[:, 5] = 0
+    sol = quantize_weight(W, hessian(X), weight_spec("int4_wo_32"))
+    assert (sol.Q[:, 5] == 0).all()
+
+
+def test_stacked_layers_equal_separate_solves():
+    """Rows are independent: q/k/v solved as one matrix give each layer's own solution; per-tensor
+    qparams stay per layer."""
+    W, X = layer_problem(rows=40)
+    H = hessian(X)
+    spec = weight_spec("int8")
+    both = quantize_weight(W, H, spec, row_splits=[16, 24])
+    a = quantize_weight(W[:16], H, spec)
+    b = quantize_weight(W[16:], H, spec)
+    assert mismatch(both.Q, torch.cat([a.Q, b.Q])) < 2e-3
+    assert torch.equal(both.qparams[0].scale, a.qparams[0].scale)
+    assert torch.equal(both.qparams[1].scale, b.qparams[0].scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# the block algorithm
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def batches():
+    return token_batches(8, seq=32)
+
+
+def quantize(model: nn.Module, scheme: str, batches: list[dict], algorithm: str | None = None, **fields):
+    template = LLMTemplate.get("llama")
+    overrides = None
+    if algorithm is not None:
+        cfg = copy.deepcopy(template.algorithm_configs[algorithm])
+        for k, v in fields.items():
+            setattr(cfg, k, v)
+        overrides = {algorithm: cfg}
+    config = template.get_config(scheme, algorithm=algorithm, algo_configs=overrides)
+    return ModelQuantizer(config).quantize_model(model, batches, progress=False)
+
+
+def output_error(model: nn.Module, reference: nn.Module, batches: list[dict], block: int | None = 0) -> float:
+    """Squared error against the float model: of one block's output, or (None) of the logits."""
+    outs = {"q": [], "f": []}
+    handles = []
+    if block is not None:
+        for key, m in (("q", model), ("f", reference)):
+            handles.append(m.model.layers[block].register_forward_hook(
+                lambda _m, _a, out, key=key: outs[key].append(out[0] if isinstance(out, tuple) else out)))
+    with torch.no_grad():
+        for b in batches:
+            lq, lf = model(**b).logits, reference(**b).logits
+            if block is None:
+                outs["q"].append(lq)
+                outs["f"].append(lf)
+    for h in handles:
+        h.remove()
+    return sum(((q - f) ** 2).sum().item() for q, f in zip(outs["q"], outs["f"]))
+
+
+@pytest.mark.parametrize("scheme,ratio", [("int4_wo_32", 0.409), ("mxfp4", 0.678), ("fp8", 0.707)])
+def test_gptq_lowers_the_block_error_versus_rounding(batches, scheme, ratio):
+    reference = tiny_llama()
+    rtn = output_error(quantize(tiny_llama(), scheme, batches), reference, batches)
+    gptq = output_error(quantize(tiny_llama(), scheme, batches, "gptq"), reference, batches)
+    assert gptq / rtn == pytest.approx(ratio, rel=0.02)  # measured
+
+
+def test_weights_hold_the_result_and_keep_its_qparams(batches):
+    model = quantize(tiny_llama(), "int4_wo_32", batches, "gptq")
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 14 and all(m.weight_qparams_fixed for m in layers)
+    with torch.no_grad():
+        for m in layers:
+            scale = m.weight_quantizer.scale.clone()
+            m.update_weight_qparams()  # what the quantizer loop does after the algorithms: keeps them
+            assert torch.equal(m.weight_quantizer.scale, scale)
+            assert torch.equal(m.quantized_weight(), m.weight)  # the stored weight is the solver's result
+        logits = [model(**b).logits for b in batches]
+        ModelQuantizer.freeze(model)
+        for b, before in zip(batches, logits):
+            assert torch.equal(model(**b).logits, before)
+
+
+def test_groups_are_quantized_in_order_on_the_quantized_stream(batches, monkeypatch):
+    """Group 2 (o_proj) sees the inputs produced by the already-quantized group 1 (q/k/v): its
+    Hessian equals the one from the final model, whose o_proj inputs depend only on q/k/v."""
+    order, hessians = [], {}
+    original = GPTQ.solve_stack
+
+    def spy(self, weight, stats, spec, splits, config):
+        order.append(len(splits))
+        hessians.setdefault(len(order), stats["H"].value.clone())
+        return original(self, weight, stats, spec, splits, config)
+
+    monkeypatch.setattr(GPTQ, "solve_stack", spy)
+    model = quantize(tiny_llama(layers=1), "int4_wo_32", batches, "gptq",
+                     inside_layer_modules=[["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"],
+                                           ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]])
+    assert order == [3, 1, 2, 1]  # q/k/v stacked, o, gate/up stacked, down
+    expected = Gram()
+    o_proj = model.model.layers[0].self_attn.o_proj
+    handle = o_proj.register_forward_pre_hook(lambda _m, args: expected.add_batch(args[0]))
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    handle.remove()
+    torch.testing.assert_close(hessians[2], expected.value, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_groups_first_match_wins_and_empty_groups_are_dropped():
+    model = tiny_llama(layers=1)
+    config = LLMTemplate.get("llama").get_config("int4_wo_32")
+    ModelQuantizer(config)._swap_linears(model)
+
+    class Ctx:
+        block = model.model.layers[0]
+
+        def linears(self, patterns):
+            from quark.torch.algorithm import BlockContext
+
+            return BlockContext.linears(self, patterns)
+
+    groups = layer_groups(Ctx(), [["mlp.*"], ["mlp.down_proj", "self_attn.o_proj"], ["nothing"], ["*"]])
+    assert [sorted(g) for g in groups] == [
+        ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"],
+        ["self_attn.o_proj"],
+        ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"],
+    ]
+    assert [sorted(g) for g in layer_groups(Ctx(), [])] == [sorted(n for n, _ in Ctx.block.named_modules()
+                                                                  if isinstance(_, QuantLinear))]
+
+
+def test_static_activation_quantizers_are_calibrated_after_gptq(batches):
+    """int8 has static input quantizers: off while GPTQ collects, calibrated afterwards."""
+    reference = tiny_llama()
+    model = quantize(tiny_llama(), "int8", batches, "gptq")
+    assert all(m.input_quantizer.has_qparams for m in model.modules() if isinstance(m, QuantLinear))
+    rtn = output_error(quantize(tiny_llama(), "int8", batches), reference, batches, block=None)
+    assert output_error(model, reference, batches, block=None) < rtn
+
+
+def test_registered_under_its_name():
+    algo = get_algorithm("gptq")
+    assert isinstance(algo, GPTQ) and algo.name == "gptq" and not algo.needs_float_stream
+    assert isinstance(LLMTemplate.get("llama").algorithm_configs["gptq"], GPTQConfig)
+
+
+@pytest.mark.parametrize("element", ["fp4", "int8"])
+def test_dtype_mx_specs(element):
+    """``dtype=mx`` (always blocks of 32) is quantized column by column inside its block."""
+    from quark.torch.quantization.config.config import QTensorConfig
+
+    spec = QTensorConfig(dtype="mx", mx_element_dtype=element, qscheme="per_group", group_size=32, is_dynamic=False)
+    W, X = layer_problem()
+    assert torch.equal(quantize_weight(W, torch.eye(W.shape[1]), spec).Q, fake_quantize(W, spec))
+    sol = quantize_weight(W, hessian(X), spec, desc_act=True)
+    assert torch.equal(fake_quantize(sol.Q, spec, sol.qparams[0]), sol.Q)
+    assert out_err(sol.Q, W, X) < 0.6 * out_err(fake_quantize(W, spec), W, X)

@@ -1,0 +1,242 @@
+"""Hadamard rotation (R1/R2/R4) on tiny random llamas whose sizes need non-power-of-two Hadamard
+orders (hidden 48 = 12·4, head 12, intermediate 96 = 12·8): the float function is unchanged, tied
+embeddings are untied, R4 rotates down_proj's input before its quantizer, W8A8 error drops on a
+model with outlier channels, and unsupported norms / sizes are refused before anything changes."""
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+from quark.torch import LLMTemplate
+from quark.torch.algorithm import quantizers_off
+from quark.torch.algorithm.rotation import ALGORITHM, OnlineHadamard
+from quark.torch.quantization.api import ModelQuantizer
+from quark.torch.quantization.config.algo_configs import RotationConfig
+from tests.helpers import tiny_llama, token_batches
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def llama48(tied: bool = False, hidden: int = 48, seed: int = 0) -> nn.Module:
+    """A tiny llama with non-trivial norm weights (so that folding them matters)."""
+    model = tiny_llama(seed=seed, hidden=hidden)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        model.config.tie_word_embeddings = True
+    return model
+
+
+def rotation_config(**fields) -> RotationConfig:
+    cfg = copy.deepcopy(LLMTemplate.get("llama").algorithm_configs["rotation"])
+    for k, v in fields.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def logits(model: nn.Module, batches: list[dict]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(**b).logits for b in batches])
+
+
+def quantize(model: nn.Module, scheme: str, batches: list[dict], rotation: RotationConfig | None) -> nn.Module:
+    template = LLMTemplate.get("llama")
+    algo = None if rotation is None else "rotation"
+    config = template.get_config(scheme, algorithm=algo, algo_configs=None if rotation is None else {"rotation": rotation})
+    return ModelQuantizer(config).quantize_model(model, batches, progress=False)
+
+
+@pytest.fixture(scope="module")
+def batches():
+    return token_batches(3, seq=24)
+
+
+ROLES = [
+    dict(),
+    dict(r4=True),
+    dict(r4=True, random=True, seed=7),
+    dict(r1=False),
+    dict(r1=False, r2=False, r4=True),
+]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("fields", ROLES, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "r1,r2")
+def test_rotation_keeps_the_float_model(batches, tied, fields):
+    reference = llama48(tied)
+    model = llama48(tied)
+    ALGORITHM.prepare_model(model, rotation_config(**fields))
+    assert _rel(logits(model, batches), logits(reference, batches)) < 1e-4
+    layer, ref_layer = model.model.layers[1], reference.model.layers[1]
+    r1, r2, r4 = fields.get("r1", True), fields.get("r2", True), fields.get("r4", False)
+    changed = lambda a, b: not torch.allclose(a.weight, b.weight)  # noqa: E731
+    assert changed(layer.self_attn.q_proj, ref_layer.self_attn.q_proj) == r1
+    assert changed(layer.self_attn.v_proj, ref_layer.self_attn.v_proj) == (r1 or r2)
+    assert changed(model.model.embed_tokens, reference.model.embed_tokens) == r1
+    assert isinstance(getattr(layer.mlp.down_proj, "online_rotation", None), OnlineHadamard) == r4
+    if r1:  # norms folded away
+        assert torch.equal(layer.input_layernorm.weight, torch.ones(48))
+        assert torch.equal(model.model.norm.weight, torch.ones(48))
+
+
+def test_random_signs_change_the_weights_not_the_function(batches):
+    a, b = llama48(), llama48()
+    ALGORITHM.prepare_model(a, rotation_config())
+    ALGORITHM.prepare_model(b, rotation_config(random=True))
+    assert not torch.allclose(a.model.embed_tokens.weight, b.model.embed_tokens.weight)
+    assert _rel(logits(a, batches), logits(b, batches)) < 1e-4
+
+
+def test_tied_embeddings_are_untied(batches, caplog):
+    model = llama48(tied=True)
+    embed = model.model.embed_tokens.weight.detach().clone()
+    with caplog.at_level(logging.INFO, logger="quark.torch.algorithm.rotation"):
+        ALGORITHM.prepare_model(model, rotation_config())
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert model.config.tie_word_embeddings is False
+    assert not model.all_tied_weights_keys
+    assert "untied" in caplog.text and "tie_word_embeddings = False" in caplog.text
+    # the embedding rows are rotated (norms kept), the head columns are rotated and scaled by the final norm
+    torch.testing.assert_close(model.model.embed_tokens.weight.norm(dim=1), embed.norm(dim=1))
+
+
+def test_pipeline_float_function_and_r4_before_the_input_quantizer(batches):
+    """Through ModelQuantizer (int8 W8A8, rotation with R4): with quantizers off the model is the
+    float model; down_proj's input quantizer receives the rotated intermediate activations."""
+    reference = llama48(tied=True)
+    model = quantize(llama48(tied=True), "int8", batches, rotation_config(r4=True))
+    with quantizers_off(model):
+        assert _rel(logits(model, batches), logits(reference, batches)) < 1e-4
+
+    mlp = model.model.layers[0].mlp
+    seen = {}
+    handles = [
+        mlp.register_forward_pre_hook(lambda m, a: seen.__setitem__("mlp_in", a[0])),
+        mlp.down_proj.input_quantizer.register_forward_pre_hook(lambda m, a: seen.__setitem__("q_in", a[0])),
+    ]
+    with quantizers_off(model), torch.no_grad():
+        model(**batches[0])
+        h = seen["mlp_in"]
+        intermediate = mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h)
+        expected = mlp.down_proj.online_rotation(intermediate)
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(seen["q_in"], expected)
+    assert not torch.allclose(expected, intermediate)
+
+
+def outlier_llama() -> nn.Module:
+    """Large activation channels on both norms' outputs (what makes per-tensor W8A8 fail)."""
+    model = llama48(hidden=48)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:2] *= 40
+            layer.post_attention_layernorm.weight[5:7] *= 40
+    return model
+
+
+def _activation_errors(model: nn.Module, batches: list[dict], names: list[str]) -> dict[str, float]:
+    """Mean relative error each named layer's input quantizer makes on its input."""
+    errors: dict[str, list[float]] = {n: [] for n in names}
+    handles = [
+        model.get_submodule(n).input_quantizer.register_forward_hook(
+            lambda m, a, out, n=n: errors[n].append(_rel(out, a[0]))
+        )
+        for n in names
+    ]
+    logits(model, batches)
+    for handle in handles:
+        handle.remove()
+    return {n: sum(v) / len(v) for n, v in errors.items()}
+
+
+def test_rotation_reduces_w8a8_error(batches):
+    """Per-tensor int8 activations: R1 removes the outlier channels from q/k/v and gate/up inputs,
+    R4 halves down_proj's input error; the logits follow."""
+    names = [f"model.layers.{i}.{n}" for i in (0, 1) for n in ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj")]
+    reference = logits(outlier_llama(), batches)
+    results = {}
+    for key, rotation in (("plain", None), ("r1r2", rotation_config()), ("r4", rotation_config(r4=True))):
+        model = quantize(outlier_llama(), "int8", batches, rotation)
+        results[key] = (_rel(logits(model, batches), reference), _activation_errors(model, batches, names))
+    plain, r1r2, r4 = (results[k][1] for k in ("plain", "r1r2", "r4"))
+    for n in names:
+        if "down_proj" in n:
+            assert r4[n] < 0.6 * min(plain[n], r1r2[n])
+        else:
+            assert r1r2[n] < 0.35 * plain[n]
+    assert results["r1r2"][0] < 0.7 * results["plain"][0]
+    assert results["r4"][0] < 0.5 * results["plain"][0]
+
+
+class _LayerNorm(nn.LayerNorm):
+    pass
+
+
+class _OnePlusRMSNorm(nn.Module):
+    """Gemma-style: y = x / rms(x) * (1 + weight)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((n,), 0.3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+
+@pytest.mark.parametrize(
+    ("norm", "message"),
+    [
+        (lambda: nn.LayerNorm(48), r"model.layers.1.post_attention_layernorm is a LayerNorm"),
+        (lambda: _LayerNorm(48, bias=False), r"_LayerNorm \(mean subtraction or bias\)"),
+        (lambda: _OnePlusRMSNorm(48), r"post_attention_layernorm \(_OnePlusRMSNorm\) does not compute"),
+    ],
+)
+def test_unfoldable_norms_are_refused_untouched(norm, message):
+    model = llama48()
+    model.model.layers[1].post_attention_layernorm = norm()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=message):
+        ALGORITHM.prepare_model(model, rotation_config(r4=True))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_norm_with_bias_is_refused():
+    model = llama48()
+    model.model.layers[0].input_layernorm.bias = nn.Parameter(torch.zeros(48))
+    with pytest.raises(ValueError, match="input_layernorm is a LlamaRMSNorm .*bias"):
+        ALGORITHM.prepare_model(model, rotation_config())
+
+
+def test_unconstructible_sizes_are_refused_untouched():
+    model = tiny_llama(hidden=184)  # no Hadamard matrix of order 184 is constructed
+    with pytest.raises(ValueError, match="rotation r1: no Hadamard matrix of order 184"):
+        ALGORITHM.prepare_model(model, rotation_config())
+    model = tiny_llama(hidden=40)  # 40 = Paley I (q=19) x 2, but heads of 10
+    before = model.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(ValueError, match="rotation r2: no Hadamard matrix of order 10"):
+        ALGORITHM.prepare_model(model, rotation_config())
+    assert torch.equal(model.model.embed_tokens.weight, before)  # R1 was planned, not applied
+    ALGORITHM.prepare_model(model, rotation_config(r2=False))  # R1 alone is fine
+
+
+def test_r3_is_not_implemented():
+    with pytest.raises(NotImplementedError, match="r3"):
+        ALGORITHM.prepare_model(llama48(), rotation_config(r3=True))
+
+
+def test_bad_roles_are_named():
+    with pytest.raises(ValueError, match="model.final_ln"):
+        ALGORITHM.prepare_model(llama48(), rotation_config(final_norm="model.final_ln"))
+    with pytest.raises(ValueError, match="mlp.down"):
+        ALGORITHM.prepare_model(llama48(), rotation_config(down_proj="mlp.down"))
