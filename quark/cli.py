@@ -203,6 +203,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"quark demo: {args.scheme} on the bundled SmolLM2-135M-Instruct (shared WikiText-2 protocol)")
     if args.scheme.startswith("uint4") and args.scheme.endswith("_32"):
         print("note: the bundled weights were stored as GGUF Q4_1 (uint4, groups of 32): uint4 g32 is flattered")
+    if args.output is None:  # the demo always writes its export (a git-ignored folder)
+        args.output, args.overwrite = f"out/smollm2-{args.scheme}", True
     return cmd_quantize(args)
 
 
