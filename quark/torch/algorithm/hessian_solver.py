@@ -236,9 +236,6 @@ class ColumnQuantizer:
             qp.scale.reshape(self.rows), None if qp.zero_point is None else qp.zero_point.reshape(self.rows)
         )
 
-    def group_of(self, col: int) -> int:
-        return col // self.width
-
     def __call__(self, col: int, values: torch.Tensor, current: Current) -> torch.Tensor:
         g = col // self.width
         if self._column_qp[g] is None:
