@@ -37,6 +37,42 @@ UINT4_G32_NOTE = (
 )
 
 
+class RssSampler:
+    """Peak resident memory (``VmRSS`` of ``/proc/self/status``, sampled every 20 ms by a thread)
+    while the ``with`` body runs; unlike ``ru_maxrss`` it does not include the model load."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = self.start = self.current()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def current() -> int:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.current())
+
+    def __enter__(self) -> RssSampler:
+        self.start = self.peak = self.current()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+
 def run_cell(scheme: str, algorithm: str, template: str, threads: int | None, samples: int, seq_len: int,
              windows: int) -> dict:
     """One cell, in this process (called in a subprocess by :func:`main`)."""
@@ -58,12 +94,18 @@ def run_cell(scheme: str, algorithm: str, template: str, threads: int | None, sa
     model, tokenizer = load_model_and_tokenizer()
     load_s = time.perf_counter() - t0
     quant_s = quant_cpu = 0.0
+    rss = None
+    from quark.torch.utils.model_loading import model_size_bytes
+
+    float_bytes = model_size_bytes(model)
+    hidden = model.config.hidden_size
     if scheme != "fp32":
         algos = None if algorithm == "none" else algorithm.split("+")
         config = LLMTemplate.get(template).get_config(scheme, algorithm=algos)
         calib = calibration_dataloader(tokenizer, samples, seq_len)
         t0, c0 = time.perf_counter(), cpu()
-        ModelQuantizer(config).quantize_model(model, calib, progress=False)
+        with RssSampler() as rss:
+            ModelQuantizer(config).quantize_model(model, calib, progress=False)
         quant_s, quant_cpu = time.perf_counter() - t0, cpu() - c0
     t0 = time.perf_counter()
     ppl = evaluate_shared_protocol(model, tokenizer, num_windows=windows, seq_len=seq_len, progress=False)
@@ -77,6 +119,12 @@ def run_cell(scheme: str, algorithm: str, template: str, threads: int | None, sa
         "eval_s": round(eval_s, 1),
         "load_s": round(load_s, 1),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        # while quantizing: process RSS before, peak, and the goal's budget (1.3 x the float model
+        # + one block's calibration activations: samples x seq_len x hidden float32)
+        "quant_rss_before_gb": None if rss is None else round(rss.start / 2**30, 3),
+        "quant_peak_rss_gb": None if rss is None else round(rss.peak / 2**30, 3),
+        "float_model_gb": round(float_bytes / 2**30, 3),
+        "rss_budget_gb": round((1.3 * float_bytes + samples * seq_len * hidden * 4) / 2**30, 3),
         "threads": torch.get_num_threads(),
         "calibration": f"{samples}x{seq_len}",
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -101,9 +149,9 @@ def markdown(results: list[dict]) -> str:
     rtn = {r["scheme"]: r["ppl"] for r in results if r["algorithm"] == "none"}
     fp32 = next((r["ppl"] for r in results if r["scheme"] == "fp32"), None)
     lines = [
-        "| scheme | algorithm | ppl | gap closed vs RTN | quantize s | quantize CPU s | eval s | peak RSS GB | threads "
-        "| date |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| scheme | algorithm | ppl | gap closed vs RTN | quantize s | quantize CPU s | eval s | peak RSS GB "
+        "| quantize peak RSS GB (budget) | threads | date |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     order = sorted(results, key=lambda r: (r["scheme"] != "fp32", r["scheme"], r["algorithm"] != "none", r["algorithm"]))
     for r in order:
@@ -114,14 +162,22 @@ def markdown(results: list[dict]) -> str:
         lines.append(
             f"| {r['scheme']} | {r['algorithm']} | {r['ppl']:.2f} | {closed} | {r['quant_s']:.0f} | "
             f"{r.get('quant_cpu_s', float('nan')):.0f} | {r['eval_s']:.0f} | "
-            f"{r['peak_rss_gb']:.2f} | {r['threads']} | {r['date']} |"
+            f"{r['peak_rss_gb']:.2f} | {_rss(r)} | {r['threads']} | {r['date']} |"
         )
     notes = ["", "Shared protocol: calibration 32 x 512 tokens of wikitext-2 valid, ppl over 40 x 512 tokens of "
              "wiki.test.raw. Gap closed = (RTN - ppl) / (RTN - fp32). Times are wall seconds on a shared machine; "
-             "quantize CPU s (user + system time of the cell's process) is less sensitive to other load."]
+             "quantize CPU s (user + system time of the cell's process) is less sensitive to other load. Peak RSS GB is "
+             "the cell's whole-process maximum (it includes loading the GGUF file); quantize peak RSS is sampled while "
+             "quantizing, against the budget 1.3 x float model + one block's calibration activations."]
     if any(r["scheme"].startswith("uint4") and r["scheme"].endswith("_32") for r in results):
         notes.append(UINT4_G32_NOTE)
     return "\n".join(lines + notes) + "\n"
+
+
+def _rss(r: dict) -> str:
+    if r.get("quant_peak_rss_gb") is None:
+        return ""
+    return f"{r['quant_peak_rss_gb']:.2f} ({r['rss_budget_gb']:.2f})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,9 +151,17 @@ def _check_output(args: argparse.Namespace) -> None:
 
 
 def _export(model: Any, tokenizer: Any, args: argparse.Namespace) -> None:
+    fmt = getattr(args, "format", "safetensors")
+    if fmt == "gguf":
+        from quark.torch.export.gguf import export_gguf
+
+        path = export_gguf(model, args.output, overwrite=args.overwrite)
+        print(f"exported to {path}")
+        return
     from quark.torch.export.api import export_safetensors
 
-    export_safetensors(model, args.output, overwrite=args.overwrite, tokenizer=tokenizer)
+    custom_mode = "awq" if fmt == "awq" else "quark"
+    export_safetensors(model, args.output, custom_mode=custom_mode, overwrite=args.overwrite, tokenizer=tokenizer)
     print(f"exported to {args.output}")
 
 
@@ -227,6 +235,8 @@ def _add_quantize_args(p: argparse.ArgumentParser, default_scheme: str | None) -
     p.add_argument("--calib-data", default=None, help="calibration text file (.txt or .jsonl with a 'text' field)")
     p.add_argument("--num-calib-samples", type=int, default=32)
     p.add_argument("--output", default=None, help="export directory")
+    p.add_argument("--format", choices=("safetensors", "awq", "gguf"), default="safetensors",
+                   help="export format: quark safetensors (default), the AutoAWQ layout, or one GGUF file")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
 
 

@@ -17,8 +17,7 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = 12
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        tie_word_embeddings=False,
-        **overrides,
+        **{"tie_word_embeddings": False, **overrides},
     )
     model = LlamaForCausalLM(cfg).eval()
     return model

@@ -154,6 +154,8 @@ def load_model_and_tokenizer(
         )
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name, **common)
         drop_gguf_marker(model)
+        # where the tokenizer (and metadata) came from: export_gguf copies it from here by default
+        model._quark_source_gguf = str(path.resolve())
     elif path.is_dir():
         model = AutoModelForCausalLM.from_pretrained(str(path), **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(path), **common)
