@@ -126,6 +126,29 @@ class ModelQuantizer:
         set_mode(model, "quantize")
         return model
 
+    def direct_quantize_checkpoint(
+        self,
+        src_dir: Any,
+        dst_dir: Any,
+        *,
+        device: torch.device | str | None = None,
+        pack_method: str = "reorder",
+        max_shard_size: int | str | None = None,
+        overwrite: bool = False,
+        progress: bool = True,
+    ) -> Any:
+        """File-to-file quantization (``QuantFlow.file2file``): quantize the float Hugging Face checkpoint
+        in ``src_dir`` shard by shard into a quark safetensors export in ``dst_dir``, without building the
+        model (memory: about one input + one output shard). Weight-only and fully dynamic schemes only;
+        the result equals ``quantize_model`` + ``export_safetensors``. Resumable after a crash; returns
+        ``dst_dir`` as a Path. See :func:`quark.torch.export.file2file.direct_quantize_checkpoint`."""
+        from quark.torch.export.file2file import direct_quantize_checkpoint
+
+        return direct_quantize_checkpoint(
+            self.config, src_dir, dst_dir, device=device, pack_method=pack_method,
+            max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+        )
+
     @staticmethod
     def freeze(model: nn.Module) -> nn.Module:
         """Replace every fake-quantized weight by its stored (packed) codes; outputs are unchanged."""
