@@ -23,16 +23,11 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import transformers
 from torch import nn
-from transformers import AutoConfig
 
 from quark.torch.quantization.config.algo_configs import (
     GPTQConfig,
@@ -41,6 +36,21 @@ from quark.torch.quantization.config.algo_configs import (
     _ScalingConfig,
 )
 from quark.torch.quantization.config.templates import ALL_TEMPLATES, MODEL_TYPES
+
+# the tiny configs (and the listing of remote-code names) are shared with the coverage harness
+from quark.torch.utils.tiny_models import (
+    CASES,
+    NATIVE,
+    REMOTE_ONLY,
+    Layout,
+    build_config,
+    build_model,
+    case_name,
+    listed_layouts,
+    model_layout,
+    module_kind,
+    remote_listing,
+)
 
 TEMPLATES = {kw["model_type"]: kw for kw in ALL_TEMPLATES}
 
@@ -53,191 +63,7 @@ def _one_thread():
     yield
     torch.set_num_threads(threads)
 
-REMOTE = json.loads((Path(__file__).parent / "data" / "remote_code_module_names.json").read_text())
-
-# -- tiny configs ---------------------------------------------------------------------------------
-#: applied to the (text) config wherever the field exists and is set in the default config
-TINY = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    moe_intermediate_size=32,
-    shared_expert_intermediate_size=32,
-    shared_intermediate_size=32,
-    dense_intermediate_size=64,
-    intermediate_size_mlp=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    n_routed_experts=4,
-    num_experts=4,
-    num_local_experts=4,
-    num_experts_per_tok=2,
-    first_k_dense_replace=1,
-    n_group=1,
-    topk_group=1,
-    pad_token_id=0,
-    max_position_embeddings=256,
-    kv_lora_rank=32,
-    q_lora_rank=48,
-    qk_rope_head_dim=16,
-    qk_nope_head_dim=16,
-    v_head_dim=16,
-    index_n_heads=4,
-    index_head_dim=16,
-    index_topk=4,
-)
-
-
-@dataclass
-class Case:
-    """How to build one tiny variant: the model class, text-config fields, top-level fields, fixes."""
-
-    cls: str
-    text: dict[str, Any] = field(default_factory=dict)
-    top: dict[str, Any] = field(default_factory=dict)
-    #: attribute paths set after construction (work-arounds for default-config gaps)
-    patch: dict[str, Any] = field(default_factory=dict)
-    #: skip TINY (configs with their own field names)
-    raw: bool = False
-
-
-_MHA = {"num_key_value_heads": 4}
-#: MLA attention expands the latent to one K/V head per query head
-_MLA = {"num_key_value_heads": 4}
-_DENSE_FIRST = {"mlp_only_layers": [0]}
-
-#: model type -> variants (each must be covered by the template); classes are those a user loads
-CASES: dict[str, list[Case]] = {
-    "cohere": [Case("CohereForCausalLM")],
-    "dbrx": [
-        Case(
-            "DbrxForCausalLM",
-            text=dict(
-                d_model=64,
-                n_heads=4,
-                n_layers=2,
-                vocab_size=128,
-                max_seq_len=256,
-                attn_config=dict(kv_n_heads=2, clip_qkv=8.0),
-                ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2),
-            ),
-            # transformers 5.24's default DbrxAttentionConfig lacks the rope_theta the attention reads
-            patch={"attn_config.rope_theta": 10000.0},
-            raw=True,
-        )
-    ],
-    "deepseek_v2": [
-        Case("DeepseekV2ForCausalLM", text=dict(num_experts_per_tok=2, **_MLA)),
-        Case("DeepseekV2ForCausalLM", text=dict(num_experts_per_tok=2, q_lora_rank=None, **_MLA)),
-    ],
-    "deepseek_v3": [Case("DeepseekV3ForCausalLM", text=_MLA)],
-    "deepseek_v32": [Case("DeepseekV32ForCausalLM", text=_MLA)],
-    "deepseek_v4": [
-        Case(
-            "DeepseekV4ForCausalLM",
-            text=dict(
-                num_hidden_layers=3,
-                num_key_value_heads=1,
-                head_dim=32,
-                layer_types=[
-                    "sliding_attention",
-                    "heavily_compressed_attention",
-                    "compressed_sparse_attention",
-                ],
-                mlp_layer_types=["hash_moe", "moe", "moe"],
-                compress_rates={"heavily_compressed_attention": 4, "compressed_sparse_attention": 2},
-                sliding_window=8,
-                o_groups=2,
-                o_lora_rank=16,
-            ),
-        )
-    ],
-    "gemma2": [Case("Gemma2ForCausalLM")],
-    "gemma3": [Case("Gemma3ForConditionalGeneration")],
-    "gemma3_text": [Case("Gemma3ForCausalLM")],
-    "glm4_moe": [Case("Glm4MoeForCausalLM")],
-    "glm4_moe_lite": [Case("Glm4MoeLiteForCausalLM", text=_MLA)],
-    "glm_moe_dsa": [Case("GlmMoeDsaForCausalLM", text=dict(indexer_types=["full", "shared"], **_MLA))],
-    "gptj": [Case("GPTJForCausalLM", text=dict(rotary_dim=8))],
-    "gpt_oss": [Case("GptOssForCausalLM")],
-    "granitemoehybrid": [
-        Case(
-            "GraniteMoeHybridForCausalLM",
-            text=dict(
-                layer_types=["mamba", "attention"],
-                intermediate_size=32,
-                shared_intermediate_size=64,
-                mamba_n_heads=4,
-                mamba_d_head=32,
-                mamba_d_state=16,
-                mamba_chunk_size=8,
-            ),
-        )
-    ],
-    "kimi_k25": [Case("Kimi_K25ForConditionalGeneration", text=_MLA)],
-    "llama": [Case("LlamaForCausalLM")],
-    "llama4": [
-        Case("Llama4ForConditionalGeneration", text=dict(interleave_moe_layer_step=2, intermediate_size=32))
-    ],
-    "minimax_m2": [Case("MiniMaxM2ForCausalLM")],
-    "minimax_m3_vl": [
-        Case(
-            "MiniMaxM3SparseForConditionalGeneration",
-            text=dict(
-                layer_types=["full_attention", "minimax_m3_sparse"],
-                mlp_layer_types=["dense", "sparse"],
-                index_block_size=4,
-                index_topk_blocks=2,
-                index_local_blocks=1,
-                rotary_dim=8,
-            ),
-        )
-    ],
-    "mistral": [Case("MistralForCausalLM")],
-    "mixtral": [Case("MixtralForCausalLM")],
-    "mllama": [
-        Case("MllamaForConditionalGeneration", text=dict(num_hidden_layers=3, cross_attention_layers=[1]))
-    ],
-    "olmo": [Case("OlmoForCausalLM")],
-    "opt": [Case("OPTForCausalLM", text=dict(ffn_dim=128, word_embed_proj_dim=64))],
-    "phi": [Case("PhiForCausalLM", text=_MHA)],
-    "phi3": [Case("Phi3ForCausalLM")],
-    "qwen2": [Case("Qwen2ForCausalLM")],
-    "qwen2_moe": [Case("Qwen2MoeForCausalLM", text=_DENSE_FIRST)],
-    "qwen3": [Case("Qwen3ForCausalLM")],
-    "qwen3_moe": [Case("Qwen3MoeForCausalLM", text=_DENSE_FIRST)],
-    "qwen3_next": [
-        Case(
-            "Qwen3NextForCausalLM",
-            text=dict(
-                layer_types=["linear_attention", "full_attention"],
-                linear_num_key_heads=2,
-                linear_num_value_heads=4,
-                linear_key_head_dim=16,
-                linear_value_head_dim=16,
-                **_DENSE_FIRST,
-            ),
-        )
-    ],
-    "qwen3_vl_moe": [Case("Qwen3VLMoeForConditionalGeneration", text=_DENSE_FIRST)],
-    "qwen3_5_moe": [
-        Case(
-            "Qwen3_5MoeForConditionalGeneration",
-            text=dict(
-                layer_types=["linear_attention", "full_attention"],
-                linear_num_key_heads=2,
-                linear_num_value_heads=4,
-                linear_key_head_dim=16,
-                linear_value_head_dim=16,
-            ),
-        )
-    ],
-}
-
-NATIVE = sorted(CASES)
-REMOTE_ONLY = sorted(t for t in MODEL_TYPES if t not in CASES)
+REMOTE = remote_listing()  # tests/data/remote_code_module_names.json
 
 
 def test_native_and_remote_cover_every_model_type():
@@ -251,59 +77,10 @@ def test_native_and_remote_cover_every_model_type():
     )
 
 
-def _set_path(obj: Any, path: str, value: Any) -> None:
-    *parents, leaf = path.split(".")
-    for p in parents:
-        obj = getattr(obj, p)
-    setattr(obj, leaf, value)
-
-
-def _tiny_kwargs(default_cfg: Any, case: Case) -> dict[str, Any]:
-    if case.raw:
-        return dict(case.text)
-    kwargs = {k: v for k, v in TINY.items() if getattr(default_cfg, k, None) is not None}
-    kwargs.update(case.text)
-    return kwargs
-
-
-def build_config(model_type: str, case: Case) -> Any:
-    default = AutoConfig.for_model(model_type)
-    text = default.get_text_config(decoder=True)
-    if text is default:
-        cfg = AutoConfig.for_model(model_type, **_tiny_kwargs(default, case), **case.top)
-    else:
-        key = next(k for k, v in vars(default).items() if v is text)
-        cfg = AutoConfig.for_model(model_type, **{key: _tiny_kwargs(text, case)}, **case.top)
-    for path, value in case.patch.items():
-        _set_path(cfg, path, value)
-    return cfg
-
-
 # -- layouts: module names of one model, per decoder block --------------------------------------
-@dataclass
-class Layout:
-    name: str
-    decoder_layers: str
-    #: full module name -> kind ("Linear" for nn.Linear, else the class name or the listing's kind)
-    modules: dict[str, str]
-    #: full names of fused-expert parameters (transformers-5 3-D expert weights)
-    fused: set[str]
-    #: per decoder block: block-relative module name ("" = the block) -> kind
-    blocks: list[dict[str, str]]
-    lm_heads: set[str]
-    #: the real model (meta device) for shape checks; None for listings
-    model: nn.Module | None = None
-
-
-def _kind(module: nn.Module) -> str:
-    return "Linear" if isinstance(module, nn.Linear) else type(module).__name__
-
-
 @functools.cache
 def meta_model(model_type: str, index: int) -> nn.Module:
-    case = CASES[model_type][index]
-    with torch.device("meta"):
-        return getattr(transformers, case.cls)(build_config(model_type, case))
+    return build_model(model_type, index, device="meta")
 
 
 def _native_layout(model_type: str, index: int) -> Layout:
@@ -312,44 +89,11 @@ def _native_layout(model_type: str, index: int) -> Layout:
     path = TEMPLATES[model_type]["algorithm_configs"]["gptq"].model_decoder_layers
     layers = model.get_submodule(path)
     assert isinstance(layers, nn.ModuleList), f"{path} is not the decoder ModuleList of {case.cls}"
-    fused = {
-        f"{n}.{p}"
-        for n, m in model.named_modules()
-        if n.endswith("experts") or ".experts." in n
-        for p, _ in m.named_parameters(recurse=False)
-    }
-    head = model.get_output_embeddings()
-    heads = {n for n, m in model.named_modules() if m is head}
-    return Layout(
-        name=f"{case.cls}{'' if not case.text else ' ' + str(sorted(case.text))}",
-        decoder_layers=path,
-        modules={n: _kind(m) for n, m in model.named_modules() if n},
-        fused=fused,
-        blocks=[{n: _kind(m) for n, m in block.named_modules()} for block in layers],
-        lm_heads=heads,
-        model=model,
-    )
+    return model_layout(model, path, case_name(case))
 
 
 def _listed_layouts(model_type: str) -> list[Layout]:
-    out = []
-    for name, data in REMOTE.get(model_type, {}).get("layouts", {}).items():
-        path = data["decoder_layers"]
-        modules = dict(data["model"])
-        for i, block in enumerate(data["blocks"]):
-            modules[f"{path}.{i}"] = "Module"
-            modules.update({f"{path}.{i}.{rel}": kind for rel, kind in block.items()})
-        out.append(
-            Layout(
-                name=name,
-                decoder_layers=path,
-                modules=modules,
-                fused=set(),
-                blocks=[{"": "Module", **block} for block in data["blocks"]],
-                lm_heads={n for n in modules if n.split(".")[-1] in ("lm_head", "output_layer")},
-            )
-        )
-    return out
+    return listed_layouts(REMOTE.get(model_type, {}))
 
 
 @functools.cache
@@ -641,7 +385,7 @@ def test_scaling_pairs_are_exact(model_type):
         g = torch.Generator().manual_seed(1)
         applied = 0
         for block in model.get_submodule(layers_attr):
-            rel = {n: _kind(m) for n, m in block.named_modules()}
+            rel = {n: module_kind(m) for n, m in block.named_modules()}
             for p in pairs:
                 if not _applies(rel, p):
                     continue

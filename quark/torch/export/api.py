@@ -324,6 +324,9 @@ def _write_config_files(model: nn.Module, folder: Path, quantization_config: dic
     if config is not None and hasattr(config, "to_dict"):
         data = config.to_dict()
         data.pop("quantization_config", None)
+        # the class exported (as save_pretrained records it): the import builds this class, not the one
+        # AutoModelForCausalLM picks (a text-only class, or none, for multimodal configs)
+        data["architectures"] = [type(model).__name__]
         data["quantization_config"] = quantization_config
         (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     else:
@@ -502,12 +505,20 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
 
 
 def _build_model(model_dir: Path) -> nn.Module:
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    return AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    dtype = getattr(config, "dtype", None) or torch.float32
+    # the exported class (config.json "architectures"): for multimodal models AutoModelForCausalLM
+    # builds a text-only class with other module names (mllama, qwen3_5_moe) or refuses the config
+    architecture = next(iter(getattr(config, "architectures", None) or []), None)
+    cls = getattr(transformers, architecture, None) if isinstance(architecture, str) else None
+    if cls is not None and isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        return cls._from_config(config, dtype=dtype)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def _tied_keys(model: nn.Module) -> dict[str, str]:
