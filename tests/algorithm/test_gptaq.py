@@ -85,7 +85,7 @@ def test_alpha_zero_is_gptq(batches):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("scheme,ratio", [("int4_wo_32", 0.278), ("mxfp4", 0.496)])
+@pytest.mark.parametrize("scheme,ratio", [("int4_wo_32", 0.224), ("mxfp4", 0.482)])
 def test_gptaq_lowers_the_model_error_versus_rounding_and_gptq(batches, scheme, ratio):
     reference = tiny_llama()
     rtn = output_error(quantize(tiny_llama(), scheme, batches), reference, batches, block=None)

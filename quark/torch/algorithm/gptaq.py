@@ -73,6 +73,8 @@ class GPTAQ(GPTQ):
             desc_act=config.desc_act,
             static_groups=config.static_groups,
             row_splits=splits,
+            clip_steps=config.clip_search_steps,
+            clip_min=config.clip_search_min,
             residual=gptaq_residual(stats["D"].value, config.alpha) if config.alpha else None,
         )
 

@@ -274,6 +274,8 @@ class GPTQ(BlockAlgorithm):
             desc_act=config.desc_act,
             static_groups=config.static_groups,
             row_splits=splits,
+            clip_steps=config.clip_search_steps,
+            clip_min=config.clip_search_min,
         )
 
     # -- the block -------------------------------------------------------------------------------

@@ -145,6 +145,39 @@ def _cat_qparams(parts: list[QParams], dim: int) -> QParams:
     )
 
 
+def search_clipped_qparams(w: torch.Tensor, spec, importance: torch.Tensor, steps: int,
+                           lowest: float) -> QParams:
+    """Min-max qparams of ``s * w`` for ``s`` in ``1, ..., lowest`` (``steps + 1`` values), chosen per
+    qparam element (per row and group) to minimise ``sum_j importance_j (Q(w) - w)^2`` over the
+    elements it covers: clipping the range trades the outliers' error for a finer grid on the rest.
+    ``importance`` (``[n]``, e.g. ``diag H``) weights each input column by how much its error costs.
+    One-stage specs only; the result is a valid set of natural qparams for ``spec``."""
+    rows, n = w.shape
+    best = compute_qparams(w, spec)
+    k = best.scale.numel()
+    if steps <= 0 or (k != 1 and k % rows):
+        return best
+
+    def loss(qp: QParams) -> torch.Tensor:
+        err = (fake_quantize(w, spec, qp) - w).square_().mul_(importance[None, :])
+        return err.sum().reshape(1) if k == 1 else err.reshape(rows, k // rows, -1).sum(-1).reshape(-1)
+
+    best = QParams(best.scale.clone(), None if best.zero_point is None else best.zero_point.clone())
+    best_loss = loss(best)
+    flat_scale = best.scale.view(-1)
+    flat_zp = None if best.zero_point is None else best.zero_point.view(-1)
+    for i in range(1, steps + 1):
+        qp = compute_qparams(w * (1.0 - i * (1.0 - lowest) / steps), spec)
+        cur = loss(qp)
+        better = cur < best_loss
+        if bool(better.any()):
+            best_loss = torch.where(better, cur, best_loss)
+            flat_scale[better] = qp.scale.reshape(-1)[better]
+            if flat_zp is not None:
+                flat_zp[better] = qp.zero_point.reshape(-1)[better]
+    return best
+
+
 class ColumnQuantizer:
     """The quantization grid of a weight (or of several weights stacked along rows that share one
     Hessian, e.g. q/k/v), applied one column at a time.
@@ -154,6 +187,8 @@ class ColumnQuantizer:
         weight: the original weight ``[rows, n]``, natural column order (stacked layers: concatenated).
         row_splits: rows of each stacked layer (tensor-wide qparams are per layer); None: one layer.
         static_groups: compute every group's qparams up front from ``weight``.
+        importance: ``[n]`` column weights (``diag H``) for the clipping search; with ``clip_steps``
+            > 0 every one-stage qparam is chosen by :func:`search_clipped_qparams` instead of min-max.
 
     ``__call__(col, values, current)`` fake-quantizes ``values`` (column ``col``, natural index);
     ``current(cols)`` gives the current values of natural columns not yet quantized (used when a
@@ -161,9 +196,12 @@ class ColumnQuantizer:
     """
 
     def __init__(self, spec, weight: torch.Tensor, row_splits: list[int] | None = None,
-                 static_groups: bool = False) -> None:
+                 static_groups: bool = False, importance: torch.Tensor | None = None, clip_steps: int = 0,
+                 clip_min: float = 0.6) -> None:
         rows, n = weight.shape
         self.spec = spec
+        one_stage = not isinstance(spec, (list, tuple))
+        self.clip = (importance.float(), clip_steps, clip_min) if importance is not None and clip_steps > 0 and one_stage else None
         self.splits = list(row_splits) if row_splits else [rows]
         if sum(self.splits) != rows:
             raise ValueError(f"row_splits {self.splits} do not add up to {rows} rows")
@@ -200,11 +238,18 @@ class ColumnQuantizer:
         self._group_qp: list[QParams | None] = [None] * n_groups  # dynamic: natural qparams of the group
         self._layer_qp: list | None = None  # up front: each layer's natural qparams
         if not self.dynamic:
-            self._layer_qp = [compute_qparams(w, spec) for w in weight.float().split(self.splits, 0)]
+            self._layer_qp = [self._qparams(w, slice(None)) for w in weight.float().split(self.splits, 0)]
             for g in range(n_groups):
                 self._column_qp[g] = self._upfront_column(g)
 
     # -- qparams ---------------------------------------------------------------------------------
+    def _qparams(self, w: torch.Tensor, cols: slice) -> QParams:
+        """Natural qparams of ``w`` (natural columns ``cols``): min-max, or the clipping search."""
+        if self.clip is None:
+            return compute_qparams(w, self.spec)
+        importance, steps, lowest = self.clip
+        return search_clipped_qparams(w, self.spec, importance[cols].to(w.device), steps, lowest)
+
     def _upfront_column(self, g: int):
         if self.tile:  # natural qparams [rows, n / micro]: slice the group's part, stack rows
             parts = []
@@ -230,7 +275,7 @@ class ColumnQuantizer:
 
     def _compute_group(self, g: int, current: Current) -> None:
         tile = current(torch.arange(g * self.width, (g + 1) * self.width))
-        qp = compute_qparams(tile, self.spec)  # natural: [rows, 1] (or [rows, block / micro])
+        qp = self._qparams(tile, slice(g * self.width, (g + 1) * self.width))  # [rows, 1] (or [rows, block / micro])
         self._group_qp[g] = qp
         self._column_qp[g] = qp if self.tile else QParams(
             qp.scale.reshape(self.rows), None if qp.zero_point is None else qp.zero_point.reshape(self.rows)
@@ -358,18 +403,22 @@ def quantize_weight(
     static_groups: bool = False,
     row_splits: list[int] | None = None,
     residual: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
+    clip_steps: int = 0,
+    clip_min: float = 0.6,
 ) -> Solution:
     """GPTQ-quantize ``W`` ``[rows, n]`` for the Hessian ``H`` ``[n, n]`` (Frantar et al. 2022).
 
     ``desc_act`` processes columns by decreasing ``diag(H)`` (act-order). ``residual(U, perm)``
     returns the extra term ``P`` of :func:`solve` in processing order (GPTAQ); ``perm`` is None
-    without act-order. Returns the fake-quantized weight (natural order) and the qparams with which
-    ``fake_quantize`` of it reproduces it, per stacked layer.
+    without act-order. ``clip_steps`` > 0 chooses every group's qparams by a clipping search weighted
+    by ``diag H`` (:func:`search_clipped_qparams`) instead of min-max. Returns the fake-quantized weight
+    (natural order) and the qparams with which ``fake_quantize`` of it reproduces it, per stacked layer.
     """
     W = W.detach().float().clone()
     H, dead = damp(H.float(), damp_percent)
     W[:, dead] = 0
-    quantizer = ColumnQuantizer(spec, W, row_splits, static_groups)
+    quantizer = ColumnQuantizer(spec, W, row_splits, static_groups, importance=torch.diagonal(H),
+                                clip_steps=clip_steps, clip_min=clip_min)
     perm = torch.argsort(torch.diagonal(H), descending=True) if desc_act else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]

@@ -110,6 +110,11 @@ class GPTQConfig(AlgoConfig):
     block_size: int = 128
     desc_act: bool = True
     static_groups: bool = True
+    #: choose each group's scale (and zero point) among min-max of ``s * w`` for ``clip_search_steps + 1``
+    #: shrink factors ``s`` from 1 down to ``clip_search_min``, minimising the diag(H)-weighted squared
+    #: error, instead of plain min-max (0 disables: min-max qparams, the GPTQ paper's setting)
+    clip_search_steps: int = 20
+    clip_search_min: float = 0.6
     #: ordered groups of layers inside a block; each group is quantized on inputs produced by the
     #: already-quantized previous groups ("true sequential")
     inside_layer_modules: list[list[str]] = field(default_factory=list)
