@@ -30,3 +30,24 @@ def test_block_loop_reproduces_the_model_hidden_states():
             assert ref.shape == h.shape
     # the blocks' forward is restored after capture
     assert "forward" not in layers[0].__dict__
+
+
+def test_freed_memory_is_returned_after_every_block(monkeypatch):
+    import quark.torch.quantization.driver as driver
+
+    calls = []
+    monkeypatch.setattr(driver, "release_free_memory", lambda: calls.append(len(calls)) or True)
+    model = tiny_llama(layers=3)
+    _, layers = find_decoder_layers(model)
+    inputs = capture_block_inputs(model, layers, token_batches(2), progress=False)
+    order = []
+    for_each_block(layers, inputs, lambda i, block, inp: order.append(("block", i, len(calls))), progress=False)
+    assert order == [("block", 0, 0), ("block", 1, 1), ("block", 2, 2)] and len(calls) == 3
+
+
+def test_release_free_memory_works_on_this_platform():
+    import sys
+
+    from quark.torch.utils.memory import release_free_memory
+
+    assert release_free_memory() is sys.platform.startswith("linux")

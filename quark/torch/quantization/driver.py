@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from quark.torch.utils.memory import release_free_memory
+
 
 class _StopForward(Exception):
     pass
@@ -215,4 +217,5 @@ def for_each_block(
         inputs.hidden = run_block(block, inputs, i)
         if device is not None and home is not None:
             block.to(home)
+        release_free_memory()  # the block's freed activations: keep RSS flat across blocks
     return inputs.hidden
