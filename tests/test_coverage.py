@@ -2,9 +2,9 @@
 
 A CI subset of ``docs/architectures.md``: dense (llama, qwen2), MoE (qwen3_moe, mixtral), multimodal
 with a (1 + w) norm (gemma3) and MLA + MoE (deepseek_v3) tiny models are quantized with every
-column's config, exported and reimported. Every column claimed to pass must pass; the MoE columns
-pin the one known gap (fused 3-D expert weights are not quantized) so that closing it shows up
-here. The whole table (every registered model type) is the ``slow`` test.
+column's config, exported and reimported. Every column claimed to pass must pass; in the MoE types
+the fused 3-D expert weights must be quantized (per expert) in every column. The whole table (every
+registered model type) is the ``slow`` test.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from quark.torch.utils import coverage
 from quark.torch.utils.coverage import COLUMNS, QUANT_COLUMNS, QUICK_TYPES
 
 ROOT = Path(__file__).resolve().parents[1]
-FUSED = "fused experts not quantized: "
-#: model types whose tiny model keeps fused 3-D expert weights (transformers-5 MoE blocks): every
-#: quantization column fails with FUSED (the known gap) unless a KNOWN_FAILURES entry names the cell
+#: model types whose tiny model holds fused 3-D expert weights (transformers-5 MoE blocks): every
+#: quantization column that runs must quantize them (``fused_expert_projections`` > 0)
 FUSED_MOE = {
     "dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "glm4_moe", "glm4_moe_lite",
     "glm_moe_dsa", "gpt_oss", "granitemoehybrid", "kimi_k25", "llama4", "minimax_m2", "minimax_m3_vl",
@@ -74,14 +73,12 @@ def test_quick_subset(model_type):
     r = row(model_type)
     assert list(r["cells"]) == list(COLUMNS)
     cells = {c: coverage.cell(r, c) for c in COLUMNS}
-    gap = set(QUANT_COLUMNS) if model_type in FUSED_MOE else set()
     for column, c in cells.items():
-        if column in gap:
-            # the known gap and nothing else: quantize, patterns, logits all fine
-            assert c.status == "fail" and c.reason.startswith(FUSED) and ";" not in c.reason, (column, c.reason)
-            assert c.details["quantized_linears"] > 0 and c.details["fused_expert_params"] > 0
-        else:
-            assert c.status == "pass", f"{model_type} {column}: {c.text()}"
+        assert c.status == "pass", f"{model_type} {column}: {c.text()}"
+        if column in QUANT_COLUMNS:
+            assert c.details["quantized_linears"] > 0
+            # the routed experts (most of a MoE model's weights) are quantized, per expert
+            assert (c.details["fused_expert_projections"] > 0) == (model_type in FUSED_MOE), (column, c.details)
     assert cells["fp8+kv"].details["kv_quantized"] > 0
     for column in QUANT_COLUMNS:  # every column was exported and reimported with equal logits
         assert cells["export"].details[column]["status"] == "pass"
@@ -215,10 +212,11 @@ def test_full_table():
                 expected = ("n/a", "remote code")
             elif (model_type, column) in KNOWN_FAILURES:
                 expected = ("fail", KNOWN_FAILURES[model_type, column])
-            elif column in QUANT_COLUMNS and model_type in FUSED_MOE:
-                expected = ("fail", FUSED)
             else:
                 expected = ("pass", "")
             if c.status != expected[0] or not c.reason.startswith(expected[1]):
                 unexpected.append(f"{model_type} {column}: {c.text()} (expected {expected[0]}: {expected[1]})")
+            if column in QUANT_COLUMNS and c.status == "pass" and model_type in FUSED_MOE:
+                if not c.details.get("fused_expert_projections"):
+                    unexpected.append(f"{model_type} {column}: the fused experts were not quantized")
     assert not unexpected, "\n".join(unexpected)

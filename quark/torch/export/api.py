@@ -19,6 +19,11 @@ inverse): ``<layer>.weight_quantizer.scale`` <-> ``<layer>.weight_scale`` (same 
 the ``input`` / ``output`` / ``bias`` quantizers), ``<attn>.prob_output_quantizer.scale`` <->
 ``<attn>.prob_output_scale`` (fp8 attention); second-stage tensors keep their name
 (``weight_scale_2``, ``input_scale_2``).  Tensor layouts: :mod:`.layouts` and :mod:`.awq`.
+
+Quantized fused MoE experts (:mod:`quark.torch.quantization.fused_experts`) are written per expert
+(``<experts>.<e>.<proj>.weight`` / ``weight_scale`` / ``input_scale``, the names of :mod:`.experts`) and
+stacked back into the fused module on import; ``transformers.from_pretrained`` cannot load those (its MoE
+weight converters merge only ``.weight`` tensors), :func:`import_model_from_safetensors` can.
 """
 
 from __future__ import annotations
@@ -35,11 +40,24 @@ import torch
 import torch.nn as nn
 
 from quark.torch.quantization.config.config import QConfig, QLayerConfig
+from quark.torch.quantization.fused_experts import (
+    QuantFusedExperts,
+    find_fused_experts,
+    fused_experts_modules,
+    projection_configs,
+)
 from quark.torch.quantization.modules import ROLES, QuantLinear, quantized_linears
 from quark.torch.quantization.tensor_quantize import QParams, fake_quantize
 
 from .awq import AWQ_NAMES, awq_config, awq_unsupported_reason, from_awq, to_awq
 from .config.config import PACK_METHODS, WEIGHT_FORMATS, JsonExporterConfig
+from .experts import (
+    expert_parts,
+    fused_checkpoint_tensors,
+    fused_state_from_checkpoint,
+    owned_keys,
+    placeholder_projection,
+)
 from .layouts import NoServingLayoutError, WeightLayout, activation_placeholders
 from .main_export.quant_config_parser import QuantConfigParser
 from .safetensors_io import (
@@ -209,11 +227,21 @@ def _owner(key: str, layers: dict[str, QuantLinear]) -> str | None:
 
 
 def _iter_model_tensors(model: nn.Module, weight_format: str, pack_method: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Checkpoint ``(name, tensor)`` pairs in state-dict order; tied (shared) tensors once."""
+    """Checkpoint ``(name, tensor)`` pairs in state-dict order; tied (shared) tensors once. Quantized
+    fused experts are written per expert (:mod:`.experts`), except in ``params`` (the module state)."""
     layers = dict(quantized_linears(model))
+    experts = dict(fused_experts_modules(model)) if weight_format != "params" else {}
+    owned = owned_keys(model) if experts else {}
+    parts = expert_parts(model) if experts else {}
     done: set[str] = set()
     seen: set[tuple] = set()
     for key, tensor in model.state_dict(keep_vars=True).items():
+        if key in owned:
+            name = owned[key]
+            if name not in done:
+                done.add(name)
+                yield from fused_checkpoint_tensors(name, experts[name], parts, weight_format, pack_method)
+            continue
         owner = _owner(key, layers)
         if owner is not None:
             if owner in done:
@@ -234,12 +262,10 @@ def _iter_model_tensors(model: nn.Module, weight_format: str, pack_method: str) 
 # checks before anything is written
 # ---------------------------------------------------------------------------------------------
 def _check_real_quantized(model: nn.Module) -> None:
-    bad = [
-        (name, q.weight_quantizer.spec)
-        for name, q in quantized_linears(model)
-        if q.weight_quantizer is not None
-        and not WeightLayout(q.weight_quantizer.spec).serving
-    ]
+    quantizers = [(name, q.weight_quantizer) for name, q in quantized_linears(model)]
+    quantizers += [(f"{name}.{proj.path}", fp.weight_quantizer)
+                   for name, m in fused_experts_modules(model) for proj, fp in m.quantized_projections()]
+    bad = [(name, wq.spec) for name, wq in quantizers if wq is not None and not WeightLayout(wq.spec).serving]
     if bad:
         stages = bad[0][1] if isinstance(bad[0][1], list) else [bad[0][1]]
         formats = "+".join(s.dtype.value for s in stages)
@@ -255,6 +281,12 @@ def _check_awq(model: nn.Module) -> tuple[Any, list[str]]:
     layers = quantized_linears(model)
     if not layers:
         raise ValueError("custom_mode='awq': the model has no quantized layers")
+    experts = fused_experts_modules(model)
+    if experts:
+        raise ValueError(
+            f"custom_mode='awq' cannot export the quantized fused MoE experts ({experts[0][0]} ...): the AutoAWQ "
+            "layout is written for nn.Linear layers only; use custom_mode='quark'"
+        )
     spec = None
     for name, q in layers:
         wq = q.weight_quantizer
@@ -484,8 +516,24 @@ def _map_to_quark(
             min_kv_scale=quant_config.min_kv_scale if is_kv else 0.0, layout=weight_format, pack_method=pack_method,
         )
         _set_module(model, name, q)
+    _placeholder_experts(model, quant_config, {name: weight_format for name, _, _ in find_fused_experts(model)},
+                         pack_method)
     model._quark_qconfig = quant_config
     return model
+
+
+def _placeholder_experts(model: nn.Module, quant_config: QConfig, layouts: dict[str, str], pack_method: str) -> None:
+    """Quantized fused-experts modules holding uninitialised tensors (``layouts``: module name ->
+    ``real_quantized`` / ``fake_quantized``), as ``ModelQuantizer`` would build them for ``quant_config``."""
+    for name, module, layout in find_fused_experts(model):
+        if name not in layouts or isinstance(module, QuantFusedExperts):
+            continue
+        configs = projection_configs(quant_config, name, module, layout)
+        if not configs:
+            continue
+        QuantFusedExperts.wrap(module, layout, configs)
+        for proj, _ in module.quantized_projections():
+            placeholder_projection(module, proj, layouts[name], pack_method)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -609,6 +657,7 @@ def import_model_from_safetensors(
         qconfig = QConfig.from_dict(qc)
         export = JsonExporterConfig(**(qc.get("export") or {}))
         _map_to_quark(model, qconfig, pack_method=export.pack_method, weight_format=export.weight_format)
+        tensors = fused_state_from_checkpoint(model, tensors, export.weight_format, export.pack_method, model_dir)
         _load_state(model, {_to_module_key(k): v for k, v in tensors.items()}, model_dir)
     else:
         raise CheckpointError(f"{model_dir}: quant_method={qc.get('quant_method')!r}; supported: 'quark', 'awq'")
@@ -648,6 +697,12 @@ def save_params(model: nn.Module, export_dir: str | os.PathLike, model_type: str
         "version": _version(),
         "quantization_config": _model_qconfig(model).to_dict(),
         "layers": layers,
+        "fused_experts": {
+            name: {"frozen": m.frozen,
+                   "pack_method": next((fp.weight_layout.pack_method for _, fp in m.quantized_projections()
+                                        if fp.frozen), "reorder")}
+            for name, m in fused_experts_modules(model)
+        },
     }
     tensors = {}
     for name, t in _iter_model_tensors(model, "params", "reorder"):
@@ -698,6 +753,12 @@ def load_params(model: nn.Module, json_path: str | os.PathLike, safetensors_path
             layout="real_quantized" if info["frozen"] else "fake_quantized", pack_method=info["pack_method"],
         )
         _set_module(model, name, q)
+    for name, info in (meta.get("fused_experts") or {}).items():
+        _placeholder_experts(model, qconfig, {name: "real_quantized" if info["frozen"] else "fake_quantized"},
+                             info["pack_method"])
+    missing = [n for n in meta.get("fused_experts") or {} if not isinstance(model.get_submodule(n), QuantFusedExperts)]
+    if missing:
+        raise CheckpointError(f"{json_path}: fused experts {missing[:3]} are quantized but the model has no such module")
     model._quark_qconfig = qconfig
     _load_state(model, {_to_module_key(k): v for k, v in tensors.items()}, st_path)
     return model

@@ -135,6 +135,18 @@ def _static_activation(config: QConfig, layers: dict[str, QuantLinear]) -> str |
     return None
 
 
+def _refuse_fused_experts(config: QConfig, meta_model: nn.Module) -> None:
+    """Fused MoE experts (3-D expert parameters) are quantized by ``quantize_model`` only."""
+    from quark.torch.quantization.fused_experts import find_fused_experts, projection_configs
+
+    for name, module, layout in find_fused_experts(meta_model):
+        if projection_configs(config, name, module, layout):
+            raise NotImplementedError(
+                f"direct_quantize_checkpoint does not quantize fused MoE experts ({name} ...): use "
+                "ModelQuantizer.quantize_model + export_safetensors, or exclude them (e.g. exclude_layers=['*mlp.experts.*'])"
+            )
+
+
 def _calibration_message(reason: str) -> str:
     return (
         f"direct_quantize_checkpoint quantizes from the weights alone, but {reason}: that needs calibration "
@@ -439,6 +451,7 @@ def direct_quantize_checkpoint(
     with torch.device("meta"):
         meta_model = _build_model(src)
     ModelQuantizer(config)._swap_linears(meta_model)  # the in-memory quantizer's layer resolution
+    _refuse_fused_experts(config, meta_model)
     layers = dict(quantized_linears(meta_model))
     reason = _static_activation(config, layers)
     if reason is not None:

@@ -5,6 +5,10 @@ already-quantized blocks before it (see :mod:`.driver`). With ``device`` differe
 model lives, only the block being processed is moved to ``device`` (``QuantFlow.per_block``); the
 result is the same as with the whole model on ``device``, only the memory differs. Models without a
 stack of decoder blocks (any ``nn.Module``) are calibrated with whole-model forward passes.
+
+Besides ``nn.Linear`` layers (swapped for ``QuantLinear``), the fused 3-D expert weights of
+transformers-5 MoE blocks are quantized in place, per expert (:mod:`.fused_experts`); the algorithms
+(AWQ, GPTQ, SmoothQuant ...) act on the linears only and leave those min-max quantized.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -30,6 +35,13 @@ from .driver import (
     for_each_block,
     module_device,
     run_block,
+)
+from .fused_experts import (
+    QuantFusedExperts,
+    find_fused_experts,
+    fused_experts_modules,
+    projection_configs,
+    projection_shape,
 )
 from .modules import QuantLinear, quantized_linears
 from .tensor_quantizer import TensorQuantizer, set_mode
@@ -61,6 +73,15 @@ def _drop_weight_caches(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, QuantLinear):
             m._wq_cache = None
+        elif isinstance(m, QuantFusedExperts):
+            m.drop_weight_caches()
+
+
+def _update_weight_qparams(module: nn.Module) -> None:
+    """Static weight qparams of every quantized layer under ``module`` (linears and fused experts)."""
+    for m in module.modules():
+        if isinstance(m, (QuantLinear, QuantFusedExperts)):
+            m.update_weight_qparams()
 
 
 class ModelQuantizer:
@@ -102,6 +123,7 @@ class ModelQuantizer:
         drop_gguf_marker(model)
         model.eval()
         self._swap_linears(model)
+        self._wrap_fused_experts(model)
         model._quark_qconfig = cfg  # export writes it into config.json
         attention_modules = self._setup_attention(model)
         if self.config.softmax_quant_spec is not None:
@@ -115,8 +137,7 @@ class ModelQuantizer:
         with torch.no_grad():
             if batches is None or not (cfg.needs_calibration() or cfg.algo_config):
                 # weight-only / fully dynamic and no algorithm: the weights alone give every qparam
-                for _, q in quantized_linears(model):
-                    q.update_weight_qparams()
+                _update_weight_qparams(model)
             else:
                 found = self._decoder_layers(model)
                 if found is None:
@@ -155,6 +176,8 @@ class ModelQuantizer:
         with torch.no_grad():
             for _, q in quantized_linears(model):
                 q.freeze()
+            for _, m in fused_experts_modules(model):
+                m.freeze()
         return model
 
     # -- steps -------------------------------------------------------------------------------------
@@ -184,6 +207,31 @@ class ModelQuantizer:
             logger.info("quantizing %d linear layers (%d excluded)", len(todo), excluded)
         return len(todo)
 
+    def _wrap_fused_experts(self, model: nn.Module) -> int:
+        """Quantize the fused 3-D expert weights of transformers-5 MoE blocks in place, per expert
+        (:mod:`.fused_experts`); each projection resolves its config by the parameter's full name
+        (``model.layers.0.mlp.experts.gate_up_proj``) as a linear layer would."""
+        cfg = self.config
+        done = 0
+        for name, module, layout in find_fused_experts(model):
+            if isinstance(module, QuantFusedExperts):
+                continue
+            configs = projection_configs(cfg, name, module, layout)
+            for proj in layout.projections:
+                if proj.path in configs:
+                    out_f, in_f = projection_shape(module, proj)
+                    _check_layer_shapes(f"{name}.{proj.path}", SimpleNamespace(in_features=in_f, out_features=out_f),
+                                        configs[proj.path])
+            if configs:
+                QuantFusedExperts.wrap(module, layout, configs)
+                # weights are static: their qparams exist before any calibration pass (algorithms run
+                # the blocks with them; recomputed only if the weights change)
+                module.update_weight_qparams()
+                done += 1
+        if done:
+            logger.info("quantizing %d fused-experts modules per expert", done)
+        return done
+
     def _setup_attention(self, model: nn.Module) -> list[nn.Module]:
         """Attention modules = parents of layers whose outputs are quantized as K/V/Q."""
         if self.config.softmax_quant_spec is None:
@@ -205,8 +253,7 @@ class ModelQuantizer:
         return found
 
     def _calibrate_whole(self, model: nn.Module, batches: list, device: torch.device | None, progress: bool) -> None:
-        for _, q in quantized_linears(model):
-            q.update_weight_qparams()
+        _update_weight_qparams(model)
         if self.config.algo_config:
             raise ValueError(
                 "algorithms run block by block and need the model's decoder layers: set model_decoder_layers "
@@ -217,15 +264,21 @@ class ModelQuantizer:
     def _observe(self, module: nn.Module, run: Any) -> None:
         """Calibrate the static quantizers under ``module`` that have no qparams yet: they observe
         (passing their input through in float) while ``run`` feeds data, then turn into quantizers."""
-        pending = [q for q in _quantizers(module) if q.needs_calibration and not q.has_qparams]
+        pending = [(n, q) for n, q in module.named_modules()
+                   if isinstance(q, TensorQuantizer) and q.needs_calibration and not q.has_qparams]
         if not pending:
             return
-        for q in pending:
+        for _, q in pending:
             q.mode = "observe"
         run()
-        for q in pending:
+        for name, q in pending:
             q.finalize()
             q.mode = "quantize"
+            if getattr(q, "unobserved", None):
+                logger.info(
+                    "%s: experts %s received no calibration tokens; their static activation qparams are those "
+                    "of the calibrated expert with the largest scale", name, q.unobserved,
+                )
 
     def _calibrate_blocks(self, model: nn.Module, layers: nn.ModuleList, batches: list, device: torch.device | None,
                           progress: bool) -> None:
@@ -234,6 +287,12 @@ class ModelQuantizer:
         algorithms = [(get_algorithm(a.name), a) for a in self.config.algo_config or []]
         for algo, algo_cfg in algorithms:
             algo.prepare_model(model, algo_cfg)
+        experts = fused_experts_modules(layers)
+        if algorithms and experts:
+            logger.info(
+                "%s: skipped on the %d fused-experts modules (algorithms act on nn.Linear layers); their "
+                "weights are quantized min-max per expert", ", ".join(a.name for _, a in algorithms), len(experts),
+            )
         inputs = capture_block_inputs(model, layers, batches, progress=progress)
         float_stream = any(algo.needs_float_stream for algo, _ in algorithms)
         state = {"float_hidden": list(inputs.hidden) if float_stream else None}
@@ -249,9 +308,7 @@ class ModelQuantizer:
                     state["float_hidden"] = run_block(block, block_inputs, index, ctx.float_hidden)
             for algo, algo_cfg in algorithms:
                 algo.apply(ctx, algo_cfg)
-            for q in block.modules():
-                if isinstance(q, QuantLinear):
-                    q.update_weight_qparams()
+            _update_weight_qparams(block)
             self._observe(block, lambda: run_block(block, block_inputs, index))
 
         for_each_block(layers, inputs, process, device=device, progress=progress)
@@ -262,5 +319,7 @@ class ModelQuantizer:
         for _, q in quantized_linears(model):
             if q.weight_quantizer is not None and id(q.weight_quantizer) not in inside:
                 q.update_weight_qparams()
+        for _, m in fused_experts_modules(model):
+            m.update_weight_qparams()  # a no-op for those inside the blocks (weights unchanged)
         if any(q.needs_calibration and not q.has_qparams for q in outside):
             self._observe(model, lambda: [call_model(model, b, module_device(model)) for b in batches])

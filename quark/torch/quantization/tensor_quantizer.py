@@ -105,14 +105,17 @@ class TensorQuantizer(nn.Module):
         """Turn what the observer saw into qparams."""
         if self.observer is None:
             return
+        self.set_qparams(self._observed_qparams(self.observer))
+
+    def _observed_qparams(self, observer: Observer) -> QParams | list[QParams | None]:
+        """The qparams of what ``observer`` (an observer of this quantizer's spec) saw."""
         if self.is_scale_quant and self.stages[0].is_dynamic:
-            lo, hi = self.observer.range()
+            lo, hi = observer.range()
             amax = torch.maximum(lo.abs(), hi.abs())
-            self.set_qparams([None, QParams(scale_quant_global_scale(amax, self.stages))])
-        elif len(self.stages) == 2:
-            self.set_qparams(compute_qparams(self.observer.representative(), self.spec))
-        else:
-            self.set_qparams(self.observer.qparams())
+            return [None, QParams(scale_quant_global_scale(amax, self.stages))]
+        if len(self.stages) == 2:
+            return compute_qparams(observer.representative(), self.spec)
+        return observer.qparams()
 
     def reset_observer(self) -> None:
         self.observer = self._make_observer()

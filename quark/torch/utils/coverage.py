@@ -15,7 +15,7 @@ config.json) and the reimported logits compared with the quantized model's. Colu
   has none), calibrated on :data:`N_BATCHES` random token batches. A cell fails on an exception
   (its first line is the reason), on non-finite logits, when nothing was quantized, when a scaling
   pair / GPTQ entry of the algorithm matches no module, or when fused 3-D expert weights stay float
-  (transformers-5 MoE blocks: ``QuantLinear`` only replaces ``nn.Linear``).
+  (transformers-5 MoE blocks of a class :mod:`quark.torch.quantization.fused_experts` has no layout for).
 * ``export`` / ``reimport``: over the columns that quantized, every export succeeds / every
   reimported model gives the same logits (equal, or max abs diff / max abs logit < :data:`RTOL`).
 
@@ -84,10 +84,9 @@ PASS, FAIL, NA = "pass", "fail", "n/a"
 #: diagnosis of the failures seen so far: a substring of the cell reason -> the cause
 KNOWN_CAUSES = {
     "fused experts not quantized": (
-        "transformers 5 stores the routed experts of most MoE blocks as fused 3-D parameters "
-        "(`experts.gate_up_proj` / `experts.down_proj`); `ModelQuantizer` replaces `nn.Linear` layers only, so "
-        "the experts (most of a MoE model's weights) stay float. Known gap; everything else in the cell passed "
-        "unless the reason says more."
+        "a fused-experts module (transformers-5 3-D expert parameters) whose class no layout describes "
+        "(`quark.torch.quantization.fused_experts`: transformers' experts interface or `CLASS_LAYOUTS`) stays "
+        "in float."
     ),
     "no decoder block of": (
         "the template lists a scaling pair per model variant (DeepSeek-V2 with q-LoRA vs V2-Lite without; "
@@ -305,15 +304,28 @@ def _block_relative(name: str) -> str:
     return ".".join(parts[i + 1:])
 
 
-def _fused_reason(model: nn.Module) -> tuple[str, dict[str, Any]] | None:
-    fused = fused_expert_params(model)
+def _fused_details(model: nn.Module) -> dict[str, Any]:
+    """How much of the model the quantized fused experts hold (frozen ones hold stored codes)."""
+    from quark.torch.quantization.fused_experts import fused_experts_modules
+
+    projections = [fp for _, m in fused_experts_modules(model) for _, fp in m.quantized_projections()]
+    return {
+        "fused_expert_projections": len(projections),
+        "fused_expert_numel": sum(fp.num_experts * fp.out_features * fp.in_features for fp in projections),
+        "linear_numel": sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)),
+    }
+
+
+def _fused_reason(model: nn.Module) -> str | None:
+    """The fused 3-D expert weights left in float (a failure unless the config excludes them)."""
+    from quark.torch.quantization.fused_experts import quantized_fused_params
+
+    done = quantized_fused_params(model)
+    fused = {n: p for n, p in fused_expert_params(model).items() if n not in done}
     if not fused:
         return None
     kinds = sorted({_block_relative(n) for n in fused})
-    numel = sum(p.numel() for p in fused.values())
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    reason = f"fused experts not quantized: {len(fused)} params ({', '.join(kinds)})"
-    return reason, {"fused_expert_params": len(fused), "fused_expert_numel": numel, "linear_numel": linear}
+    return f"fused experts not quantized: {len(fused)} params ({', '.join(kinds)})"
 
 
 def _quant_cell(model_type: str, column: str, template: LLMTemplate, data: list[dict[str, torch.Tensor]],
@@ -361,8 +373,8 @@ def _quant_cell(model_type: str, column: str, template: LLMTemplate, data: list[
         problems.append(f"matches 0 modules: {', '.join(zeros)}")
     fused = _fused_reason(model)
     if fused is not None:
-        problems.append(fused[0])
-        details.update(fused[1])
+        problems.append(fused)
+    details.update(_fused_details(model))
 
     # export + reimport
     folder = workdir / f"{model_type}-{column.replace('+', '_')}"

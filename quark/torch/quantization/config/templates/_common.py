@@ -24,7 +24,10 @@ Conventions for the names inside algorithm configs (what the algorithms may rely
 * Transformers 5 stores the routed experts of most MoE models as fused 3-D parameters inside one
   module (``mlp.experts.gate_up_proj`` / ``down_proj``); such experts are not ``nn.Linear`` layers
   and are left out of the scaling pairs and GPTQ groups (the norm feeding them then has no exact
-  scaling site either). Remote-code models with one ``nn.Linear`` per expert list them.
+  scaling site either). ``ModelQuantizer`` quantizes them per expert, min-max, in place
+  (:mod:`quark.torch.quantization.fused_experts`; each fused parameter resolves the config like a
+  linear named ``<experts>.<parameter>``, so exclusions such as ``*mlp.gate`` leave them alone and
+  ``*mlp.experts.*`` would exclude them). Remote-code models with one ``nn.Linear`` per expert list them.
 """
 
 from __future__ import annotations

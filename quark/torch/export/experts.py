@@ -1,0 +1,327 @@
+"""Checkpoint names and tensors of quantized fused experts (:mod:`quark.torch.quantization.fused_experts`).
+
+On disk every expert is a linear layer of its own, as in the original Hugging Face checkpoints and
+as vLLM's fused-MoE loaders read them (``FusedMoE.make_expert_params_mapping``: ``experts.{e}.<proj>.``
+-> ``experts.w13_`` / ``experts.w2_``)::
+
+    <experts>.<e>.<proj>.weight          stored codes of expert e's [out, in] matrix (FORMATS.md section 4)
+    <experts>.<e>.<proj>.weight_scale    its scales (and weight_zero_point, weight_scale_2 ...)
+    <experts>.<e>.<proj>.input_scale     its static input scale (output_scale ...), when calibrated
+
+``<proj>`` comes from transformers' own loader for the model class (its checkpoint conversion
+mapping, :func:`transformers.conversion_mapping.get_model_conversion_mapping`): where a
+``WeightConverter`` builds the fused parameter from per-expert ``experts.*.<name>.weight`` tensors
+(``MergeModulelist(dim=0)`` [+ ``Concatenate(dim=1)`` for gate + up]), the export uses those names and
+splits a fused gate/up matrix into its gate and up rows: ``gate_proj`` / ``up_proj`` / ``down_proj``
+(Qwen-MoE, DeepSeek, GLM-MoE ...) or ``w1`` / ``w3`` / ``w2`` (Mixtral, MiniMax, DeepSeek-V4).
+Classes whose original checkpoints are fused (GPT-OSS, Llama 4, DBRX, Granite-MoE, Qwen3-VL-MoE)
+get the parameter's own name per expert (``experts.<e>.gate_up_proj.weight``, DBRX
+``experts.<e>.w1.weight``), always ``[out, in]``. Per-tensor qparams of a split matrix (fp8 weight
+scales) are written to both halves; biases (GPT-OSS) stay fused under their own names.
+
+:func:`fused_checkpoint_tensors` writes them, :func:`fused_state_from_checkpoint` turns them back into
+the fused module's state (stacked over the experts) for ``import_model_from_safetensors``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from quark.torch.quantization.fused_experts import (
+    STORED,
+    Projection,
+    QuantFusedExperts,
+    cat_rows,
+    expert_view,
+    module_view,
+    slice_rows,
+    stack_qparams,
+)
+from quark.torch.quantization.tensor_quantize import QParams, dequantize, fake_quantize
+
+from .layouts import WeightLayout
+from .safetensors_io import CheckpointError
+
+#: on-disk parts of one expert matrix: (name, rows of the [out, in] matrix; None = all)
+Parts = list[tuple[str, slice | None]]
+
+_PER_EXPERT = re.compile(r"experts\.\*\.([A-Za-z0-9_]+)\.weight$")
+_QPARAM_NAMES = ("scale", "zero_point")
+
+
+def _unescape(pattern: str) -> str:
+    return pattern.replace("\\", "")
+
+
+def _converters(model: nn.Module) -> list[Any]:
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return []
+    if not isinstance(model, PreTrainedModel):
+        return []
+    try:
+        transforms = get_model_conversion_mapping(model, add_legacy=False)
+    except Exception:  # an unusual model: fall back to the parameters' own names
+        return []
+    return [t for t in transforms if isinstance(t, WeightConverter)]
+
+
+def _parts_from_converter(conv: Any, full: str, out_features: int) -> Parts | None:
+    """The per-expert names a transformers ``WeightConverter`` merges into parameter ``full``."""
+    targets = [_unescape(t).lstrip(".") for t in conv.target_patterns]
+    if len(targets) != 1 or not full.endswith(targets[0]):
+        return None
+    scope = getattr(conv, "scope_prefix", None)
+    if scope and f"{scope}." not in full and not full.startswith(scope):
+        return None
+    ops = [(type(op).__name__, getattr(op, "dim", None)) for op in conv.operations]
+    names = []
+    for src in conv.source_patterns:
+        m = _PER_EXPERT.search(_unescape(src))
+        if m is None:
+            return None
+        names.append(m.group(1))
+    if ops == [("MergeModulelist", 0)] and len(names) == 1:
+        return [(names[0], None)]
+    if ops == [("MergeModulelist", 0), ("Concatenate", 1)] and len(names) >= 2 and out_features % len(names) == 0:
+        step = out_features // len(names)
+        return [(n, slice(i * step, (i + 1) * step)) for i, n in enumerate(names)]
+    return None
+
+
+def expert_parts(model: nn.Module) -> dict[tuple[str, str], Parts]:
+    """``(experts module name, projection path)`` -> the on-disk parts of each expert's matrix, for
+    every quantized projection of ``model``."""
+    from quark.torch.quantization.fused_experts import fused_experts_modules
+
+    modules = fused_experts_modules(model)
+    if not modules:
+        return {}
+    converters = _converters(model)
+    out: dict[tuple[str, str], Parts] = {}
+    for name, m in modules:
+        for proj, fp in m.quantized_projections():
+            full = f"{name}.{proj.path}"
+            parts = None
+            if not proj.transposed:  # the converters' Concatenate(dim=1) splits [E, out, in] along out
+                for conv in converters:
+                    parts = _parts_from_converter(conv, full, fp.out_features)
+                    if parts is not None:
+                        break
+            out[(name, proj.path)] = parts or [(proj.leaf, None)]
+    return out
+
+
+def owned_keys(model: nn.Module) -> dict[str, str]:
+    """State-dict key -> the fused-experts module whose per-expert export covers it."""
+    from quark.torch.quantization.fused_experts import fused_experts_modules
+
+    owned: dict[str, str] = {}
+    for name, m in fused_experts_modules(model):
+        for key in m.state_dict(keep_vars=True):
+            if key.startswith("fused_quant."):
+                owned[f"{name}.{key}"] = name
+        for proj, _ in m.quantized_projections():
+            owned[f"{name}.{proj.path}"] = name
+    return owned
+
+
+def _natural(prefix: str, qparams: Any) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for i, qp in enumerate(qparams if isinstance(qparams, list) else [qparams]):
+        if qp is None:
+            continue
+        suffix = "" if i == 0 else "_2"
+        for field in _QPARAM_NAMES:
+            t = getattr(qp, field)
+            if t is not None:
+                out[f"{prefix}_{field}{suffix}"] = t
+    return out
+
+
+def fused_checkpoint_tensors(name: str, module: QuantFusedExperts, parts: dict[tuple[str, str], Parts],
+                             weight_format: str, pack_method: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The per-expert checkpoint tensors of one quantized experts module (``real_quantized``: the
+    serving layout; ``fake_quantized``: dequantized weights plus natural qparams)."""
+    for proj, fp in module.quantized_projections():
+        wq = fp.weight_quantizer
+        w = module.float_weight(proj)
+        target = WeightLayout(wq.spec, pack_method=pack_method) if wq is not None else None
+        for e in range(fp.num_experts):
+            acts: dict[str, torch.Tensor] = {}
+            for role, qp in fp.activation_qparams(e).items():
+                acts.update(_natural(role, qp))
+            if wq is not None:
+                codes, qparams = fp.expert_codes(w, e)
+            for ckpt, rows in parts[(name, proj.path)]:
+                prefix = f"{name}.{e}.{ckpt}"
+                if wq is None:
+                    matrix = expert_view(w, fp.num_experts, proj.transposed)[e]
+                    yield f"{prefix}.weight", (matrix if rows is None else matrix[rows]).detach()
+                else:
+                    c = codes if rows is None else codes[rows]
+                    q = qparams if rows is None else slice_rows(qparams, rows)
+                    if weight_format == "real_quantized":
+                        for key, value in target.store(c, q).items():
+                            yield f"{prefix}.{'weight' if key == 'weight' else 'weight_' + key}", value
+                    else:
+                        dense = dequantize(c, wq.spec, q, fp.weight_dtype)
+                        if not torch.equal(fake_quantize(dense, wq.spec, q), dense):
+                            raise ValueError(
+                                f"weight_format='fake_quantized': the dequantized weight of {prefix} is not reproduced "
+                                "by quantizing it again with its scales; export it with weight_format='real_quantized'"
+                            )
+                        yield f"{prefix}.weight", dense
+                        yield from _natural(f"{prefix}.weight", q).items()
+                for key, value in acts.items():
+                    yield f"{prefix}.{key}", value
+
+
+def _group_by_head(tensors: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    heads: dict[str, list[str]] = {}
+    for key in tensors:
+        heads.setdefault(key.rpartition(".")[0], []).append(key)
+    return heads
+
+
+def _qparams_from(part: dict[str, torch.Tensor], role: str, stages: int) -> Any:
+    qps = []
+    for i in range(stages):
+        suffix = "" if i == 0 else "_2"
+        scale, zp = part.get(f"{role}_scale{suffix}"), part.get(f"{role}_zero_point{suffix}")
+        qps.append(None if scale is None and zp is None else QParams(scale, zp))
+    return qps[0] if stages == 1 else qps
+
+
+def fused_state_from_checkpoint(model: nn.Module, tensors: dict[str, torch.Tensor], weight_format: str,
+                                pack_method: str, where: Any = "") -> dict[str, torch.Tensor]:
+    """Replace, in ``tensors`` (checkpoint name -> tensor), the per-expert tensors of every quantized
+    experts module of ``model`` by that module's state tensors (stacked over the experts); returns
+    ``tensors``. ``model`` holds the placeholders (:meth:`QuantFusedExperts.placeholder`)."""
+    from quark.torch.quantization.fused_experts import fused_experts_modules
+
+    modules = fused_experts_modules(model)
+    if not modules:
+        return tensors
+    parts_of = expert_parts(model)
+    heads = _group_by_head(tensors)
+
+    def take(head: str, fused: str) -> dict[str, torch.Tensor]:
+        keys = heads.pop(head, None)
+        if keys is None:
+            if fused in tensors:
+                raise CheckpointError(
+                    f"{where}: {fused} is stored fused and in float (an export written before quark quantized fused "
+                    "experts), but the config quantizes it: re-export the model"
+                )
+            raise CheckpointError(f"{where}: missing the tensors of expert layer {head}")
+        return {k.rpartition(".")[2]: tensors.pop(k) for k in keys}
+
+    for name, m in modules:
+        for proj, fp in m.quantized_projections():
+            wq = fp.weight_quantizer
+            layout = WeightLayout(wq.spec, pack_method=pack_method) if wq is not None else None
+            nstages = len(wq.spec) if wq is not None and isinstance(wq.spec, list) else 1
+            stored: list[dict[str, torch.Tensor]] = []
+            weights: list[torch.Tensor] = []
+            wqp: list[Any] = []
+            acts: dict[str, list[Any]] = {}
+            for e in range(fp.num_experts):
+                pieces = [(take(f"{name}.{e}.{ckpt}", f"{name}.{proj.path}"), rows)
+                          for ckpt, rows in parts_of[(name, proj.path)]]
+                for role in ("input", "output"):
+                    tq = getattr(fp, f"{role}_quantizer")
+                    if tq is not None and not tq.is_dynamic:
+                        n = len(tq.spec) if isinstance(tq.spec, list) else 1
+                        acts.setdefault(role, []).append(_qparams_from(pieces[0][0], role, n))
+                if wq is None:
+                    weights.append(torch.cat([p["weight"] for p, _ in pieces]))
+                elif weight_format == "real_quantized":
+                    loaded = [layout.load(_stored_of(p)) for p, _ in pieces]
+                    codes = torch.cat([c for c, _ in loaded]) if len(loaded) > 1 else loaded[0][0]
+                    qp = cat_rows([q for _, q in loaded]) if len(loaded) > 1 else loaded[0][1]
+                    stored.append(layout.store(codes, qp))
+                else:
+                    weights.append(torch.cat([p["weight"] for p, _ in pieces]))
+                    qps = [_qparams_from(p, "weight", nstages) for p, _ in pieces]
+                    wqp.append(cat_rows(qps) if len(qps) > 1 else qps[0])
+            state = f"{name}.fused_quant.{proj.alias}"
+            if stored:
+                for key in stored[0]:
+                    tensors[f"{state}.stored_{key}"] = torch.stack([s[key] for s in stored])
+            if weights:
+                tensors[f"{name}.{proj.path}"] = module_view(torch.stack(weights), fp.param_shape, proj.transposed)
+            if wqp:
+                _put_qparams(tensors, f"{state}.weight_quantizer", stack_qparams(wqp))
+            for role, per in acts.items():
+                _put_qparams(tensors, f"{state}.{role}_quantizer", stack_qparams(per))
+    return tensors
+
+
+def _stored_of(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint suffixes (``weight``, ``weight_scale`` ...) -> ``WeightLayout`` keys (``weight``, ``scale`` ...)."""
+    out = {}
+    for key in STORED:
+        name = key if key == "weight" else f"weight_{key}"
+        if name in part:
+            out[key] = part[name]
+    return out
+
+
+def _put_qparams(tensors: dict[str, torch.Tensor], prefix: str, qparams: Any) -> None:
+    for i, qp in enumerate(qparams if isinstance(qparams, list) else [qparams]):
+        if qp is None:
+            continue
+        suffix = "" if i == 0 else "_2"
+        for field in _QPARAM_NAMES:
+            t = getattr(qp, field)
+            if t is not None:
+                tensors[f"{prefix}.{field}{suffix}"] = t
+
+
+def placeholder_projection(module: QuantFusedExperts, proj: Projection, layout: str, pack_method: str) -> None:
+    """Uninitialised state of one quantized projection as a loader fills it: ``real_quantized`` (frozen:
+    stacked stored tensors, the float parameter dropped) or ``fake_quantized`` (float parameter and
+    natural qparams); static activation qparams either way."""
+    from .layouts import activation_placeholders
+
+    fp = module.fused_quant[proj.alias]
+    w = module.float_weight(proj)
+    device = w.device
+    e = fp.num_experts
+    for role, features in (("input", fp.in_features), ("output", fp.out_features)):
+        tq = getattr(fp, f"{role}_quantizer")
+        if tq is not None:
+            for key, t in activation_placeholders(tq.spec, features, device).items():
+                setattr(tq, key, torch.empty((e, *t.shape), dtype=t.dtype, device=device))
+    wq = fp.weight_quantizer
+    if wq is None:
+        return
+    if layout == "real_quantized":
+        wl = WeightLayout(wq.spec, pack_method=pack_method)
+        shapes = wl.placeholders(fp.out_features, fp.in_features, device)
+        fp.hold_stored({k: torch.empty((e, *t.shape), dtype=t.dtype, device=device) for k, t in shapes.items()},
+                       wl, w.dtype)
+        owner, _, leaf = proj.path.rpartition(".")
+        del (module.get_submodule(owner) if owner else module)._parameters[leaf]
+        return
+    if layout != "fake_quantized":
+        raise ValueError(f"layout={layout!r}; allowed: real_quantized, fake_quantized")
+    from quark.torch.quantization.tensor_quantize import compute_qparams
+
+    qps = compute_qparams(torch.empty(fp.out_features, fp.in_features, device="meta"), wq.spec)
+    for i, qp in enumerate(qps if isinstance(qps, list) else [qps]):
+        suffix = "" if i == 0 else "_2"
+        for field in _QPARAM_NAMES:
+            t = getattr(qp, field)
+            if t is not None:
+                setattr(wq, field + suffix, torch.empty((e, *t.shape), dtype=t.dtype, device=device))
+    fp.weight_qparams_fixed = True  # loaded qparams are kept, not recomputed from the weight
