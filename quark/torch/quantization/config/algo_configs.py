@@ -133,11 +133,15 @@ class QronosConfig(AlgoConfig):
     """Qronos (Zhang et al. 2025, arXiv:2505.11695): error correction from float and quantized streams."""
 
     name: ClassVar[str] = "qronos"
-    #: relative damping of the quantized-input Hessian
-    alpha: float = 1e-6
-    #: damping used when inverting the correction system
-    beta: float = 1e4
+    #: relative damping of the quantized-input Hessian (x mean(diag H~)), as GPTQ's damp_percent
+    alpha: float = 1e-2
+    #: the first-column least-squares correction is damped by alpha * beta * mean(diag H~), toward the
+    #: current weights (1.0: the same strength as the diffusion's damping)
+    beta: float = 1.0
     block_size: int = 128
+    #: the clipping search of GPTQConfig (see there)
+    clip_search_steps: int = 20
+    clip_search_min: float = 0.6
     inside_layer_modules: list[list[str]] = field(default_factory=list)
 
 
