@@ -31,12 +31,6 @@ FUSED_MOE = {
 }
 #: (model type, column) -> the start of the reason of a known failure (see docs/architectures.md)
 KNOWN_FAILURES = {
-    # the template lists a scaling pair per variant (V2 / V2-Lite, native / remote MiniMax-M2 experts);
-    # the scaling algorithms refuse a pair that applies to no block of the model at hand
-    ("deepseek_v2", "awq"): "ValueError: awq: scaling pair 'input_layernorm'",
-    ("deepseek_v2", "smoothquant"): "ValueError: smoothquant: scaling pair 'input_layernorm'",
-    ("minimax_m2", "awq"): "ValueError: awq: scaling pair 'post_attention_layernorm'",
-    ("minimax_m2", "smoothquant"): "ValueError: smoothquant: scaling pair 'post_attention_layernorm'",
     # decoder layers return (hidden, topk_indices) consumed by the next layer: the block driver's
     # identity stand-ins return one tensor
     **{("glm_moe_dsa", c): "ValueError: not enough values to unpack" for c in ("fp8+kv", "awq", "gptq", "smoothquant")},

@@ -107,3 +107,16 @@ def test_multi_head_v_to_o_pair_is_folded_exactly(batches):
     assert not torch.equal(model.model.layers[0].self_attn.o_proj.weight, reference.model.layers[0].self_attn.o_proj.weight)
     with torch.no_grad(), quantizers_off(model):
         assert _rel(model(**batches[0]).logits, reference(**batches[0]).logits) < 1e-5
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_a_pair_for_another_variant_is_logged_and_the_others_still_apply(batches, caplog, algorithm):
+    reference = outlier_llama()
+    pairs = [ScalingPair("input_layernorm", ["self_attn.qkv_proj"], "self_attn"),  # another variant's names
+             ScalingPair("mlp.up_proj", ["mlp.down_proj"])]
+    with caplog.at_level(logging.WARNING, logger="quark.torch.algorithm.scaling"):
+        model = quantize(outlier_llama(), "int8", batches, algorithm, scaling_layers=pairs)
+    assert "'input_layernorm' -> ['self_attn.qkv_proj'] applies to no decoder block" in caplog.text
+    block, ref = model.model.layers[1], reference.model.layers[1]
+    assert not torch.equal(block.mlp.down_proj.weight, ref.mlp.down_proj.weight)
+    assert torch.equal(block.input_layernorm.weight, ref.input_layernorm.weight)

@@ -175,7 +175,9 @@ def resolve_sites(ctx: BlockContext, pairs: list[ScalingPair]) -> list[Site]:
 
 
 def check_pairs(model: nn.Module, config: _ScalingConfig) -> None:
-    """Fail early, naming it, on a pair that applies to no decoder block; log the pairs skipped
+    """Fail early when no scaling pair applies to any decoder block (naming the first pair's missing
+    modules); log the pairs that apply to no block (a template may list one pair per variant of an
+    architecture, e.g. DeepSeek-V2 and V2-Lite, or a name may be mistyped) and the pairs skipped
     because of their shapes (once per model, not per block)."""
     if not config.scaling_layers:
         raise ValueError(f"{type(config).__name__}.scaling_layers is empty: give at least one ScalingPair")
@@ -183,6 +185,7 @@ def check_pairs(model: nn.Module, config: _ScalingConfig) -> None:
     if found is None:
         raise ValueError(f"{config.name}: the model has no stack of decoder blocks; set model_decoder_layers")
     path, layers = found
+    unmatched: list[tuple[ScalingPair, list[str] | None]] = []
     for pair in config.scaling_layers:
         applied, skipped, missing_first = 0, [], None
         for block in layers:
@@ -197,10 +200,17 @@ def check_pairs(model: nn.Module, config: _ScalingConfig) -> None:
             logger.info("%s: scaling pair %s -> %s skipped in %d of %d blocks: %s", config.name, pair.prev_op,
                         pair.layers, len(skipped), len(layers), skipped[0])
         if not applied and not skipped:
-            raise ValueError(
-                f"{config.name}: scaling pair {pair.prev_op!r} -> {pair.layers}: no decoder block of {path!r} has "
-                f"module(s) {missing_first}; names are relative to one decoder block (e.g. 'self_attn.q_proj')"
-            )
+            unmatched.append((pair, missing_first))
+    if len(unmatched) == len(config.scaling_layers):
+        pair, missing = unmatched[0]
+        raise ValueError(
+            f"{config.name}: no scaling pair applies to any decoder block of {path!r}; e.g. {pair.prev_op!r} -> "
+            f"{pair.layers}: no block has module(s) {missing}; names are relative to one decoder block "
+            "(e.g. 'self_attn.q_proj')"
+        )
+    for pair, missing in unmatched:
+        logger.warning("%s: scaling pair %r -> %s applies to no decoder block of %r (no module(s) %s): not used",
+                       config.name, pair.prev_op, pair.layers, path, missing)
 
 
 # ---------------------------------------------------------------------------------------------
