@@ -39,3 +39,30 @@ def test_missing_required_scheme_is_an_argparse_error(capsys):
         main(["quantize"])
     assert exc.value.code == 2
     assert "--scheme" in capsys.readouterr().err
+
+
+def test_export_format_choices(capsys):
+    from quark.cli import build_parser
+
+    args = build_parser().parse_args(["quantize", "--scheme", "int4_wo_32", "--output", "o", "--format", "gguf"])
+    assert args.format == "gguf"
+    assert build_parser().parse_args(["quantize", "--scheme", "fp8"]).format == "safetensors"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["quantize", "--scheme", "fp8", "--format", "onnx"])
+    assert "invalid choice: 'onnx'" in capsys.readouterr().err
+
+
+def test_export_dispatches_on_format(monkeypatch, tmp_path, capsys):
+    import argparse
+
+    import quark.cli as cli
+    import quark.torch.export.api as api
+    import quark.torch.export.gguf as gguf_export
+
+    calls = []
+    monkeypatch.setattr(gguf_export, "export_gguf", lambda model, out, overwrite: calls.append(("gguf", out)) or tmp_path / "m.gguf")
+    monkeypatch.setattr(api, "export_safetensors",
+                        lambda model, out, custom_mode, overwrite, tokenizer: calls.append((custom_mode, out)))
+    for fmt in ("gguf", "awq", "safetensors"):
+        cli._export(object(), None, argparse.Namespace(format=fmt, output=str(tmp_path), overwrite=False))
+    assert calls == [("gguf", str(tmp_path)), ("awq", str(tmp_path)), ("quark", str(tmp_path))]
