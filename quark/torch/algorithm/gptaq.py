@@ -30,14 +30,12 @@ the block's original weights with every quantizer off.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from quark.torch.quantization.config.algo_configs import GPTAQConfig
 
 from .gptq import GPTQ
-from .hessian_solver import Gram, quantize_weight
+from .hessian_solver import Gram
 
 
 def gptaq_residual(D: torch.Tensor, alpha: float):
@@ -64,19 +62,7 @@ class GPTAQ(GPTQ):
         stats["H"].add_batch(x_quant)
         stats["D"].add_batch(x_float.to(x_quant.device) - x_quant, x_quant)
 
-    def solve_stack(self, weight: torch.Tensor, stats: dict[str, Gram], spec: Any, splits: list[int],
-                    config: GPTAQConfig):
-        return quantize_weight(
-            weight, stats["H"].value, spec,
-            damp_percent=config.damp_percent,
-            block_size=config.block_size,
-            desc_act=config.desc_act,
-            static_groups=config.static_groups,
-            row_splits=splits,
-            clip_steps=config.clip_search_steps,
-            clip_min=config.clip_search_min,
-            residual=gptaq_residual(stats["D"].value, config.alpha) if config.alpha else None,
-        )
-
+    def residual(self, stats: dict[str, Gram], config: GPTAQConfig):
+        return gptaq_residual(stats["D"].value, config.alpha) if config.alpha else None
 
 ALGORITHM = GPTAQ()

@@ -276,7 +276,12 @@ class GPTQ(BlockAlgorithm):
             row_splits=splits,
             clip_steps=config.clip_search_steps,
             clip_min=config.clip_search_min,
+            residual=self.residual(stats, config),
         )
+
+    def residual(self, stats: dict[str, Gram], config: GPTQConfig):
+        """The extra update term of :func:`~.hessian_solver.quantize_weight` (None: plain GPTQ)."""
+        return None
 
     # -- the block -------------------------------------------------------------------------------
     def float_pass(self, ctx: BlockContext, config: GPTQConfig) -> contextlib.AbstractContextManager:
