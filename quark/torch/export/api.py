@@ -47,7 +47,7 @@ from quark.torch.quantization.fused_experts import (
     projection_configs,
 )
 from quark.torch.quantization.modules import ROLES, QuantLinear, quantized_linears
-from quark.torch.quantization.tensor_quantize import QParams, fake_quantize
+from quark.torch.quantization.tensor_quantize import fake_quantize
 
 from .awq import AWQ_NAMES, awq_config, awq_unsupported_reason, from_awq, to_awq
 from .config.config import PACK_METHODS, WEIGHT_FORMATS, JsonExporterConfig
@@ -58,7 +58,7 @@ from .experts import (
     owned_keys,
     placeholder_projection,
 )
-from .layouts import NoServingLayoutError, WeightLayout, activation_placeholders
+from .layouts import NoServingLayoutError, WeightLayout, activation_placeholders, qparam_tensors
 from .main_export.quant_config_parser import QuantConfigParser
 from .safetensors_io import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -157,19 +157,6 @@ def _activation_tensors(q: QuantLinear) -> dict[str, torch.Tensor]:
     return out
 
 
-def _natural_tensors(prefix: str, qparams: QParams | list[QParams | None] | None) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for i, qp in enumerate(qparams if isinstance(qparams, list) else [qparams]):
-        if qp is None:
-            continue
-        suffix = "" if i == 0 else "_2"
-        if qp.scale is not None:
-            out[f"{prefix}_scale{suffix}"] = qp.scale
-        if qp.zero_point is not None:
-            out[f"{prefix}_zero_point{suffix}"] = qp.zero_point
-    return out
-
-
 def _layer_tensors(q: QuantLinear, weight_format: str, pack_method: str, name: str = "") -> dict[str, torch.Tensor]:
     """Checkpoint tensors of one layer (suffixes: ``weight``, ``weight_scale``, ``input_scale`` ...).
 
@@ -208,7 +195,7 @@ def _layer_tensors(q: QuantLinear, weight_format: str, pack_method: str, name: s
             out["weight"] = weight
         else:  # params of a fake-quantized layer: the float weight itself
             out["weight"] = q.weight.detach()
-        out.update(_natural_tensors("weight", qparams))
+        out.update(qparam_tensors("weight", qparams))
     if q.bias is not None:
         out["bias"] = q.bias.detach()
     out.update(_activation_tensors(q))

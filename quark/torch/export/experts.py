@@ -44,7 +44,7 @@ from quark.torch.quantization.fused_experts import (
 )
 from quark.torch.quantization.tensor_quantize import QParams, dequantize, fake_quantize
 
-from .layouts import WeightLayout
+from .layouts import WeightLayout, qparam_tensors
 from .safetensors_io import CheckpointError
 
 #: on-disk parts of one expert matrix: (name, rows of the [out, in] matrix; None = all)
@@ -134,19 +134,6 @@ def owned_keys(model: nn.Module) -> dict[str, str]:
     return owned
 
 
-def _natural(prefix: str, qparams: Any) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for i, qp in enumerate(qparams if isinstance(qparams, list) else [qparams]):
-        if qp is None:
-            continue
-        suffix = "" if i == 0 else "_2"
-        for field in _QPARAM_NAMES:
-            t = getattr(qp, field)
-            if t is not None:
-                out[f"{prefix}_{field}{suffix}"] = t
-    return out
-
-
 def fused_checkpoint_tensors(name: str, module: QuantFusedExperts, parts: dict[tuple[str, str], Parts],
                              weight_format: str, pack_method: str) -> Iterator[tuple[str, torch.Tensor]]:
     """The per-expert checkpoint tensors of one quantized experts module (``real_quantized``: the
@@ -158,7 +145,7 @@ def fused_checkpoint_tensors(name: str, module: QuantFusedExperts, parts: dict[t
         for e in range(fp.num_experts):
             acts: dict[str, torch.Tensor] = {}
             for role, qp in fp.activation_qparams(e).items():
-                acts.update(_natural(role, qp))
+                acts.update(qparam_tensors(role, qp))
             if wq is not None:
                 codes, qparams = fp.expert_codes(w, e)
             for ckpt, rows in parts[(name, proj.path)]:
@@ -180,7 +167,7 @@ def fused_checkpoint_tensors(name: str, module: QuantFusedExperts, parts: dict[t
                                 "by quantizing it again with its scales; export it with weight_format='real_quantized'"
                             )
                         yield f"{prefix}.weight", dense
-                        yield from _natural(f"{prefix}.weight", q).items()
+                        yield from qparam_tensors(f"{prefix}.weight", q).items()
                 for key, value in acts.items():
                     yield f"{prefix}.{key}", value
 
@@ -260,9 +247,9 @@ def fused_state_from_checkpoint(model: nn.Module, tensors: dict[str, torch.Tenso
             if weights:
                 tensors[f"{name}.{proj.path}"] = module_view(torch.stack(weights), fp.param_shape, proj.transposed)
             if wqp:
-                _put_qparams(tensors, f"{state}.weight_quantizer", stack_qparams(wqp))
+                tensors.update(qparam_tensors(f"{state}.weight_quantizer", stack_qparams(wqp), sep="."))
             for role, per in acts.items():
-                _put_qparams(tensors, f"{state}.{role}_quantizer", stack_qparams(per))
+                tensors.update(qparam_tensors(f"{state}.{role}_quantizer", stack_qparams(per), sep="."))
     return tensors
 
 
@@ -274,17 +261,6 @@ def _stored_of(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if name in part:
             out[key] = part[name]
     return out
-
-
-def _put_qparams(tensors: dict[str, torch.Tensor], prefix: str, qparams: Any) -> None:
-    for i, qp in enumerate(qparams if isinstance(qparams, list) else [qparams]):
-        if qp is None:
-            continue
-        suffix = "" if i == 0 else "_2"
-        for field in _QPARAM_NAMES:
-            t = getattr(qp, field)
-            if t is not None:
-                tensors[f"{prefix}.{field}{suffix}"] = t
 
 
 def placeholder_projection(module: QuantFusedExperts, proj: Projection, layout: str, pack_method: str) -> None:

@@ -325,3 +325,19 @@ def activation_placeholders(spec: TensorSpec, features: int, device: torch.devic
             if t is not None:
                 out[name + suffix] = torch.empty(t.shape, dtype=t.dtype, device=device)
     return out
+
+
+def qparam_tensors(prefix: str, qparams: QParams | list[QParams | None] | None, sep: str = "_") -> dict[str, torch.Tensor]:
+    """Named tensors of natural-shape qparams: ``<prefix><sep>scale``, ``<prefix><sep>zero_point`` and, for a
+    second stage, the same with ``_2`` (``sep="_"``: checkpoint names such as ``weight_scale``;
+    ``sep="."``: module state such as ``weight_quantizer.scale``)."""
+    out: dict[str, torch.Tensor] = {}
+    for i, qp in enumerate(qparams if isinstance(qparams, list) else [qparams]):
+        if qp is None:
+            continue
+        suffix = "" if i == 0 else "_2"
+        for name in ("scale", "zero_point"):
+            t = getattr(qp, name)
+            if t is not None:
+                out[f"{prefix}{sep}{name}{suffix}"] = t
+    return out
