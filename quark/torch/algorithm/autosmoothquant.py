@@ -46,7 +46,7 @@ class AutoSmoothQuant(BlockAlgorithm):
         check_pairs(model, config)
 
     def apply(self, ctx: BlockContext, config: AutoSmoothQuantConfig) -> None:
-        sites = resolve_sites(ctx, config.scaling_layers)
+        sites = resolve_sites(ctx, config.scaling_layers, algorithm=self.name)
         single = {n: m for site in sites if site.inspect is None for n, m in site.layers.items()}
         datas, samples = capture(ctx, sites, search=True, stats_tokens=scaling.STATS_TOKENS, sample_layers=single)
         alphas = alpha_grid(config.num_grid)

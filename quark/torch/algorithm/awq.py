@@ -118,7 +118,7 @@ class AWQ(BlockAlgorithm):
         check_pairs(model, config)
 
     def apply(self, ctx: BlockContext, config: AWQConfig) -> None:
-        sites = resolve_sites(ctx, config.scaling_layers)
+        sites = resolve_sites(ctx, config.scaling_layers, algorithm=self.name)
         clip = {}
         if config.clip_search:
             for name, layer in ctx.linears().items():

@@ -160,6 +160,16 @@ class OnlineHadamard(nn.Module):
     def pre_hook(self, module: nn.Module, args: tuple) -> tuple:
         return (self(args[0]), *args[1:])
 
+    def to_input_basis(self, weight: torch.Tensor) -> torch.Tensor:
+        """The stored weight ``W Q`` -> ``W``, the weight acting on the unrotated input (float64)."""
+        q = self.rot.matrix(torch.float64).to(weight.device)
+        return weight.double() @ q.T
+
+    def from_input_basis(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W`` -> the stored weight ``W Q`` (float64)."""
+        q = self.rot.matrix(torch.float64).to(weight.device)
+        return weight.double() @ q
+
 
 def attach_online_rotation(linear: nn.Linear, rot: HadamardTransform) -> OnlineHadamard:
     """``W <- W H`` and rotate the input online by ``H``: the layer's output is unchanged."""

@@ -160,12 +160,39 @@ def resolve_pair(block: nn.Module, pair: ScalingPair) -> tuple[Site | None, list
     return Site(pair, prev, layers, inspect), [], ""
 
 
-def resolve_sites(ctx: BlockContext, pairs: list[ScalingPair]) -> list[Site]:
+def online_rotation(layer: nn.Module) -> nn.Module | None:
+    """The online input rotation attached to ``layer`` by rotation's R4 (``None`` if it has none):
+    the layer's stored weight is then ``W Q`` and its input is rotated by ``Q`` in a pre-hook."""
+    return getattr(layer, "online_rotation", None)
+
+
+#: (algorithm, pair) already reported as skipped because of an online rotation
+_ROTATION_SKIPS_REPORTED: set[tuple[str, str]] = set()
+
+
+def resolve_sites(ctx: BlockContext, pairs: list[ScalingPair], through_online_rotation: bool = False,
+                  algorithm: str = "") -> list[Site]:
     """The pairs that apply to this block (a pair whose modules the block lacks, or whose shapes do
-    not allow a scale, is skipped; :func:`check_pairs` reports those once per model)."""
+    not allow a scale, is skipped; :func:`check_pairs` reports those once per model).
+
+    A pair whose layers rotate their input online (rotation with ``r4``) is kept only when the
+    algorithm scales ``through_online_rotation`` (statistics and folds in the unrotated basis, as
+    SmoothQuant does); a searching algorithm's candidate evaluation does not model the rotation,
+    so the pair is skipped there, reported once.
+    """
     sites = []
     for pair in pairs:
         site, missing, why = resolve_pair(ctx.block, pair)
+        if site is not None and not through_online_rotation and any(
+            online_rotation(layer) is not None for layer in site.layers.values()
+        ):
+            key = (algorithm, f"{pair.prev_op}->{pair.layers}")
+            if key not in _ROTATION_SKIPS_REPORTED:
+                _ROTATION_SKIPS_REPORTED.add(key)
+                logger.warning("%s: scaling pair %s -> %s skipped: its layers rotate their input online "
+                               "(rotation r4), which %s's scale search does not model", algorithm or "scaling",
+                               pair.prev_op, pair.layers, algorithm or "this algorithm")
+            continue
         if site is not None:
             sites.append(site)
         else:
@@ -350,7 +377,8 @@ def capture(
         hooks.append(ctx.block.register_forward_pre_hook(on_block))
         for i, site in enumerate(sites):
             for layer in site.layers.values():
-                hooks.append(layer.register_forward_pre_hook(stats_hook(i), with_kwargs=True))
+                # prepend: the statistics are of the unrotated input when the layer rotates it online
+                hooks.append(layer.register_forward_pre_hook(stats_hook(i), with_kwargs=True, prepend=True))
             if search and site.inspect is not None:
                 hooks.append(site.inspect.register_forward_hook(inspect_hook(i), with_kwargs=True))
         for name, layer in sample_layers.items():
@@ -556,9 +584,21 @@ def fold(site: Site, s: torch.Tensor) -> None:
             bias.copy_(bias.float() / sp)
         for layer in site.layers.values():
             lw = layer.weight
-            lw.copy_(lw.float() * s.to(lw.device, torch.float32))
+            rot = online_rotation(layer)
+            if rot is None:
+                lw.copy_(lw.float() * s.to(lw.device, torch.float32))
+            else:  # scale the columns of W, the stored weight being W Q
+                lw.copy_(rot.from_input_basis(rot.to_input_basis(lw) * s.to(lw.device, torch.float64)))
+
+
+def input_basis_weight(layer: nn.Linear) -> torch.Tensor:
+    """The weight acting on the layer's input as its previous op produces it (undoing an online
+    rotation's absorbed ``Q``)."""
+    rot = online_rotation(layer)
+    w = layer.weight.detach()
+    return w if rot is None else rot.to_input_basis(w)
 
 
 def weight_absmax(site: Site) -> torch.Tensor:
     """Per input channel, the largest |w| over every layer of the site."""
-    return torch.stack([layer.weight.detach().float().abs().amax(0) for layer in site.layers.values()]).amax(0)
+    return torch.stack([input_basis_weight(layer).float().abs().amax(0) for layer in site.layers.values()]).amax(0)

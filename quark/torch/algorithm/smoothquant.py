@@ -10,6 +10,12 @@ and multiplies the weights' column ``j`` by it, folded into the previous op (nor
 previous linear's output rows) so the float model is unchanged. ``max|X_j|`` is taken over every
 calibration token reaching the pair's layers, ``max|W_j|`` over every layer of the pair; ``alpha``
 balances the difficulty between activations and weights (0.5 in the paper).
+
+After rotation with ``r4`` (``algorithm=["rotation", "smoothquant"]``) down_proj rotates its input
+online; SmoothQuant then scales in the unrotated basis (statistics of the input before the rotation,
+``W <- (W Q^T diag(s)) Q`` for the stored ``W Q``), i.e. it smooths and *then* rotates, the
+combination SmoothRot (Czakó et al. 2025, arXiv:2506.05413) describes: the rotation spreads what
+smoothing moved into the weights and whatever outliers are left in the activations.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ class SmoothQuant(BlockAlgorithm):
         check_pairs(model, config)
 
     def apply(self, ctx: BlockContext, config: SmoothQuantConfig) -> None:
-        sites = resolve_sites(ctx, config.scaling_layers)
+        sites = resolve_sites(ctx, config.scaling_layers, through_online_rotation=True, algorithm=self.name)
         datas, _ = capture(ctx, sites, search=False)
         scales = [smooth_candidate(site, data.stats.absmax, config.alpha, config.scale_clamp_min)
                   for site, data in zip(sites, datas)]
