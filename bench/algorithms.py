@@ -13,6 +13,9 @@ accumulate) and the whole table is rewritten to ``bench/results/algorithms.md`` 
 
     python bench/algorithms.py --schemes int4_wo_64 mxfp4 --algorithms none gptq gptaq qronos
     python bench/algorithms.py --schemes int4_wo_64 --algorithms rotation+gptq --threads 2
+    python bench/algorithms.py --schemes int8 --algorithms "rotation(r4=true)+smoothquant"
+
+An item ``name(field=value,...)`` overrides fields of the template's config for that algorithm.
 
 Timings on a shared machine are noisy: compare cells measured in the same run (the table keeps
 each cell's date and thread count).
@@ -100,8 +103,8 @@ def run_cell(scheme: str, algorithm: str, template: str, threads: int | None, sa
     float_bytes = model_size_bytes(model)
     hidden = model.config.hidden_size
     if scheme != "fp32":
-        algos = None if algorithm == "none" else algorithm.split("+")
-        config = LLMTemplate.get(template).get_config(scheme, algorithm=algos)
+        algos, overrides = parse_algorithms(algorithm, LLMTemplate.get(template))
+        config = LLMTemplate.get(template).get_config(scheme, algorithm=algos, algo_configs=overrides or None)
         calib = calibration_dataloader(tokenizer, samples, seq_len)
         t0, c0 = time.perf_counter(), cpu()
         with RssSampler() as rss:
@@ -131,6 +134,37 @@ def run_cell(scheme: str, algorithm: str, template: str, threads: int | None, sa
         "host": platform.node(),
         "cpus": os.cpu_count(),
     }
+
+
+def parse_algorithms(spec: str, template) -> tuple[list[str] | None, dict]:
+    """``"none"`` -> RTN; ``"rotation(r4=true)+smoothquant"`` -> the algorithm list and, for items with
+    fields in parentheses, a copy of the template's config with those fields set (values are JSON,
+    else strings)."""
+    import copy
+    import re
+
+    if spec == "none":
+        return None, {}
+    names, overrides = [], {}
+    for item in spec.split("+"):
+        m = re.fullmatch(r"(\w+)(?:\((.*)\))?", item.strip())
+        if m is None:
+            raise SystemExit(f"--algorithms: cannot parse {item!r}; use name or name(field=value,...)")
+        name, fields = m.group(1), m.group(2)
+        names.append(name)
+        if fields:
+            cfg = copy.deepcopy(template.algorithm_configs[name])
+            for pair in fields.split(","):
+                key, _, value = pair.partition("=")
+                try:
+                    parsed = json.loads(value)
+                except json.JSONDecodeError:
+                    parsed = value
+                if not hasattr(cfg, key.strip()):
+                    raise SystemExit(f"--algorithms: {name} has no field {key.strip()!r}")
+                setattr(cfg, key.strip(), parsed)
+            overrides[name] = cfg
+    return names, overrides
 
 
 def load_results(path: Path) -> list[dict]:
@@ -191,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--schemes", nargs="+", default=["int4_wo_64", "mxfp4"])
     parser.add_argument("--algorithms", nargs="+", default=["none", "gptq", "gptaq", "qronos"],
-                        help="algorithm names; 'none' = RTN; 'a+b' = algorithm=['a', 'b']")
+                        help="algorithm names; 'none' = RTN; 'a+b' = algorithm=['a', 'b']; 'a(field=value)' overrides a field")
     parser.add_argument("--template", default="llama")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: torch's)")
     parser.add_argument("--samples", type=int, default=32)

@@ -105,3 +105,37 @@ def test_custom_configs():
         QuantConfigParser.from_custom_config({"quant_method": "awq", "bits": 8})
     with pytest.raises(ValueError, match="gptq"):
         QuantConfigParser.from_custom_config({"quant_method": "gptq"})
+
+
+def test_online_rotation_is_restored_by_both_loaders(batches, tmp_path):
+    """rotation with r4 (random signs): down_proj's online Hadamard is not a tensor of the checkpoint;
+    the config's algo_config records it and both loaders re-attach it (same logits, exactly); the
+    AWQ layout and GGUF, which cannot record it, refuse before writing anything."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from quark.torch.export.api import import_model_from_safetensors
+    from quark.torch.export.gguf import GGUFExportError, export_gguf
+
+    template = LLMTemplate.get("llama")
+    rotation = copy.deepcopy(template.algorithm_configs["rotation"])
+    rotation.r4, rotation.random, rotation.seed = True, True, 5
+    model = tiny_llama(hidden=128)
+    config = template.get_config("int8", algorithm=["rotation", "smoothquant"], algo_configs={"rotation": rotation})
+    ModelQuantizer(config).quantize_model(model, batches, progress=False)
+    with torch.no_grad():
+        ref = model(**batches[0]).logits
+    export_safetensors(model, tmp_path / "out")
+    for loaded in (import_model_from_safetensors(None, tmp_path / "out"),
+                   AutoModelForCausalLM.from_pretrained(tmp_path / "out")):
+        down = loaded.model.layers[1].mlp.down_proj
+        torch.testing.assert_close(down.online_rotation.rot.signs, model.model.layers[1].mlp.down_proj.online_rotation.rot.signs)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**batches[0]).logits, ref, rtol=0, atol=0)
+
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj \(and 1 more\) rotate their input online"):
+        export_safetensors(model, tmp_path / "awq", custom_mode="awq")
+    with pytest.raises(GGUFExportError, match=r"rotate their input online \(rotation r4\)"):
+        export_gguf(model, tmp_path / "gguf")
+    assert not (tmp_path / "awq").exists() and not (tmp_path / "gguf").exists()

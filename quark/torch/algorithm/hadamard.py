@@ -281,13 +281,13 @@ class HadamardTransform(nn.Module):
         compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
         y = x.to(compute)
         if self.signs is not None:
-            y = y * self.signs.to(compute)
+            y = y * self.signs.to(y.device, compute)
         lead = y.shape[:-1]
         y = y.reshape(*lead, *self.sizes)
         axes = len(self.sizes)
         # x @ (A ⊗ B ⊗ ...) == contracting each grid axis with its factor's first index
         for i in range(axes):
-            f = getattr(self, f"factor{i}").to(compute)
+            f = getattr(self, f"factor{i}").to(y.device, compute)
             axis = len(lead) + i
             y = (y.movedim(axis, -1) @ f).movedim(-1, axis)
         y = y.reshape(*lead, self.n) * (1.0 / math.sqrt(self.n))

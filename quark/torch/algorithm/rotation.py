@@ -171,11 +171,18 @@ class OnlineHadamard(nn.Module):
         return weight.double() @ q
 
 
-def attach_online_rotation(linear: nn.Linear, rot: HadamardTransform) -> OnlineHadamard:
-    """``W <- W H`` and rotate the input online by ``H``: the layer's output is unchanged."""
-    rotate_input_side(linear.weight, rot)
-    online = OnlineHadamard(rot).to(linear.weight.device)
-    linear.online_rotation = online
+def attach_online_rotation(linear: nn.Linear, rot: HadamardTransform, absorb: bool = True) -> OnlineHadamard:
+    """``W <- W H`` (unless the weight already ``absorb``-ed it, as in a loaded checkpoint) and rotate
+    the input online by ``H``: the layer's output is unchanged."""
+    if absorb:
+        rotate_input_side(linear.weight, rot)
+    online = OnlineHadamard(rot)
+    if linear.weight.device.type != "meta":  # (a model being loaded: the transform follows its input)
+        online = online.to(linear.weight.device)
+    # a plain attribute, not a registered submodule: its (non-persistent) buffers stay out of the
+    # module tree, where a loader that re-creates every tensor missing from the checkpoint
+    # (transformers) would overwrite them with uninitialised memory
+    linear.__dict__["online_rotation"] = online
     linear.register_forward_pre_hook(online.pre_hook)
     return online
 
@@ -225,6 +232,41 @@ def _linear(module: nn.Module, path: str) -> nn.Linear:
     return module
 
 
+#: R4's random signs are drawn with ``RotationConfig.seed + R4_SEED_OFFSET`` (R1: +0, R2: +1)
+R4_SEED_OFFSET = 2
+
+
+def restore_online_rotations(model: nn.Module, quant_config: object) -> list[str]:
+    """Re-create R4's online rotations on a model loaded from a checkpoint whose down_proj weights
+    already absorb them (``import_model_from_safetensors`` and transformers' loader call this
+    through ``_map_to_quark``): the pre-hooks only, weights untouched, from the ``rotation`` entry
+    of ``quant_config.algo_config``. Returns the rotated layers' names."""
+    names = []
+    for cfg in getattr(quant_config, "algo_config", None) or []:
+        if not (isinstance(cfg, RotationConfig) and cfg.r4):
+            continue
+        found = find_decoder_layers(model, cfg.model_decoder_layers or None)
+        if found is None:
+            raise ValueError("the checkpoint was rotated with r4 but the model has no stack of decoder layers; "
+                             "set model_decoder_layers in its rotation config")
+        path, layers = found
+        transforms: dict[int, HadamardTransform] = {}
+        for i, block in enumerate(layers):
+            lin = _linear(get_submodule(block, cfg.down_proj), f"{path}.{i}.{cfg.down_proj}")
+            if getattr(lin, "online_rotation", None) is not None:
+                continue
+            n = lin.in_features
+            # real tensors even when the loader builds the model under a meta-device context (transformers);
+            # the transform moves its factors to its input's device
+            with torch.device("cpu"):
+                if n not in transforms:
+                    seed = cfg.seed + R4_SEED_OFFSET
+                    transforms[n] = HadamardTransform(n, random_signs(n, seed) if cfg.random else None)
+                attach_online_rotation(lin, HadamardTransform(n, transforms[n].signs), absorb=False)
+            names.append(f"{path}.{i}.{cfg.down_proj}")
+    return names
+
+
 class RotationAlgorithm(BlockAlgorithm):
     name = "rotation"
 
@@ -251,7 +293,7 @@ class RotationAlgorithm(BlockAlgorithm):
         if cfg.r2:
             steps.append(self._plan_r2(model, layers, cfg, cfg.seed + 1))
         if cfg.r4:
-            steps.append(self._plan_r4(layers, cfg, cfg.seed + 2))
+            steps.append(self._plan_r4(layers, cfg, cfg.seed + R4_SEED_OFFSET))
         for step in steps:
             step()
 

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from quark.torch.algorithm.rotation import restore_online_rotations
 from quark.torch.quantization.config.config import QConfig, QLayerConfig
 from quark.torch.quantization.fused_experts import (
     QuantFusedExperts,
@@ -248,6 +249,11 @@ def _iter_model_tensors(model: nn.Module, weight_format: str, pack_method: str) 
 # ---------------------------------------------------------------------------------------------
 # checks before anything is written
 # ---------------------------------------------------------------------------------------------
+def online_rotated_layers(model: nn.Module) -> list[str]:
+    """Names of the layers that rotate their input online (rotation's R4 pre-hook)."""
+    return [n for n, m in model.named_modules() if getattr(m, "online_rotation", None) is not None]
+
+
 def _check_real_quantized(model: nn.Module) -> None:
     quantizers = [(name, q.weight_quantizer) for name, q in quantized_linears(model)]
     quantizers += [(f"{name}.{proj.path}", fp.weight_quantizer)
@@ -390,6 +396,14 @@ def export_safetensors(
         raise ValueError(f"weight_format={weight_format!r}; allowed: {', '.join(WEIGHT_FORMATS)}")
     if pack_method not in PACK_METHODS:
         raise ValueError(f"pack_method={pack_method!r}; allowed: {', '.join(PACK_METHODS)}")
+    rotated = online_rotated_layers(model)
+    if rotated and custom_mode == "awq":
+        raise ValueError(f"custom_mode='awq': {rotated[0]} (and {len(rotated) - 1} more) rotate their input online "
+                         "(rotation r4), which the AWQ layout cannot record; export with custom_mode='quark'")
+    if rotated:
+        logger.warning("%d layers (e.g. %s) rotate their input online (rotation r4): the config records it and "
+                       "quark's import and transformers' quark loader re-apply it; runtimes that ignore "
+                       "algo_config (vLLM) would compute wrong outputs", len(rotated), rotated[0])
     if custom_mode == "awq":
         if weight_format != "real_quantized" or pack_method != "reorder":
             raise ValueError("custom_mode='awq' writes real-quantized weights packed in the AutoAWQ order only")
@@ -505,6 +519,7 @@ def _map_to_quark(
         _set_module(model, name, q)
     _placeholder_experts(model, quant_config, {name: weight_format for name, _, _ in find_fused_experts(model)},
                          pack_method)
+    restore_online_rotations(model, quant_config)
     model._quark_qconfig = quant_config
     return model
 

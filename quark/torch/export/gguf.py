@@ -437,6 +437,12 @@ def export_gguf(
             f"model_type={mtype!r} has no GGUF export; supported: {', '.join(sorted(GGUF_ARCHITECTURES))}"
         )
     arch = GGUF_ARCHITECTURES[mtype]
+    rotated = [n for n, m in model.named_modules() if getattr(m, "online_rotation", None) is not None]
+    if rotated:
+        raise GGUFExportError(
+            f"{rotated[0]} (and {len(rotated) - 1} more) rotate their input online (rotation r4); GGUF cannot "
+            "record it and llama.cpp would compute wrong outputs: quantize without r4, or export safetensors"
+        )
     tok_source = _tokenizer_source(model, tokenizer_path)
     with torch.no_grad():
         tensors, summary = _plan(model, arch, strict)
