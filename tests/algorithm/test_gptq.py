@@ -334,3 +334,22 @@ def test_dtype_mx_specs(element):
     sol = quantize_weight(W, hessian(X), spec, desc_act=True)
     assert torch.equal(fake_quantize(sol.Q, spec, sol.qparams[0]), sol.Q)
     assert out_err(sol.Q, W, X) < 0.6 * out_err(fake_quantize(W, spec), W, X)
+
+
+@pytest.mark.parametrize("flush", [1, 700, 10_000])
+def test_gram_buffers_batches_without_changing_the_value(flush, monkeypatch):
+    """However batches are grouped into products, the Gram is 2/N sum a^T b over all N tokens
+    (float64 reference), with the cross term and the Hessian in one object each."""
+    monkeypatch.setattr(Gram, "FLUSH_TOKENS", flush)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(1300, 24, generator=g), torch.randn(1300, 24, generator=g)
+    H, D = Gram(), Gram()
+    for ca, cb in zip(a.split(300), b.split(300)):
+        H.add_batch(ca)
+        D.add_batch(ca, cb)
+    torch.testing.assert_close(H.value.double(), 2 / 1300 * a.double().T @ a.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(D.value.double(), 2 / 1300 * a.double().T @ b.double(), rtol=1e-5, atol=1e-5)
+    assert H.tokens == D.tokens == 1300
+    H.add_batch(a[:10])  # accumulating after reading the value
+    torch.testing.assert_close(H.value.double(), 2 / 1310 * (a.double().T @ a.double() + a[:10].double().T @ a[:10].double()),
+                               rtol=1e-5, atol=1e-5)

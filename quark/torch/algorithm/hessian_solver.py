@@ -52,20 +52,46 @@ class Gram:
     solver only uses ``H^-1`` times a cross term) do not depend on ``N``.
     """
 
+    #: batches are buffered until this many tokens, then accumulated with one matrix product: a
+    #: [features, 512] x [512, features] product runs at about half the speed of a 2048-token one
+    #: on CPU BLAS for features ~ 500
+    FLUSH_TOKENS = 2048
+
     def __init__(self) -> None:
-        self.value: torch.Tensor | None = None
+        self._value: torch.Tensor | None = None
         self.tokens = 0
+        self._pending: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self._pending_tokens = 0
+
+    @property
+    def value(self) -> torch.Tensor | None:
+        self._flush()
+        return self._value
 
     def add_batch(self, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
         a = a.reshape(-1, a.shape[-1]).float()
-        b = a if b is None else b.reshape(-1, b.shape[-1]).float()
-        if a.shape[0] != b.shape[0]:
+        b = None if b is None else b.reshape(-1, b.shape[-1]).float()
+        if b is not None and a.shape[0] != b.shape[0]:
             raise ValueError(f"the two streams have {a.shape[0]} and {b.shape[0]} tokens")
-        m = a.shape[0]
-        if self.value is None:
-            self.value = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float32, device=a.device)
+        self._pending.append((a, b))
+        self._pending_tokens += a.shape[0]
+        if self._pending_tokens >= self.FLUSH_TOKENS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        a = pending[0][0] if len(pending) == 1 else torch.cat([p[0] for p in pending])
+        if all(p[1] is None for p in pending):
+            b = a
+        else:
+            b = torch.cat([p[0] if p[1] is None else p[1] for p in pending])
+        m, self._pending_tokens = a.shape[0], 0
+        if self._value is None:
+            self._value = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float32, device=a.device)
         total = self.tokens + m
-        self.value.mul_(self.tokens / total).addmm_(a.T, b, alpha=2.0 / total)
+        self._value.mul_(self.tokens / total).addmm_(a.T, b, alpha=2.0 / total)
         self.tokens = total
 
 
