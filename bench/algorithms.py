@@ -138,33 +138,22 @@ def run_cell(scheme: str, algorithm: str, template: str, threads: int | None, sa
 
 def parse_algorithms(spec: str, template) -> tuple[list[str] | None, dict]:
     """``"none"`` -> RTN; ``"rotation(r4=true)+smoothquant"`` -> the algorithm list and, for items with
-    fields in parentheses, a copy of the template's config with those fields set (values are JSON,
-    else strings)."""
-    import copy
+    fields in parentheses, the template's config with those fields changed
+    (:func:`~quark.torch.quantization.config.algo_configs.with_field_overrides`)."""
     import re
+
+    from quark.torch.quantization.config.algo_configs import with_field_overrides
 
     if spec == "none":
         return None, {}
-    names, overrides = [], {}
+    names, assignments = [], []
     for item in spec.split("+"):
         m = re.fullmatch(r"(\w+)(?:\((.*)\))?", item.strip())
         if m is None:
             raise SystemExit(f"--algorithms: cannot parse {item!r}; use name or name(field=value,...)")
-        name, fields = m.group(1), m.group(2)
-        names.append(name)
-        if fields:
-            cfg = copy.deepcopy(template.algorithm_configs[name])
-            for pair in fields.split(","):
-                key, _, value = pair.partition("=")
-                try:
-                    parsed = json.loads(value)
-                except json.JSONDecodeError:
-                    parsed = value
-                if not hasattr(cfg, key.strip()):
-                    raise SystemExit(f"--algorithms: {name} has no field {key.strip()!r}")
-                setattr(cfg, key.strip(), parsed)
-            overrides[name] = cfg
-    return names, overrides
+        names.append(m.group(1))
+        assignments += [f"{m.group(1)}.{pair}" for pair in (m.group(2) or "").split(",") if pair]
+    return names, with_field_overrides(template.algorithm_configs, assignments)
 
 
 def load_results(path: Path) -> list[dict]:

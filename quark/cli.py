@@ -118,11 +118,17 @@ def _eval(model: Any, tokenizer: Any, args: argparse.Namespace) -> float:
 def _quantize(model: Any, tokenizer: Any, args: argparse.Namespace) -> tuple[Any, float]:
     from quark.torch.evaluation.data import calibration_dataloader, read_calibration_file
     from quark.torch.quantization.api import ModelQuantizer
+    from quark.torch.quantization.config.algo_configs import with_field_overrides
 
     template = _template_for(model, args.model_type)
+    try:
+        overrides = with_field_overrides(template.algorithm_configs, args.algo_config or [])
+    except ValueError as exc:
+        raise CLIError(f"--algo-config: {exc}") from None
     config = template.get_config(
         scheme=args.scheme,
         algorithm=args.algorithm or None,
+        algo_configs=overrides or None,
         kv_cache_scheme=args.kv_cache_scheme,
         attention_scheme=args.attention_scheme,
         layer_config=_parse_layer_schemes(args.layer_scheme),
@@ -150,6 +156,17 @@ def _check_output(args: argparse.Namespace) -> None:
         raise CLIError("--output: export is not available in this version of quark yet") from None
 
 
+def _check_algo_config(args: argparse.Namespace) -> None:
+    """Syntax, algorithm and field names of --algo-config, before the model loads (the template's
+    own defaults are applied later)."""
+    from quark.torch.quantization.config.algo_configs import ALGO_CONFIG_CLASSES, with_field_overrides
+
+    try:
+        with_field_overrides({n: cls() for n, cls in ALGO_CONFIG_CLASSES.items()}, args.algo_config or [])
+    except ValueError as exc:
+        raise CLIError(f"--algo-config: {exc}") from None
+
+
 def _export(model: Any, tokenizer: Any, args: argparse.Namespace) -> None:
     fmt = getattr(args, "format", "safetensors")
     if fmt == "gguf":
@@ -169,6 +186,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from quark.torch.utils.model_loading import model_size_bytes
 
     _check_output(args)
+    _check_algo_config(args)
     model, tokenizer = _load(args)
     rows = []
     size_before = model_size_bytes(model)
@@ -227,6 +245,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_quantize_args(p: argparse.ArgumentParser, default_scheme: str | None) -> None:
     p.add_argument("--scheme", required=default_scheme is None, default=default_scheme, help="quantization scheme (see `quark schemes`)")
     p.add_argument("--algorithm", nargs="+", default=None, help="algorithms to run, in order (awq gptq ...)")
+    p.add_argument("--algo-config", action="append", metavar="ALGO.FIELD=VALUE",
+                   help="change a field of the template's algorithm config, e.g. rotation.r4=true (repeatable)")
     p.add_argument("--kv-cache-scheme", default=None, help="fp8")
     p.add_argument("--attention-scheme", default=None, help="fp8")
     p.add_argument("--min-kv-scale", type=float, default=0.0)

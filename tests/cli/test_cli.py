@@ -19,6 +19,8 @@ def test_schemes_and_templates_tables(capsys):
     [
         (["quantize", "--model", "/nonexistent/model.gguf", "--scheme", "fp8"], "--model /nonexistent/model.gguf: no such file"),
         (["eval", "--model", "/nonexistent/dir"], "no such file or directory"),
+        (["quantize", "--scheme", "int8", "--algorithm", "rotation", "--algo-config", "rotation.r5=true"],
+         "--algo-config: algorithm override 'rotation.r5=true': RotationConfig has no field 'r5'"),
     ],
 )
 def test_human_errors_are_one_line(argv, message, capsys):

@@ -178,3 +178,31 @@ def test_needs_calibration():
 def test_min_kv_scale_must_be_non_negative():
     with pytest.raises(ValueError, match="min_kv_scale"):
         QConfig(min_kv_scale=-1.0)
+
+
+def test_algorithm_field_overrides():
+    """``algorithm.field=value`` (CLI --algo-config): JSON values, copies of the template's
+    defaults (which stay untouched), and one clear error per kind of mistake."""
+    from quark.torch import LLMTemplate
+    from quark.torch.quantization.config.algo_configs import ScalingPair, with_field_overrides
+
+    defaults = LLMTemplate.get("llama").algorithm_configs
+    out = with_field_overrides(defaults, ["rotation.r4=true", "rotation.seed=3", "smoothquant.alpha=0.75",
+                                          'gptq.inside_layer_modules=[["*q_proj"]]',
+                                          'awq.scaling_layers=[{"prev_op": "input_layernorm", "layers": ["self_attn.q_proj"]}]'])
+    assert sorted(out) == ["awq", "gptq", "rotation", "smoothquant"]
+    assert (out["rotation"].r4, out["rotation"].seed, out["smoothquant"].alpha) == (True, 3, 0.75)
+    assert out["gptq"].inside_layer_modules == [["*q_proj"]]
+    assert out["awq"].scaling_layers == [ScalingPair("input_layernorm", ["self_attn.q_proj"])]
+    assert defaults["rotation"].r4 is False and defaults["smoothquant"].alpha == 0.5
+    assert out["rotation"].attn_norm == defaults["rotation"].attn_norm
+    for item, message in [
+        ("rotation=true", r"expected algorithm.field=value"),
+        ("rotation.r4", r"expected algorithm.field=value"),
+        ("spin.r4=true", r"unknown algorithm 'spin'; allowed: awq, gptq"),
+        ("rotation.r5=true", r"RotationConfig has no field 'r5'; allowed: attn_inputs"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            with_field_overrides(defaults, [item])
+    with pytest.raises(ValueError, match=r"the template has no default awq config"):
+        with_field_overrides({"awq": None}, ["awq.num_grid=10"])

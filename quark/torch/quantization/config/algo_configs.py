@@ -13,6 +13,7 @@ Each config serialises with :meth:`AlgoConfig.to_dict` (including its ``name``) 
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -198,3 +199,36 @@ def algo_config_from_dict(data: dict[str, Any]) -> AlgoConfig:
     if unknown:
         raise ValueError(f"{cls.__name__} has no field(s) {unknown}; allowed: {sorted(known)}")
     return cls(**data)
+
+
+def with_field_overrides(defaults: dict[str, AlgoConfig], assignments: list[str]) -> dict[str, AlgoConfig]:
+    """Copies of the template's algorithm ``defaults`` with ``"algorithm.field=value"`` assignments
+    applied (values are JSON: ``true``, ``0.8``, ``"x"``; anything else is taken as a string), e.g.
+    ``["rotation.r4=true", "smoothquant.alpha=0.6"]`` for the CLI's ``--algo-config``. Returns only
+    the algorithms that were assigned to, ready for ``get_config(..., algo_configs=...)``."""
+    out: dict[str, AlgoConfig] = {}
+    for item in assignments:
+        target, sep, raw = item.partition("=")
+        name, dot, key = target.strip().partition(".")
+        if not sep or not dot or not key:
+            raise ValueError(f"algorithm override {item!r}: expected algorithm.field=value, e.g. rotation.r4=true")
+        if name not in ALGO_CONFIG_CLASSES:
+            raise ValueError(f"algorithm override {item!r}: unknown algorithm {name!r}; allowed: "
+                             f"{', '.join(ALGO_CONFIG_CLASSES)}")
+        if name not in out:
+            if defaults.get(name) is None:
+                raise ValueError(f"algorithm override {item!r}: the template has no default {name} config to "
+                                 "change; pass a full config with algo_configs={...}")
+            out[name] = defaults[name].copy()
+        known = {f.name for f in fields(out[name])}
+        if key not in known:
+            raise ValueError(f"algorithm override {item!r}: {type(out[name]).__name__} has no field {key!r}; "
+                             f"allowed: {', '.join(sorted(known))}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        setattr(out[name], key, value)
+        if hasattr(out[name], "__post_init__"):
+            out[name].__post_init__()
+    return out
