@@ -291,6 +291,10 @@ class QConfig:
     algo_config: list[AlgoConfig] | None = None
     quant_flow: QuantFlow | None = None
     shared_scale_groups: list[list[str]] | None = None
+    #: path of the ``nn.ModuleList`` of decoder blocks that block-by-block calibration walks
+    #: (``"model.layers"``); the algorithm configs' own ``model_decoder_layers`` take precedence,
+    #: None: guessed from the model (``LLMTemplate.get_config`` fills in the template's)
+    model_decoder_layers: str | None = None
 
     def __post_init__(self) -> None:
         self.global_quant_config = _layer_config(self.global_quant_config, "global_quant_config")
@@ -360,6 +364,7 @@ class QConfig:
             "algo_config": None if self.algo_config is None else [a.to_dict() for a in self.algo_config],
             "quant_flow": None if self.quant_flow is None else self.quant_flow.value,
             "shared_scale_groups": copy.deepcopy(self.shared_scale_groups),
+            "model_decoder_layers": self.model_decoder_layers,
         }
 
     #: keys an exported config.json carries beside the QConfig fields; from_dict ignores them

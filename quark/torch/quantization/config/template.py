@@ -49,6 +49,9 @@ class LLMTemplate:
         exclude_layers_name: patterns never quantized (``lm_head``, MoE routers, vision towers ...).
         algorithm_configs: default config per algorithm name; ``None`` = no default for this architecture.
         f2f_weight_converters: weight-name converters used by file-to-file quantization.
+        decoder_layers: path of the ``nn.ModuleList`` of decoder blocks (``"model.layers"``); default: the
+            ``model_decoder_layers`` the algorithm configs agree on. ``get_config`` puts it in every QConfig,
+            so that calibration without an algorithm walks the same blocks.
         **legacy_algorithm_parameters: ``<algorithm>_config=...`` keywords (deprecated).
     """
 
@@ -64,6 +67,7 @@ class LLMTemplate:
         exclude_layers_name: list[str] | None = None,
         algorithm_configs: dict[str, AlgoConfig | None] | None = None,
         f2f_weight_converters: list[Any] | None = None,
+        decoder_layers: str | None = None,
         **legacy_algorithm_parameters: AlgoConfig | None,
     ) -> None:
         if not isinstance(model_type, str) or not model_type:
@@ -92,6 +96,9 @@ class LLMTemplate:
                     f"got {type(cfg).__name__}"
                 )
         self.algorithm_configs: dict[str, AlgoConfig | None] = configs
+        paths = {c.model_decoder_layers for c in configs.values() if c is not None and c.model_decoder_layers}
+        # algorithm configs that disagree give no default (each algorithm still walks its own path)
+        self.decoder_layers: str | None = decoder_layers or (paths.pop() if len(paths) == 1 else None)
 
     def __repr__(self) -> str:
         algos = [k for k, v in self.algorithm_configs.items() if v is not None]
@@ -256,6 +263,7 @@ class LLMTemplate:
             exclude=exclude,
             algo_config=self._algorithm_list(algorithm, algo_configs),
             shared_scale_groups=shared_scale_groups,
+            model_decoder_layers=self.decoder_layers,
         )
 
 
