@@ -191,3 +191,18 @@ def test_save_and_load_params(freeze, batches, tmp_path):
     layer = back.model.layers[0].self_attn.o_proj
     assert layer.frozen is freeze
     torch.testing.assert_close(logits(back, batches), logits(model, batches), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("custom_mode", ["quark", "awq"])
+def test_static_activation_quantizers_without_qparams_are_refused(custom_mode, batches, tmp_path):
+    """A checkpoint without a static activation scale is one quark's own import rejects: refuse to write
+    it, naming the quantizer and why it has none."""
+    model = quantized("fp8", batches)
+    q = model.model.layers[1].self_attn.v_proj.input_quantizer
+    q.scale = None
+    q.uncalibrated_reason = "its block never ran"
+    with pytest.raises(ValueError, match=r"^cannot export: static activation quantizer "
+                                         r"model\.layers\.1\.self_attn\.v_proj\.input_quantizer has no qparams; "
+                                         r"its block never ran$"):
+        export_safetensors(model, tmp_path / "out", custom_mode=custom_mode)
+    assert list(tmp_path.iterdir()) == []

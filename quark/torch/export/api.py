@@ -49,6 +49,7 @@ from quark.torch.quantization.fused_experts import (
 )
 from quark.torch.quantization.modules import ROLES, QuantLinear, quantized_linears
 from quark.torch.quantization.tensor_quantize import fake_quantize
+from quark.torch.quantization.tensor_quantizer import TensorQuantizer
 
 from .awq import AWQ_NAMES, awq_config, awq_unsupported_reason, from_awq, to_awq
 from .config.config import PACK_METHODS, WEIGHT_FORMATS, JsonExporterConfig
@@ -254,6 +255,23 @@ def online_rotated_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if getattr(m, "online_rotation", None) is not None]
 
 
+def _check_calibrated(model: nn.Module) -> None:
+    """Every static activation quantizer has its qparams: the checkpoint would lack them otherwise (and
+    quark's own import refuses a checkpoint with missing tensors)."""
+    for _, q in quantized_linears(model):
+        q._sync_second_stage()  # second-stage qparams held by the layer (nvfp4's global scales)
+    missing = [(name, q) for name, q in model.named_modules()
+               if isinstance(q, TensorQuantizer) and q.needs_calibration and not q.has_qparams
+               and not name.endswith("weight_quantizer")]
+    if missing:
+        name, q = missing[0]
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ValueError(
+            f"cannot export: static activation quantizer {name}{more} has no qparams; "
+            + (q.uncalibrated_reason or "quantize the model with ModelQuantizer.quantize_model and a dataloader")
+        )
+
+
 def _check_real_quantized(model: nn.Module) -> None:
     quantizers = [(name, q.weight_quantizer) for name, q in quantized_linears(model)]
     quantizers += [(f"{name}.{proj.path}", fp.weight_quantizer)
@@ -404,6 +422,7 @@ def export_safetensors(
         logger.warning("%d layers (e.g. %s) rotate their input online (rotation r4): the config records it and "
                        "quark's import and transformers' quark loader re-apply it; runtimes that ignore "
                        "algo_config (vLLM) would compute wrong outputs", len(rotated), rotated[0])
+    _check_calibrated(model)
     if custom_mode == "awq":
         if weight_format != "real_quantized" or pack_method != "reorder":
             raise ValueError("custom_mode='awq' writes real-quantized weights packed in the AutoAWQ order only")

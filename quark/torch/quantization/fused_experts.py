@@ -305,9 +305,7 @@ class ExpertsActQuantizer(TensorQuantizer):
         if self.is_dynamic:
             return fake_quantize(x, self.spec, None)
         if not self.has_qparams:
-            raise RuntimeError(
-                "static quantizer used before calibration: run ModelQuantizer.quantize_model with a dataloader"
-            )
+            raise RuntimeError(self.uncalibrated_message())
         return fake_quantize(x, self.spec, self.expert_qparams(expert))
 
     def finalize(self) -> None:

@@ -40,6 +40,9 @@ class TensorQuantizer(nn.Module):
         self.stages = _stages(spec)
         self.min_scale = float(min_scale)
         self.mode = "quantize"
+        #: why a static quantizer has no qparams after calibration (its block was never run), for the
+        #: error raised when it is used; None: not calibrated yet
+        self.uncalibrated_reason: str | None = None
         for name in ("scale", "zero_point", "scale_2", "zero_point_2"):
             self.register_buffer(name, None)
         self.observer: Observer | None = self._make_observer()
@@ -129,10 +132,13 @@ class TensorQuantizer(nn.Module):
                 self.observer.update(x)
             return x
         if not self.is_dynamic and not self.has_qparams:
-            raise RuntimeError(
-                "static quantizer used before calibration: run ModelQuantizer.quantize_model with a dataloader"
-            )
+            raise RuntimeError(self.uncalibrated_message())
         return fake_quantize(x, self.spec, self.qparams())
+
+    def uncalibrated_message(self) -> str:
+        """The error of using this static quantizer without qparams."""
+        why = self.uncalibrated_reason or "run ModelQuantizer.quantize_model with a dataloader"
+        return f"static quantizer used before calibration: {why}"
 
     def extra_repr(self) -> str:
         desc = "+".join(s.dtype.value for s in self.stages)
