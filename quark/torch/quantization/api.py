@@ -5,6 +5,10 @@ already-quantized blocks before it (see :mod:`.driver`). With ``device`` differe
 model lives, only the block being processed is moved to ``device`` (``QuantFlow.per_block``); the
 result is the same as with the whole model on ``device``, only the memory differs. Models without a
 stack of decoder blocks (any ``nn.Module``) are calibrated with whole-model forward passes.
+The stack is the algorithm configs' ``model_decoder_layers``, else ``QConfig.model_decoder_layers``
+(templates fill it in), else a guess. Blocks the model does not call on the calibration data (Mllama's
+cross-attention blocks on text-only batches) keep min-max weight qparams, get no algorithm and keep
+their static activation quantizers uncalibrated (:meth:`ModelQuantizer._skipped_blocks`).
 
 Besides ``nn.Linear`` layers (swapped for ``QuantLinear``), the fused 3-D expert weights of
 transformers-5 MoE blocks are quantized in place, per expert (:mod:`.fused_experts`); the algorithms
@@ -77,6 +81,10 @@ def _drop_weight_caches(module: nn.Module) -> None:
             m.drop_weight_caches()
 
 
+def _holds_quantized_layers(layers: nn.ModuleList) -> bool:
+    return any(isinstance(m, (QuantLinear, QuantFusedExperts)) for m in layers.modules())
+
+
 def _update_weight_qparams(module: nn.Module) -> None:
     """Static weight qparams of every quantized layer under ``module`` (linears and fused experts)."""
     for m in module.modules():
@@ -143,7 +151,7 @@ class ModelQuantizer:
                 if found is None:
                     self._calibrate_whole(model, batches, compute, progress)
                 else:
-                    self._calibrate_blocks(model, found[1], batches, compute, progress)
+                    self._calibrate_blocks(model, *found, batches, compute, progress)
         set_mode(model, "quantize")
         return model
 
@@ -246,8 +254,12 @@ class ModelQuantizer:
         return list(parents.values())
 
     def _decoder_layers(self, model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+        """The decoder stack: the algorithm configs' ``model_decoder_layers``, else the QConfig's (the
+        template's path, also for configs without algorithms), else a guess preferring the stacks that
+        hold quantized layers (:func:`find_decoder_layers`)."""
         path = next((a.model_decoder_layers for a in self.config.algo_config or [] if a.model_decoder_layers), None)
-        found = find_decoder_layers(model, path)
+        path = path or self.config.model_decoder_layers or None
+        found = find_decoder_layers(model, path, prefer=_holds_quantized_layers)
         if found is None or len(found[1]) < 2 and path is None:
             return None
         return found
@@ -260,6 +272,40 @@ class ModelQuantizer:
                 "in the algorithm config"
             )
         self._observe(model, lambda: [call_model(model, b, device) for b in tqdm(batches, desc="calibrate", disable=not progress)])
+
+    @staticmethod
+    def _skipped_blocks(path: str, layers: nn.ModuleList, skipped: list[int], algorithms: list[str]) -> None:
+        """Blocks the model did not call on the calibration data (Mllama's cross-attention blocks on
+        text-only batches). Their weights are quantized from the weights, as everywhere (weights are
+        static). Algorithms need the blocks' inputs: they are skipped there. Static activation
+        quantizers get no qparams: none can be derived from data that never reached them, and a
+        made-up range (a neighbour's, a fixed scale) would be silently wrong whenever the block does
+        run. They stay uncalibrated, marked with the reason: running them raises, and
+        ``export_safetensors`` refuses the model. Calibrating with inputs that reach the blocks (images
+        for cross-attention) or excluding their layers gives a complete model."""
+        static = []
+        for i in skipped:
+            _update_weight_qparams(layers[i])
+            for name, q in layers[i].named_modules():
+                if isinstance(q, TensorQuantizer) and q.needs_calibration and not q.has_qparams \
+                        and not name.endswith("weight_quantizer"):
+                    q.uncalibrated_reason = (
+                        f"{path}.{i}.{name} is in a decoder block the model did not call on the calibration data; "
+                        "calibrate with inputs that reach it (e.g. images for cross-attention blocks) or exclude "
+                        "its layer"
+                    )
+                    static.append(f"{i}.{name}")
+        parts = ["their weights are quantized from the weights"]
+        if algorithms:
+            parts.append(f"{', '.join(algorithms)} skipped there (they need the blocks' inputs)")
+        if static:
+            parts.append(
+                f"their {len(static)} static activation quantizers (e.g. {static[0]}) stay uncalibrated: using them "
+                "raises and export_safetensors refuses the model; calibrate with inputs that reach these blocks "
+                "(e.g. images for cross-attention blocks) or exclude their layers"
+            )
+        logger.warning("blocks %s of %r were not called by the model on the calibration data: %s", skipped, path,
+                       "; ".join(parts))
 
     def _observe(self, module: nn.Module, run: Any) -> None:
         """Calibrate the static quantizers under ``module`` that have no qparams yet: they observe
@@ -280,8 +326,8 @@ class ModelQuantizer:
                     "of the calibrated expert with the largest scale", name, q.unobserved,
                 )
 
-    def _calibrate_blocks(self, model: nn.Module, layers: nn.ModuleList, batches: list, device: torch.device | None,
-                          progress: bool) -> None:
+    def _calibrate_blocks(self, model: nn.Module, path: str, layers: nn.ModuleList, batches: list,
+                          device: torch.device | None, progress: bool) -> None:
         from quark.torch.algorithm import BlockContext, get_algorithm, quantizers_off
 
         algorithms = [(get_algorithm(a.name), a) for a in self.config.algo_config or []]
@@ -293,13 +339,20 @@ class ModelQuantizer:
                 "%s: skipped on the %d fused-experts modules (algorithms act on nn.Linear layers); their "
                 "weights are quantized min-max per expert", ", ".join(a.name for _, a in algorithms), len(experts),
             )
-        inputs = capture_block_inputs(model, layers, batches, progress=progress)
+        # the capture runs one block per block class for real (to learn what blocks return): in float,
+        # as the blocks' static quantizers are not calibrated yet
+        with quantizers_off(layers):
+            inputs = capture_block_inputs(model, layers, batches, progress=progress)
+        if inputs.skipped:
+            self._skipped_blocks(path, layers, inputs.skipped, [a.name for _, a in algorithms])
         float_stream = any(algo.needs_float_stream for algo, _ in algorithms)
-        state = {"float_hidden": list(inputs.hidden) if float_stream else None}
+        # the float stream takes the blocks' extra inputs (BlockInputs.links) from the quantized one
+        state: dict[str, Any] = {"float_hidden": list(inputs.hidden) if float_stream else None, "previous": None}
 
         def process(index: int, block: nn.Module, block_inputs: Any) -> None:
-            if index > 0:  # the previous block is done: drop its cached fake-quantized weights
-                _drop_weight_caches(layers[index - 1])
+            if state["previous"] is not None:  # the previous block is done: drop its cached fake-quantized weights
+                _drop_weight_caches(layers[state["previous"]])
+            state["previous"] = index
             ctx = BlockContext(block, index, block_inputs, state["float_hidden"])
             if float_stream:  # the float model's outputs of this block, before anything changes it
                 with quantizers_off(block), contextlib.ExitStack() as observers:
@@ -312,7 +365,7 @@ class ModelQuantizer:
             self._observe(block, lambda: run_block(block, block_inputs, index))
 
         for_each_block(layers, inputs, process, device=device, progress=progress)
-        _drop_weight_caches(layers[len(layers) - 1])
+        _drop_weight_caches(layers[state["previous"]])
         # quantizers outside the blocks (a non-excluded lm_head with static inputs ...): one more pass
         inside = {id(q) for q in _quantizers(layers)}
         outside = [q for q in _quantizers(model) if id(q) not in inside]

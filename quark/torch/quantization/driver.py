@@ -5,12 +5,30 @@ the driver
 
 1. captures, for every calibration batch, the hidden states entering the first block and the
    keyword arguments (masks, position embeddings ...) every block receives, with one cheap pass in
-   which the blocks are replaced by the identity;
+   which the blocks are replaced by stand-ins that return their input hidden states;
 2. then processes one block at a time: moves it to the compute device, hands it and its cached
    inputs to a callback (calibration, algorithms), runs it to produce the next block's inputs, and
    moves it back.
 
-Peak memory is therefore the resident model plus one block and the calibration activations of one
+Two things the model's own block loop may do are carried over generically (no model classes here):
+
+* **Blocks that return more than the hidden states, consumed by the next block** (GLM-MoE-DSA's
+  ``(hidden_states, topk_indices)``, the indices passed on as ``prev_topk_indices``). The model loop
+  unpacks what a block returns, so a stand-in must return the same structure: the first called
+  block of each class runs for real once, on the first batch, to learn it (the caller decides in
+  which state: ``ModelQuantizer`` turns the blocks' quantizers off for the capture), and stand-ins
+  return that structure with their input hidden states first and, in place of the other tensors,
+  fresh placeholder objects. An argument of the next block that *is* such a placeholder is
+  recorded as a link (:attr:`BlockInputs.links`); the block loop then overwrites it, batch by batch,
+  with what the previous block really returned. Only top-level tensors of an output tuple are
+  linked; other extra outputs are passed on as the probe computed them.
+* **Blocks the model does not call** (Mllama's cross-attention blocks on text-only inputs): they are
+  recorded in :attr:`BlockInputs.skipped`; the block loop leaves them out and passes the hidden
+  states on to the next called block, as the model does. What becomes of their quantizers is the
+  caller's decision (``ModelQuantizer``: weights quantized from the weights, algorithms skipped,
+  static activation quantizers left uncalibrated).
+
+Peak memory is the resident model plus one block and the calibration activations of one
 block. What is computed on a block is the callback's business; this module knows nothing about
 quantization.
 """
@@ -41,20 +59,36 @@ def get_submodule(model: nn.Module, path: str) -> nn.Module:
         raise ValueError(f"module path {path!r} does not exist in {type(model).__name__}") from None
 
 
-def find_decoder_layers(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList] | None:
-    """The ``nn.ModuleList`` of decoder blocks: at ``path`` when given, else the longest ModuleList
-    whose items all have the same class (the repeated block). ``None`` when the model has none."""
+def find_decoder_layers(
+    model: nn.Module, path: str | None = None, prefer: Callable[[nn.ModuleList], bool] | None = None
+) -> tuple[str, nn.ModuleList] | None:
+    """The ``nn.ModuleList`` of decoder blocks: at ``path`` when given, else a guess. ``None`` when
+    the model has none.
+
+    The guess considers the ``nn.ModuleList`` s of blocks (items with submodules, not bare layers)
+    that do not sit inside another such list's items (a MoE block's list of experts is not the
+    stack). The items may be of different classes (Mllama's text stack mixes self- and
+    cross-attention blocks). Among them it takes those for which ``prefer`` holds when any does
+    (``ModelQuantizer``: the lists holding quantized layers, so an excluded vision encoder is not
+    picked), then the longest, the first one on a tie.
+    """
     if path:
         layers = get_submodule(model, path)
         if not isinstance(layers, nn.ModuleList):
             raise ValueError(f"{path!r} is a {type(layers).__name__}, not the nn.ModuleList of decoder blocks")
         return path, layers
-    best: tuple[str, nn.ModuleList] | None = None
+    candidates: list[tuple[str, nn.ModuleList]] = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best[1])):
-                best = (name, module)
-    return best
+        if not (isinstance(module, nn.ModuleList) and len(module) > 0):
+            continue
+        if not all(any(True for _ in m.children()) for m in module):
+            continue  # bare layers (a list of Linear / Embedding), not blocks
+        if any(not outer or name.startswith(outer + ".") for outer, _ in candidates):
+            continue  # inside a block of an enclosing stack (named_modules lists parents first)
+        candidates.append((name, module))
+    if prefer is not None and any(prefer(layers) for _, layers in candidates):
+        candidates = [(n, layers) for n, layers in candidates if prefer(layers)]
+    return max(candidates, key=lambda c: len(c[1]), default=None)
 
 
 def move_to(obj: Any, device: torch.device | str | None) -> Any:
@@ -92,37 +126,88 @@ def _first_tensor(output: Any) -> torch.Tensor:
     raise TypeError(f"cannot find the hidden states in a block output of type {type(output).__name__}")
 
 
+#: where an argument of a block call sits: ``("arg", i)`` (the i-th positional argument after the hidden
+#: states) or ``("kwarg", name)``
+ArgLoc = tuple[str, Any]
+
+
 @dataclass
 class BlockInputs:
     """Calibration inputs of one block: per batch, the hidden states and the other call arguments."""
 
     hidden: list[torch.Tensor] = field(default_factory=list)
-    #: per batch, per block index: (extra positional args, keyword args)
-    extras: list[list[tuple[tuple, dict]]] = field(default_factory=list)
+    #: per batch, per block index: (extra positional args, keyword args); ``None`` for a block the
+    #: model did not call (see :attr:`skipped`)
+    extras: list[list[tuple[tuple, dict] | None]] = field(default_factory=list)
+    #: per block index: the arguments that carry an output of the block called before it, beyond the
+    #: hidden states (argument location -> position in that block's output tuple); the block loop
+    #: replaces them with the real outputs before the block is processed
+    links: dict[int, dict[ArgLoc, int]] = field(default_factory=dict)
+    #: the blocks the model did not call during capture (in no batch), in order
+    skipped: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.hidden)
 
+    @property
+    def called(self) -> list[int]:
+        """Indices of the blocks the model calls, in order."""
+        n = len(self.extras[0]) if self.extras else 0
+        skipped = set(self.skipped)
+        return [i for i in range(n) if i not in skipped]
+
+
+def _placeholders(template: Any, hidden: torch.Tensor) -> Any:
+    """What a stand-in returns: ``template`` (a real output of a block of the same class) with
+    ``hidden`` first and, instead of each other tensor, a new tensor object on the same data (a
+    placeholder whose identity tells which block produced it; links replace it later)."""
+    if isinstance(template, torch.Tensor):
+        return hidden
+    if isinstance(template, (tuple, list)) and template:
+        rest = [t.detach() if isinstance(t, torch.Tensor) else t for t in template[1:]]
+        return type(template)([hidden, *rest])
+    return hidden  # another structure (a ModelOutput): only its hidden states are carried
+
+
+def _arguments(args: tuple, kwargs: dict) -> Iterator[tuple[ArgLoc, Any]]:
+    for i, value in enumerate(args):
+        yield ("arg", i), value
+    for name, value in kwargs.items():
+        yield ("kwarg", name), value
+
 
 @contextlib.contextmanager
-def _identity_blocks(layers: nn.ModuleList, record: Callable[[int, tuple, dict], None]) -> Iterator[None]:
-    """Replace each block's forward by the identity on its first argument, recording its arguments;
-    the last block stops the model's forward."""
-    originals = []
+def _stand_in_blocks(
+    layers: nn.ModuleList, record: Callable[[int, tuple, dict], None], returned: Callable[[int, Any], None]
+) -> Iterator[None]:
+    """Replace each block's forward by a stand-in that records its arguments and returns its input
+    hidden states, in the structure the real block returns (learned by running the first called
+    block of each class once for real); ``returned(i, output)`` sees what it returns. The last
+    block stops the model's forward."""
+    originals = [block.__dict__.get("forward") for block in layers]  # instance-level forwards (hooks) or None
+    structure: dict[type, Any] = {}
     last = len(layers) - 1
 
     def make(i: int) -> Callable[..., Any]:
+        block = layers[i]
+
         def forward(*args: Any, **kwargs: Any) -> Any:
+            call_args, call_kwargs = args, dict(kwargs)
             hidden = args[0] if args else kwargs.pop("hidden_states")
             record(i, (hidden, *args[1:]), kwargs)
             if i == last:
                 raise _StopForward
-            return hidden
+            cls = type(block)
+            if cls not in structure:
+                real = originals[i] or type(block).forward.__get__(block)
+                structure[cls] = real(*call_args, **call_kwargs)
+            out = _placeholders(structure[cls], hidden)
+            returned(i, out)
+            return out
 
         return forward
 
     for i, block in enumerate(layers):
-        originals.append(block.__dict__.get("forward"))  # an instance-level forward (hooks) or None
         block.forward = make(i)
     try:
         yield
@@ -141,30 +226,59 @@ def capture_block_inputs(
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> BlockInputs:
-    """Run each batch up to the first block and record every block's call arguments.
+    """Run each batch up to the last block and record every block's call arguments.
 
-    The blocks do no work during this pass, so it costs an embedding lookup and mask creation.
+    The blocks do no work during this pass (but the first called block of each class, once, to
+    learn what it returns: run the capture with quantizers off if they are not calibrated yet), so
+    it costs an embedding lookup and mask creation per batch. Arguments of a block that are extra
+    outputs of the block called before it are recorded in :attr:`BlockInputs.links`; blocks the
+    model never calls in :attr:`BlockInputs.skipped` (a block called in some batches only is an
+    error).
     """
     inputs = BlockInputs()
     current: dict[int, tuple[tuple, dict]] = {}
+    previous: dict[str, Any] = {}  # the stand-in output the model got last, and the block's index
 
     def record(i: int, args: tuple, kwargs: dict) -> None:
-        if i == 0:
+        if not current:  # the first block the model calls
             inputs.hidden.append(args[0].detach())
         kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache", "past_key_value")}
         kwargs["use_cache"] = False if "use_cache" in kwargs else kwargs.get("use_cache", None)
         if kwargs["use_cache"] is None:
             del kwargs["use_cache"]
+        out = previous.get("output")
+        if isinstance(out, (tuple, list)):
+            made = {id(t): pos for pos, t in enumerate(out) if pos > 0 and isinstance(t, torch.Tensor)}
+            for loc, value in _arguments(args[1:], kwargs):
+                if isinstance(value, torch.Tensor) and id(value) in made:
+                    inputs.links.setdefault(i, {})[loc] = made[id(value)]
         current[i] = (args[1:], kwargs)
 
-    with torch.no_grad(), _identity_blocks(layers, record):
+    def returned(i: int, output: Any) -> None:
+        previous["output"] = output
+
+    with torch.no_grad(), _stand_in_blocks(layers, record, returned):
         for batch in tqdm(list(dataloader), desc="capture block inputs", disable=not progress, leave=False):
             current = {}
+            previous.clear()
             try:
                 call_model(model, _no_cache(model, batch), device)
             except _StopForward:
                 pass
-            inputs.extras.append([current[i] for i in range(len(layers))])
+            if not current:
+                raise ValueError(
+                    f"the model called none of the {len(layers)} blocks given as its decoder layers during "
+                    "calibration: point model_decoder_layers at the stack the calibration data runs through"
+                )
+            inputs.extras.append([current.get(i) for i in range(len(layers))])
+    calls = [sum(e[i] is not None for e in inputs.extras) for i in range(len(layers))]
+    partial = [i for i, n in enumerate(calls) if 0 < n < len(inputs.extras)]
+    if partial:
+        raise ValueError(
+            f"blocks {partial} were called in some calibration batches only: the block driver needs each block "
+            "called in every batch or in none (give batches of one kind, e.g. all with or all without images)"
+        )
+    inputs.skipped = [i for i, n in enumerate(calls) if n == 0]
     return inputs
 
 
@@ -175,16 +289,41 @@ def _no_cache(model: nn.Module, batch: Any) -> Any:
     return batch
 
 
-def run_block(block: nn.Module, inputs: BlockInputs, index: int, hidden: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """Run block ``index`` on every cached batch; returns its output hidden states."""
-    hidden = inputs.hidden if hidden is None else hidden
+def _run(block: nn.Module, inputs: BlockInputs, index: int, hidden: list[torch.Tensor], keep: set[int]
+         ) -> tuple[list[torch.Tensor], list[dict[int, Any]]]:
     device = module_device(block)
-    outs = []
+    outs, kept = [], []
     with torch.no_grad():
         for h, extras in zip(hidden, inputs.extras):
             args, kwargs = move_to(extras[index], device)
-            outs.append(_first_tensor(block(move_to(h, device), *args, **kwargs)).detach())
-    return outs
+            out = block(move_to(h, device), *args, **kwargs)
+            outs.append(_first_tensor(out).detach())
+            if keep:
+                if not isinstance(out, (tuple, list)) or len(out) <= max(keep):
+                    raise TypeError(
+                        f"block {index} returned a {type(out).__name__}, not the tuple of {max(keep) + 1}+ outputs "
+                        "it returned when the calibration inputs were captured"
+                    )
+                kept.append({pos: out[pos].detach() if isinstance(out[pos], torch.Tensor) else out[pos] for pos in keep})
+    return outs, kept
+
+
+def run_block(block: nn.Module, inputs: BlockInputs, index: int, hidden: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Run block ``index`` on every cached batch; returns its output hidden states."""
+    return _run(block, inputs, index, inputs.hidden if hidden is None else hidden, set())[0]
+
+
+def _link(inputs: BlockInputs, index: int, outputs: list[dict[int, Any]]) -> None:
+    """Put the outputs of the block called before block ``index`` where block ``index`` takes them."""
+    for b, out in enumerate(outputs):
+        args, kwargs = inputs.extras[b][index]
+        args, kwargs = list(args), dict(kwargs)
+        for (kind, key), pos in inputs.links[index].items():
+            if kind == "arg":
+                args[key] = out[pos]
+            else:
+                kwargs[key] = out[pos]
+        inputs.extras[b][index] = (tuple(args), kwargs)
 
 
 def module_device(module: nn.Module) -> torch.device | None:
@@ -203,18 +342,25 @@ def for_each_block(
     progress: bool = True,
     desc: str = "quantize blocks",
 ) -> list[torch.Tensor]:
-    """Drive the block loop: for each block, move it to ``device``, let ``process`` work on it with
-    its inputs, run it to produce the next block's inputs, then move it back where it was.
+    """Drive the block loop: for each block the model calls, move it to ``device``, let ``process``
+    work on it with its inputs, run it to produce the next called block's inputs (hidden states and
+    linked extra outputs, :attr:`BlockInputs.links`), then move it back where it was. The blocks of
+    :attr:`BlockInputs.skipped` are not processed: the hidden states pass them by, as in the model.
 
     ``inputs.hidden`` is replaced as the loop advances; returns the last block's outputs.
     """
-    for i in tqdm(range(len(layers)), desc=desc, disable=not progress):
+    called = inputs.called
+    for n, i in enumerate(tqdm(called, desc=desc, disable=not progress)):
         block = layers[i]
         home = module_device(block)
         if device is not None:
             block.to(device)
         process(i, block, inputs)
-        inputs.hidden = run_block(block, inputs, i)
+        nxt = called[n + 1] if n + 1 < len(called) else None
+        keep = set(inputs.links.get(nxt, {}).values()) if nxt is not None else set()
+        inputs.hidden, extra = _run(block, inputs, i, inputs.hidden, keep)
+        if keep:
+            _link(inputs, nxt, extra)
         if device is not None and home is not None:
             block.to(home)
         release_free_memory()  # the block's freed activations: keep RSS flat across blocks
