@@ -94,19 +94,12 @@ KNOWN_CAUSES = {
         "raises on a pair that applies to no block of the model at hand, so the default config fails on "
         "every variant."
     ),
-    "not enough values to unpack": (
-        "GLM-MoE-DSA decoder layers return `(hidden_states, topk_indices)` and the next layer consumes the "
-        "indices; the block driver's capture pass replaces every block by an identity stand-in returning one "
-        "tensor (any column that calibrates block by block fails)."
-    ),
-    "static quantizer used before calibration": (
-        "without an algorithm `ModelQuantizer` guesses the decoder blocks (the longest `nn.ModuleList` of one "
-        "class); Mllama's text stack mixes self- and cross-attention layer classes, so the vision encoder is "
-        "calibrated and the text K/V output quantizers never are."
-    ),
-    "KeyError: 1": (
-        "text-only calibration never calls Mllama's cross-attention decoder layer (transformers skips it "
-        "without image states); `capture_block_inputs` expects every block to be called."
+    "cannot export: static activation quantizer": (
+        "text-only calibration never calls Mllama's cross-attention decoder blocks (transformers skips them "
+        "without image states). `ModelQuantizer` quantizes their weights from the weights and skips the "
+        "algorithms there, but cannot calibrate their static activation quantizers (the fp8 / int8 inputs, the "
+        "cross-attention K/V outputs), so `export_safetensors` refuses the model rather than write a checkpoint "
+        "without their scales. Calibrating with image inputs, or excluding `*cross_attn*`, gives a complete model."
     ),
 }
 
