@@ -10,6 +10,7 @@ in ``tests/data/remote_code_module_names.json`` (:func:`remote_listing`).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,14 +69,19 @@ class Case:
     patch: dict[str, Any] = field(default_factory=dict)
     #: skip TINY (configs with their own field names)
     raw: bool = False
+    #: parameter-name pattern (fnmatch) -> a constant the matching parameters are filled with after
+    #: construction: gates transformers initialises to zero, which would hide a block's output from
+    #: the logits (and from the harness's logit comparison)
+    fill: dict[str, float] = field(default_factory=dict)
 
 
 _MHA = {"num_key_value_heads": 4}
 #: MLA attention expands the latent to one K/V head per query head
 _MLA = {"num_key_value_heads": 4}
 _DENSE_FIRST = {"mlp_only_layers": [0]}
-#: tiny vision towers for the multimodal classes (never run: the harness feeds text only; without
-#: them each model carries a 0.1-0.8 B-parameter random vision tower)
+#: tiny vision towers for the multimodal classes (without them each model carries a 0.1-0.8 B-parameter
+#: random vision tower); the harness feeds them images only where decoder blocks need them
+#: (``quark.torch.utils.coverage.INPUT_BUILDERS``), text elsewhere
 _VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 _QWEN_VIT = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                  num_position_embeddings=16)
@@ -198,7 +204,12 @@ CASES: dict[str, list[Case]] = {
         Case(
             "MllamaForConditionalGeneration",
             text=dict(num_hidden_layers=3, cross_attention_layers=[1]),
+            # the cross-attention block's tanh gates start at 0 (its output would not reach the logits)
+            fill={"*cross_attn_attn_gate": 1.0, "*cross_attn_mlp_gate": 1.0},
             top=dict(
+                # the image token is the first id past the text vocabulary (128256 in Llama 3.2
+                # Vision), inside the embedding's 8 extra rows
+                image_token_index=128,
                 vision_config=dict(
                     hidden_size=32,
                     intermediate_size=64,
@@ -311,7 +322,17 @@ def build_model(model_type: str, index: int = 0, *, device: str | torch.device |
             return cls(cfg)
     torch.manual_seed(seed)
     with torch.device(device or "cpu"):
-        return cls(cfg).eval()
+        model = cls(cfg).eval()
+    filled = set()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            pattern = next((p for p in case.fill if fnmatch.fnmatchcase(name, p)), None)
+            if pattern is not None:
+                param.fill_(case.fill[pattern])
+                filled.add(pattern)
+    if set(case.fill) - filled:  # a renamed parameter: fail loudly rather than test a silent block
+        raise ValueError(f"{case.cls}: fill patterns {sorted(set(case.fill) - filled)} match no parameter")
+    return model
 
 
 def case_name(case: Case) -> str:
