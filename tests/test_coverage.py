@@ -1,7 +1,8 @@
 """The architecture coverage harness (``quark/torch/utils/coverage.py``, ``bench/coverage.py``).
 
 A CI subset of ``docs/architectures.md``: dense (llama, qwen2), MoE (qwen3_moe, mixtral), multimodal
-with a (1 + w) norm (gemma3) and MLA + MoE (deepseek_v3) tiny models are quantized with every
+with a (1 + w) norm (gemma3), multimodal with cross-attention blocks that run only on images (mllama,
+calibrated on image batches) and MLA + MoE (deepseek_v3) tiny models are quantized with every
 column's config, exported and reimported. Every column claimed to pass must pass; in the MoE types
 the fused 3-D expert weights must be quantized (per expert) in every column. The whole table (every
 registered model type) is the ``slow`` test.
@@ -29,12 +30,9 @@ FUSED_MOE = {
     "glm_moe_dsa", "gpt_oss", "granitemoehybrid", "kimi_k25", "llama4", "minimax_m2", "minimax_m3_vl",
     "mixtral", "qwen2_moe", "qwen3_5_moe", "qwen3_moe", "qwen3_next", "qwen3_vl_moe",
 }
-#: (model type, column) -> the start of the reason of a known failure (see docs/architectures.md)
-KNOWN_FAILURES = {
-    # text-only calibration never calls mllama's cross-attention blocks: their static activation
-    # quantizers (fp8+kv, smoothquant's int8) stay uncalibrated and export refuses the model
-    ("mllama", "export"): "fp8+kv: ValueError: cannot export: static activation quantizer",
-}
+#: (model type, column) -> the start of the reason of a known failure (see docs/architectures.md);
+#: none: every cell of every native type passes
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -84,6 +82,94 @@ def test_pattern_counts_of_llama():
     # every scaling pair applies in both blocks, every GPTQ entry matches one layer per block
     assert {n for (role, _), n in counts.items() if role in ("awq pair", "smoothquant pair")} == {2}
     assert {n for (role, _), n in counts.items() if role == "gptq entry"} == {2}
+
+
+MLLAMA_INPUTS = {
+    "input_ids": [1, 16],
+    "pixel_values": [1, 1, 4, 3, 56, 56],  # [batch, images, max_num_tiles, channels, H, W]
+    "aspect_ratio_ids": [1, 1],
+    "aspect_ratio_mask": [1, 1, 4],
+    "cross_attention_mask": [1, 16, 1, 4],  # [batch, seq, images, max_num_tiles]
+}
+TEXT_STACK = "model.language_model.layers"
+
+
+def test_mllama_batches_carry_tiled_images():
+    from quark.torch.utils.tiny_models import build_model
+
+    model = build_model("mllama")
+    assert coverage.input_builder(model).name == "tiled images with a cross-attention mask"
+    data = coverage.batches(model=model)
+    vision = model.config.vision_config
+    for batch in data:
+        assert coverage.describe_batch(batch) == MLLAMA_INPUTS
+        ids = batch["input_ids"][0]
+        # the image token (the first id past the text vocabulary) first, text tokens after it
+        assert ids[0] == model.config.image_token_id == 128 and (ids[1:] < coverage.VOCAB).all()
+        ratio = int(batch["aspect_ratio_ids"]) - 1
+        rows, cols = vision.supported_aspect_ratios[ratio]
+        tiles = batch["aspect_ratio_mask"][0, 0]
+        assert tiles.tolist() == [1] * (rows * cols) + [0] * (4 - rows * cols)
+        assert (batch["cross_attention_mask"] == tiles).all()  # every token attends to the image's tiles
+        used = batch["pixel_values"][0, 0].flatten(1).abs().sum(1) > 0
+        assert used.tolist() == tiles.bool().tolist()  # padding tiles are zero
+    # text models (and no model) get the same text-only batches as before
+    llama = coverage.batches(model=build_model("llama"))
+    assert [list(b) for b in llama] == [["input_ids"]] * coverage.N_BATCHES
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(llama, coverage.batches()))
+    # the gates transformers initialises to 0 are filled: the cross-attention block moves the logits
+    text = {"input_ids": data[0]["input_ids"]}
+    assert coverage.rel_diff(coverage.logits(model, data[0]), coverage.logits(model, text)) > 0.01
+
+
+def test_an_image_token_outside_the_embedding_is_refused():
+    from quark.torch.utils.tiny_models import build_model
+
+    model = build_model("mllama")
+    model.config.image_token_id = 128256  # transformers' default, past the tiny 136-row embedding
+    with pytest.raises(ValueError, match="token id 128256 is outside the 136-row input embedding"):
+        coverage.batches(model=model)
+
+
+def test_a_fill_pattern_matching_no_parameter_is_refused(monkeypatch):
+    import dataclasses
+
+    from quark.torch.utils import tiny_models
+
+    case = dataclasses.replace(tiny_models.CASES["mllama"][0], fill={"*cross_attn_gate_renamed": 1.0})
+    monkeypatch.setitem(tiny_models.CASES, "mllama", [case])
+    with pytest.raises(ValueError, match=r"fill patterns \['\*cross_attn_gate_renamed'\] match no parameter"):
+        tiny_models.build_model("mllama")
+
+
+def test_mllama_calibrates_every_block_on_images():
+    r = row("mllama")
+    builds = coverage.cell(r, "builds")
+    assert builds.details == {"inputs": MLLAMA_INPUTS, "blocks": 3, "uncalled_blocks": []}
+    assert builds.note.startswith("calibrated and compared on tiled images with a cross-attention mask: input_ids")
+    assert [c for c in COLUMNS if coverage.cell(r, c).status != "pass"] == []
+    assert set(coverage.cell(r, "export").details) == set(QUANT_COLUMNS)
+
+
+def test_text_only_batches_leave_the_cross_attention_block_uncalled(monkeypatch):
+    """Without the image builder the harness names the skipped block in builds, and the static
+    activation quantizers it leaves uncalibrated fail the export of fp8+kv (int4 is weight-only)."""
+    monkeypatch.setattr(coverage, "INPUT_BUILDERS", ())
+    r = coverage.run_type("mllama", ("builds", "int4", "fp8+kv", "export", "reimport"))
+    builds = coverage.cell(r, "builds")
+    assert builds.text() == (
+        f"fail: the calibration batches never call decoder blocks [1] of {TEXT_STACK!r} (input_ids): the model "
+        "skips them"
+    )
+    assert builds.details["uncalled_blocks"] == [1] and builds.note == ""
+    assert coverage.cell(r, "int4").status == coverage.cell(r, "fp8+kv").status == "pass"
+    export = coverage.cell(r, "export")
+    assert export.status == "fail" and export.reason.startswith(
+        f"fp8+kv: ValueError: cannot export: static activation quantizer {TEXT_STACK}.1.cross_attn.q_proj")
+    assert export.details["int4"]["status"] == "pass"
+    assert coverage.cell(r, "reimport").status == "pass"  # int4 only: fp8+kv was not exported
+    causes = coverage.render_markdown([r], {})
+    assert "the calibration batches never call decoder blocks" in causes.split("## Failures by cause")[1]
 
 
 def test_mla_kv_cache_note():

@@ -2,7 +2,7 @@
 
 * GLM-MoE-DSA: blocks return ``(hidden_states, topk_indices)`` and the next block reuses the indices;
 * Mllama: the text stack mixes self- and cross-attention block classes, and text-only calibration
-  never calls the cross-attention blocks (block 1 of the tiny model);
+  never calls the cross-attention blocks (block 1 of the tiny model); calibration on images does;
 * configs without an algorithm walk the template's decoder stack (``QConfig.model_decoder_layers``).
 """
 
@@ -94,6 +94,51 @@ def test_mllama_gptq_skips_the_blocks_it_has_no_inputs_for(caplog):
     expected = copy.deepcopy(q.weight_quantizer)
     expected.calibrate_from(float_cross)
     assert torch.equal(q.weight_quantizer.scale, expected.scale)  # min-max from the weight
+
+
+@pytest.mark.parametrize("scheme, algorithm", [("fp8", None), ("int8", "smoothquant"), ("int4_wo_32", "gptq")])
+def test_mllama_image_batches_calibrate_the_cross_attention_block(scheme, algorithm, caplog, tmp_path):
+    """With image batches (``batches(model=...)``: tiled pixel values, aspect ratios, cross-attention
+    mask) the model calls block 1 with the vision states: the driver captures them as the block's
+    keyword arguments, every quantizer of the block is calibrated, the algorithm runs there too,
+    and the model exports and reloads with the same logits."""
+    from quark.torch.export.api import import_model_from_safetensors
+    from quark.torch.quantization.driver import capture_block_inputs
+    from quark.torch.quantization.tensor_quantizer import TensorQuantizer
+
+    model = build_model("mllama")
+    layers = model.get_submodule(TEXT)
+    data = batches(model=model)
+    captured = capture_block_inputs(model, layers, data, progress=False)
+    assert captured.skipped == [] and captured.called == [0, 1, 2]
+    for extras in captured.extras:
+        kwargs = extras[1][1]
+        # the vision states: 4 tiles of 16 patches + CLS per sample, projected to the text width
+        assert kwargs["cross_attention_states"].shape == (4, 17, 64)
+        assert kwargs["cross_attention_mask"].shape == (1, 1, 16, 4 * 17)
+        assert kwargs["full_text_row_masked_out_mask"].shape == (1, 1, 16, 1)
+    float_q = layers[1].cross_attn.q_proj.weight.detach().clone()
+    cfg = LLMTemplate.get("mllama").get_config(scheme, algorithm=algorithm,
+                                               kv_cache_scheme="fp8" if scheme == "fp8" else None)
+    with caplog.at_level(logging.WARNING, logger="quark.torch.quantization.api"):
+        ModelQuantizer(cfg).quantize_model(model, data, progress=False)
+    assert _skip_warnings(caplog) == []
+    quantizers = {n: q for n, q in layers[1].named_modules() if isinstance(q, TensorQuantizer)}
+    assert quantizers and all(q.has_qparams and q.uncalibrated_reason is None for q in quantizers.values())
+    cross = layers[1].cross_attn
+    if scheme == "fp8":  # the cross-attention K/V outputs (the vision states' cache) have scales
+        assert cross.k_proj.output_quantizer.has_qparams and cross.v_proj.output_quantizer.has_qparams
+    if algorithm == "gptq":
+        assert cross.q_proj.weight_qparams_fixed
+    if algorithm == "smoothquant":  # input_layernorm -> cross_attn.q_proj was smoothed
+        assert not torch.equal(cross.q_proj.weight, float_q)
+    with torch.no_grad():
+        ref = [model(**b).logits for b in data]
+    export_safetensors(model, tmp_path / "out")
+    back = import_model_from_safetensors(None, tmp_path / "out")
+    with torch.no_grad():
+        for b, r in zip(data, ref):
+            torch.testing.assert_close(back(**b).logits, r, rtol=0, atol=1e-3 * float(r.abs().max()))
 
 
 @pytest.mark.parametrize("algorithm", [None, "gptq"])

@@ -6,13 +6,17 @@ quantized once per column with the template's config, exported with :func:`expor
 imported back with ``import_model_from_safetensors(None, folder)`` (the architecture built from
 config.json) and the reimported logits compared with the quantized model's. Columns:
 
-* ``builds``: the model builds and runs, and each of the template's layer patterns (Q, gate/up,
-  exclusions) matches a module; for remote-code types the names are checked against the listing
-  ``tests/data/remote_code_module_names.json`` instead (nothing is built, every other column is n/a).
+* ``builds``: the model builds and runs, the calibration batches call every decoder block (a block
+  the model skips keeps uncalibrated static activation quantizers), and each of the template's layer
+  patterns (Q, gate/up, exclusions) matches a module; for remote-code types the names are checked
+  against the listing ``tests/data/remote_code_module_names.json`` instead (nothing is built, every
+  other column is n/a).
 * ``int4`` (``int4_wo_32``), ``fp8+kv`` (``fp8`` + ``kv_cache_scheme="fp8"``, whose K/V patterns
   must put an output quantizer on some layer), ``mxfp4``, ``awq`` / ``gptq`` (``int4_wo_32``) and
   ``smoothquant`` (``int8``) with the template's default algorithm config (n/a where the template
-  has none), calibrated on :data:`N_BATCHES` random token batches. A cell fails on an exception
+  has none), calibrated on :data:`N_BATCHES` random token batches (:func:`batches`; with the
+  multimodal inputs of :data:`INPUT_BUILDERS` for a model whose forward takes them: Mllama's
+  cross-attention blocks run only on images). A cell fails on an exception
   (its first line is the reason), on non-finite logits, when nothing was quantized, when a scaling
   pair / GPTQ entry of the algorithm matches no module, or when fused 3-D expert weights stay float
   (transformers-5 MoE blocks of a class :mod:`quark.torch.quantization.fused_experts` has no layout for).
@@ -30,11 +34,13 @@ per pattern (:func:`pattern_counts`); the quantized model's own count is in the 
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import logging
 import re
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,8 +76,9 @@ QUANT_COLUMNS: dict[str, tuple[str, dict[str, Any]]] = {
     "smoothquant": ("int8", {"algorithm": "smoothquant"}),
 }
 ALGORITHM_COLUMNS = ("awq", "gptq", "smoothquant")
-#: the CI subset (``--quick``, ``tests/test_coverage.py``): dense, MoE, multimodal, MLA
-QUICK_TYPES = ("llama", "qwen2", "qwen3_moe", "mixtral", "gemma3", "deepseek_v3")
+#: the CI subset (``--quick``, ``tests/test_coverage.py``): dense, MoE, multimodal (text-only and with
+#: images for cross-attention blocks), MLA
+QUICK_TYPES = ("llama", "qwen2", "qwen3_moe", "mixtral", "gemma3", "mllama", "deepseek_v3")
 #: reimported vs quantized logits: max |diff| / max |logit| below this (or equal)
 RTOL = 1e-3
 N_BATCHES = 2
@@ -94,12 +101,17 @@ KNOWN_CAUSES = {
         "raises on a pair that applies to no block of the model at hand, so the default config fails on "
         "every variant."
     ),
+    "the calibration batches never call decoder blocks": (
+        "the model skips some decoder blocks on the harness's batches (Mllama's cross-attention blocks "
+        "without images) and no entry of `INPUT_BUILDERS` (`quark/torch/utils/coverage.py`) gives the inputs "
+        "they need for this forward signature."
+    ),
     "cannot export: static activation quantizer": (
-        "text-only calibration never calls Mllama's cross-attention decoder blocks (transformers skips them "
-        "without image states). `ModelQuantizer` quantizes their weights from the weights and skips the "
-        "algorithms there, but cannot calibrate their static activation quantizers (the fp8 / int8 inputs, the "
-        "cross-attention K/V outputs), so `export_safetensors` refuses the model rather than write a checkpoint "
-        "without their scales. Calibrating with image inputs, or excluding `*cross_attn*`, gives a complete model."
+        "decoder blocks the calibration batches never call (see the builds column): `ModelQuantizer` "
+        "quantizes their weights from the weights and skips the algorithms there, but cannot calibrate their "
+        "static activation quantizers (fp8 / int8 inputs, K/V outputs), so `export_safetensors` refuses the "
+        "model rather than write a checkpoint without their scales. Calibrating with inputs that reach the "
+        "blocks, or excluding their layers, gives a complete model."
     ),
 }
 
@@ -135,9 +147,108 @@ def _traceback() -> str:
     return re.sub(r'"[^"]*/site-packages/', '"', text)
 
 
-def batches(n: int = N_BATCHES, seq: int = SEQ_LEN, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+# -- calibration / comparison inputs --------------------------------------------------------------
+@dataclass(frozen=True)
+class InputBuilder:
+    """The multimodal inputs of the batches of every model whose ``forward`` takes all of ``params``
+    (what some decoder blocks need to be called at all: Mllama's cross-attention blocks run only on
+    image states). ``build(config, input_ids, generator)`` returns the batch's extra entries, with
+    shapes read from the model's config, and may write special tokens (the image token) into
+    ``input_ids`` in place."""
+
+    name: str
+    params: tuple[str, ...]
+    build: Callable[[Any, torch.Tensor, torch.Generator], dict[str, torch.Tensor]]
+
+
+def _image_size(vision: Any) -> tuple[int, int]:
+    size = vision.image_size
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+
+
+def tiled_images(config: Any, input_ids: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """One image per sample, cut into tiles, as cross-attention vision models take it (Llama 3.2 Vision,
+    ``modeling_mllama.py``): an aspect ratio drawn from ``vision_config.supported_aspect_ratios``
+    (``rows x cols`` tiles of ``image_size``), ``pixel_values`` ``[batch, 1, max_num_tiles, num_channels,
+    H, W]`` (random on the image's tiles, zero on the padding tiles), ``aspect_ratio_ids`` ``[batch, 1]``
+    (1 + the ratio's index; 0 is padding), ``aspect_ratio_mask`` ``[batch, 1, max_num_tiles]`` and
+    ``cross_attention_mask`` ``[batch, seq, 1, max_num_tiles]`` (1 on the image's tiles, for every token
+    from the image token on); the image token (``config.image_token_id``) first, where the processor
+    puts it."""
+    vision = config.vision_config
+    tiles, channels = vision.max_num_tiles, vision.num_channels
+    h, w = _image_size(vision)
+    ratios = [i for i, (r, c) in enumerate(vision.supported_aspect_ratios) if r * c <= tiles]
+    ratio = ratios[int(torch.randint(len(ratios), (1,), generator=g))]
+    rows, cols = vision.supported_aspect_ratios[ratio]
+    used = rows * cols
+    batch, seq = input_ids.shape
+    input_ids[:, 0] = config.image_token_id
+    pixel_values = torch.zeros(batch, 1, tiles, channels, h, w)
+    pixel_values[:, :, :used] = torch.randn(batch, 1, used, channels, h, w, generator=g)
+    tile_mask = torch.zeros(batch, 1, tiles, dtype=torch.long)
+    tile_mask[..., :used] = 1
+    return {
+        "pixel_values": pixel_values,
+        "aspect_ratio_ids": torch.full((batch, 1), ratio + 1, dtype=torch.long),
+        "aspect_ratio_mask": tile_mask,
+        "cross_attention_mask": tile_mask[:, None].expand(batch, seq, 1, tiles).clone(),
+    }
+
+
+#: multimodal inputs, by the forward parameters they fill (the first builder whose parameters a model's
+#: forward takes all of applies; other models get text only, which calls all their decoder blocks:
+#: the ``builds`` column checks it)
+INPUT_BUILDERS: tuple[InputBuilder, ...] = (
+    InputBuilder(
+        "tiled images with a cross-attention mask",
+        ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"),
+        tiled_images,
+    ),
+)
+
+
+def input_builder(model: nn.Module) -> InputBuilder | None:
+    """The :data:`INPUT_BUILDERS` entry whose parameters ``model.forward`` takes, or None (text only)."""
+    params = inspect.signature(model.forward).parameters
+    return next((b for b in INPUT_BUILDERS if all(p in params for p in b.params)), None)
+
+
+def batches(n: int = N_BATCHES, seq: int = SEQ_LEN, seed: int = 1, model: nn.Module | None = None
+            ) -> list[dict[str, torch.Tensor]]:
+    """``n`` batches of ``seq`` random tokens; for a ``model`` with an :func:`input_builder`, with its
+    multimodal inputs (built from ``model.config``). Without a model: text only."""
     g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(1, VOCAB, (1, seq), generator=g)} for _ in range(n)]
+    builder = None if model is None else input_builder(model)
+    out = []
+    for _ in range(n):
+        batch = {"input_ids": torch.randint(1, VOCAB, (1, seq), generator=g)}
+        if builder is not None:
+            batch.update(builder.build(model.config, batch["input_ids"], g))
+            rows = model.get_input_embeddings().num_embeddings
+            if int(batch["input_ids"].max()) >= rows:
+                raise ValueError(f"{builder.name}: token id {int(batch['input_ids'].max())} is outside the "
+                                 f"{rows}-row input embedding of {type(model).__name__} (set the config's token id)")
+        out.append(batch)
+    return out
+
+
+def describe_batch(batch: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """The shape of each entry of a batch."""
+    return {k: list(v.shape) for k, v in batch.items()}
+
+
+def uncalled_blocks(model: nn.Module, path: str | None, data: list[Any]) -> tuple[str, int, list[int]]:
+    """``(path, number of blocks, blocks the model never calls on data)`` for the decoder stack at ``path``
+    (or the guessed one), from the block driver's capture pass (the blocks' inputs are recorded, no
+    block does work but one of each class, once)."""
+    from quark.torch.quantization.driver import capture_block_inputs, find_decoder_layers
+
+    found = find_decoder_layers(model, path)
+    if found is None:
+        raise ValueError(f"no decoder stack found in {type(model).__name__}")
+    path, layers = found
+    return path, len(layers), capture_block_inputs(model, layers, data, progress=False).skipped
 
 
 #: model class -> why its own forward could not be used (the logits came from ``.language_model``)
@@ -145,7 +256,7 @@ FORWARD_FALLBACKS: dict[str, str] = {}
 
 
 def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's logits for a text batch. A multimodal model whose own forward fails on text
+    """The model's logits for a batch of :func:`batches`. A multimodal model whose own forward fails on text
     (transformers 5.24's ``Llama4ForConditionalGeneration`` cannot build its output) is read
     through its ``language_model`` (the same text path); :data:`FORWARD_FALLBACKS` records it."""
     with torch.no_grad():
@@ -441,10 +552,11 @@ def run_type(model_type: str, columns: tuple[str, ...] = COLUMNS, listing: dict[
     else:
         row["kind"] = "native"
         row["class"] = CASES[model_type][0].cls
-        data = batches()
         built = False
+        data: list[dict[str, torch.Tensor]] = []
         try:
             model = build_model(model_type)
+            data = batches(model=model)
             ref = logits(model, data[0])
             built = True  # the quantization columns run even when a pattern check below fails
             layouts = _layouts(model_type, template, model, listing)
@@ -452,18 +564,29 @@ def run_type(model_type: str, columns: tuple[str, ...] = COLUMNS, listing: dict[
             row["patterns"] = pattern_counts(template, layouts)
             problems = _head_problems(template, layouts)
             path = decoder_path(template)
+            details: dict[str, Any] = {"inputs": describe_batch(data[0])}
             if path and not isinstance(_submodule(model, path), nn.ModuleList):
                 problems.insert(0, f"the decoder path {path!r} is no nn.ModuleList of {type(model).__name__}")
+            else:
+                stack, n_blocks, skipped = uncalled_blocks(model, path, data)
+                details.update(blocks=n_blocks, uncalled_blocks=skipped)
+                if skipped:
+                    problems.append(f"the calibration batches never call decoder blocks {skipped} of {stack!r} "
+                                    f"({', '.join(data[0])}): the model skips them")
             if not torch.isfinite(ref).all():
                 problems.append("non-finite logits")
             zeros = zero_patterns(row["patterns"], "builds")
             if zeros:
                 problems.append(f"matches 0 modules: {', '.join(zeros)}")
-            note = ""
+            notes = []
+            builder = input_builder(model)
+            if builder is not None:
+                shapes = ", ".join(f"{k} {v}" for k, v in details["inputs"].items())
+                notes.append(f"calibrated and compared on {builder.name}: {shapes}")
             if type(model).__name__ in FORWARD_FALLBACKS:
-                note = (f"{type(model).__name__}.forward fails in transformers "
-                        f"({FORWARD_FALLBACKS[type(model).__name__]}): logits read through .language_model")
-            cells["builds"] = Cell(FAIL if problems else PASS, "; ".join(problems), {}, note)
+                notes.append(f"{type(model).__name__}.forward fails in transformers "
+                             f"({FORWARD_FALLBACKS[type(model).__name__]}): logits read through .language_model")
+            cells["builds"] = Cell(FAIL if problems else PASS, "; ".join(problems), details, "; ".join(notes))
         except Exception as exc:
             cells["builds"] = Cell(FAIL, exc_reason(exc), {"traceback": _traceback()})
         exports: dict[str, Cell | None] = {}
@@ -514,12 +637,14 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "`import_model_from_safetensors(None, folder)`, and the logits of the two compared (equal, or",
         f"max |diff| / max |logit| < {RTOL:g}).",
         "",
-        "* **builds**: the model builds and runs; the template's Q, gate/up and exclusion patterns each match a",
-        "  module and the LM head is excluded.",
+        "* **builds**: the model builds and runs; the calibration batches call every decoder block; the",
+        "  template's Q, gate/up and exclusion patterns each match a module and the LM head is excluded.",
         "* **int4** `int4_wo_32`; **fp8+kv** `fp8` + `kv_cache_scheme=\"fp8\"` (the K/V patterns must put an",
         "  output quantizer on some layer); **mxfp4**; **awq**, **gptq** (`int4_wo_32`) and **smoothquant**",
         f"  (`int8`) with the template's default algorithm config; calibration on {N_BATCHES} random batches of",
-        f"  {SEQ_LEN} tokens. A quantization cell fails on an exception (its first line is the reason), when a",
+        f"  {SEQ_LEN} tokens, with random images for a model whose forward takes the inputs of an",
+        "  `INPUT_BUILDERS` entry (the builds cell's note gives the shapes; the same batches give the logits",
+        "  compared). A quantization cell fails on an exception (its first line is the reason), when a",
         "  pattern or scaling pair it uses matches no module, or when fused 3-D expert weights stay float.",
         "* **export** / **reimport**: over the columns that quantized; the reason names the columns it hit.",
         "* Remote-code types (transformers does not ship them) are checked by name against",
