@@ -256,6 +256,7 @@ def test_markdown_has_every_column_and_a_reason_in_every_non_pass_cell():
             cell = cell.rstrip(" |")
             assert cell.startswith("pass") or (cell.startswith(("fail: ", "n/a: ")) and len(cell) > 6), cell
     assert "## Pattern match counts" in text and "`*k_proj` 2" in text
+    assert "## Failures by cause\n\nNone: every cell passes or is n/a.\n" in text
 
 
 def test_bench_script_writes_json_and_merges(tmp_path):

@@ -700,7 +700,7 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| `{r['model_type']}` | {fmt('kv')} | {fmt('q')} | {fmt('gate_up')} | {fmt('exclude')} | "
             f"{pairs} | {fmt('gptq entry')} |"
         )
-    out += ["## Failures by cause", "", "| reason | cause | cells |", "|---|---|---|"]
+    out += ["## Failures by cause", ""]
     groups: dict[str, dict[str, list[str]]] = {}
     for r in rows:
         for c in COLUMNS:
@@ -708,6 +708,7 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             if data and data["status"] == FAIL:
                 key = next((k for k in KNOWN_CAUSES if k in data["reason"]), data["reason"])
                 groups.setdefault(key, {}).setdefault(r["model_type"], []).append(c)
+    out += ["| reason | cause | cells |", "|---|---|---|"] if groups else ["None: every cell passes or is n/a."]
     for key, where in sorted(groups.items(), key=lambda kv: -sum(map(len, kv[1].values()))):
         n = sum(map(len, where.values()))
         listed = ", ".join(
