@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from quark.torch.quantization.config.type import Dtype
@@ -49,8 +51,13 @@ def _order(order: str) -> tuple[int, ...]:
 
 def pack_int4(codes: torch.Tensor, order: str = "reorder") -> torch.Tensor:
     """Pack int4 (-8..7) or uint4 (0..15) codes ``[..., K]`` into int32 ``[..., K / 8]``."""
-    g = _groups(codes, 8, "pack_int4").to(torch.int64) & 0xF
     perm = _order(order)
+    if sys.byteorder == "little":
+        # byte j of the little-endian word holds nibbles 2j (low) and 2j+1 (high): build the 4 bytes
+        # in uint8 and reinterpret them (about 3x faster than shifting int64 words)
+        g = (_groups(codes, 8, "pack_int4").to(torch.uint8) & 0xF)[..., list(perm)]
+        return (g[..., 0::2] | (g[..., 1::2] << 4)).contiguous().view(torch.int32).squeeze(-1)
+    g = _groups(codes, 8, "pack_int4").to(torch.int64) & 0xF
     word = torch.zeros(g.shape[:-1], dtype=torch.int64, device=codes.device)
     for i, src in enumerate(perm):  # 8 whole-tensor ops, one per nibble position
         word |= g[..., src] << (4 * i)
