@@ -139,3 +139,132 @@ def test_online_rotation_is_restored_by_both_loaders(batches, tmp_path):
     with pytest.raises(GGUFExportError, match=r"rotate their input online \(rotation r4\)"):
         export_gguf(model, tmp_path / "gguf")
     assert not (tmp_path / "awq").exists() and not (tmp_path / "gguf").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# fused MoE experts (transformers 5 holds them as 3-D parameters; the export is per expert)
+# ---------------------------------------------------------------------------------------------
+MOE_CASES = [
+    ("qwen3_moe", "int4_wo_32", {}, "real_quantized"),
+    ("qwen3_moe", "uint4_wo_32", {}, "real_quantized"),
+    ("qwen3_moe", "fp8", {"kv_cache_scheme": "fp8"}, "real_quantized"),
+    ("qwen3_moe", "mxfp4", {}, "real_quantized"),
+    ("mixtral", "int4_wo_32", {}, "real_quantized"),
+    ("mixtral", "uint4_wo_32", {}, "real_quantized"),
+    ("mixtral", "fp8", {"kv_cache_scheme": "fp8"}, "real_quantized"),
+    ("mixtral", "mxfp4", {}, "real_quantized"),
+    ("qwen3_moe", "fp8", {}, "fake_quantized"),
+    ("mixtral", "uint4_wo_32", {}, "fake_quantized"),
+]
+#: per-expert checkpoint names of the gate / up / down matrices (vLLM's and the original checkpoints')
+MOE_NAMES = {"qwen3_moe": ("gate_proj", "up_proj", "down_proj"), "mixtral": ("w1", "w3", "w2")}
+CODE_DTYPES = {"int4_wo_32": "I32", "uint4_wo_32": "I32", "fp8": "F8_E4M3", "mxfp4": "U8"}
+
+
+def _checkpoint_meta(folder):
+    from safetensors import safe_open
+
+    meta = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as s:
+            for k in s.keys():
+                sl = s.get_slice(k)
+                meta[k] = (tuple(sl.get_shape()), sl.get_dtype())
+    return meta
+
+
+def _checkpoint_tensors(folder):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.mark.parametrize("model_type,scheme,kwargs,weight_format", MOE_CASES,
+                         ids=[f"{m}-{s}{'-kv' if k else ''}-{w.split('_')[0]}" for m, s, k, w in MOE_CASES])
+def test_fused_moe_experts_load_in_transformers(model_type, scheme, kwargs, weight_format, tmp_path):
+    """The per-expert export (vLLM's names) loads with from_pretrained: the model class's converters merge
+    the per-expert codes into the fused parameter, the scales land in per-expert slots, and the experts
+    module builds its stacked state from them on eval(): same logits as the quantized model, exactly,
+    nothing missing or unexpected; quark's own import and a re-export of the loaded model agree."""
+    from transformers import AutoModelForCausalLM
+
+    from quark.torch.export.api import import_model_from_safetensors
+    from quark.torch.export.layouts import WeightLayout
+    from quark.torch.quantization.fused_experts import QuantFusedExperts, fused_experts_modules
+    from quark.torch.utils.tiny_models import build_model
+
+    model = build_model(model_type)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    ModelQuantizer(LLMTemplate.get(model_type).get_config(scheme, **kwargs)).quantize_model(
+        model, [{"input_ids": ids}], progress=False)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    export_safetensors(model, tmp_path / "out", weight_format=weight_format)
+
+    # what is written: per expert, in the original checkpoints' names, nothing fused
+    meta = _checkpoint_meta(tmp_path / "out")
+    name, experts = fused_experts_modules(model)[0]
+    gate, up, down = MOE_NAMES[model_type]
+    assert not any(k.endswith((".experts.gate_up_proj", ".experts.down_proj")) for k in meta)
+    num = int(experts.num_experts)
+    inter, hidden = experts.fused_quant["down_proj"].in_features, model.config.hidden_size
+    wq = experts.fused_quant["gate_up_proj"].weight_quantizer
+    for e in range(num):
+        for proj, (out_f, in_f) in ((gate, (inter, hidden)), (up, (inter, hidden)), (down, (hidden, inter))):
+            shape, dtype = meta[f"{name}.{e}.{proj}.weight"]
+            if weight_format == "real_quantized":
+                expected = WeightLayout(wq.spec).placeholders(out_f, in_f)
+                assert (shape, dtype) == (tuple(expected["weight"].shape), CODE_DTYPES[scheme])
+                for key, t in expected.items():
+                    if key != "weight":
+                        assert meta[f"{name}.{e}.{proj}.weight_{key}"][0] == tuple(t.shape)
+            else:
+                assert (shape, dtype) == ((out_f, in_f), "F32")
+                assert f"{name}.{e}.{proj}.weight_scale" in meta
+            if "kv_cache_scheme" in kwargs:  # fp8: static per-expert input scales
+                assert meta[f"{name}.{e}.{proj}.input_scale"] == ((), "F32")
+
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    loaded_experts = loaded.get_submodule(name)
+    assert isinstance(loaded_experts, QuantFusedExperts)
+    assert loaded_experts.__dict__.get("_checkpoint_slots") is None and "0" not in loaded_experts._modules
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, ref, rtol=0, atol=0)
+    ours = import_model_from_safetensors(None, tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, ref, rtol=0, atol=0)
+    # both loaders end with the same module state
+    mine, theirs = ours.get_submodule(name).state_dict(), loaded_experts.state_dict()
+    assert sorted(mine) == sorted(theirs)
+    for k, t in mine.items():
+        assert theirs[k].dtype == t.dtype and torch.equal(theirs[k].view(torch.uint8), t.view(torch.uint8)), k
+    # the loaded model exports the same checkpoint again
+    export_safetensors(loaded, tmp_path / "again", weight_format=weight_format)
+    first, again = _checkpoint_tensors(tmp_path / "out"), _checkpoint_tensors(tmp_path / "again")
+    assert sorted(first) == sorted(again)
+    for k in first:
+        assert torch.equal(first[k].view(torch.uint8) if first[k].dtype.itemsize == 1 else first[k],
+                           again[k].view(torch.uint8) if again[k].dtype.itemsize == 1 else again[k]), k
+
+
+def test_fused_moe_slots_refuse_forward_before_loading():
+    """A placeholder built for transformers' loader (meta tensors, nothing loaded) says so instead of
+    running on uninitialised tensors."""
+    from quark.torch.export.api import _map_to_quark
+    from quark.torch.quantization.fused_experts import fused_experts_modules
+    from quark.torch.utils.tiny_models import build_model
+
+    model = build_model("qwen3_moe", device="meta")
+    qconfig = LLMTemplate.get("qwen3_moe").get_config("int4_wo_32")
+    _map_to_quark(model, qconfig, weight_format="real_quantized")
+    (name, experts), *_ = fused_experts_modules(model)
+    keys = experts.state_dict()
+    assert "gate_up_proj" in keys and "0.gate_proj.weight_scale" not in keys
+    assert "0.gate_proj.weight_quantizer.scale" in keys and not any(k.startswith("fused_quant") for k in keys)
+    with pytest.raises(RuntimeError, match="not loaded yet"):
+        experts(torch.zeros(1, 4, device="meta"), torch.zeros(1, 1, dtype=torch.long, device="meta"),
+                torch.ones(1, 1, device="meta"))

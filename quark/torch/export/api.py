@@ -22,8 +22,11 @@ the ``input`` / ``output`` / ``bias`` quantizers), ``<attn>.prob_output_quantize
 
 Quantized fused MoE experts (:mod:`quark.torch.quantization.fused_experts`) are written per expert
 (``<experts>.<e>.<proj>.weight`` / ``weight_scale`` / ``input_scale``, the names of :mod:`.experts`) and
-stacked back into the fused module on import; ``transformers.from_pretrained`` cannot load those (its MoE
-weight converters merge only ``.weight`` tensors), :func:`import_model_from_safetensors` can.
+stacked back into the fused module on import. One layout serves every loader: vLLM's fused-MoE loaders read
+these names, :func:`import_model_from_safetensors` stacks them before loading, and transformers'
+``from_pretrained`` loads them into the placeholders :func:`_map_to_quark` builds for it (the model
+class's converters merge the per-expert codes into the fused parameter, the scales stay per expert;
+the module stacks them on ``eval()``: :func:`.experts.attach_checkpoint_slots`).
 """
 
 from __future__ import annotations
@@ -54,9 +57,11 @@ from quark.torch.quantization.tensor_quantizer import TensorQuantizer
 from .awq import AWQ_NAMES, awq_config, awq_unsupported_reason, from_awq, to_awq
 from .config.config import PACK_METHODS, WEIGHT_FORMATS, JsonExporterConfig
 from .experts import (
+    attach_checkpoint_slots,
     expert_parts,
     fused_checkpoint_tensors,
     fused_state_from_checkpoint,
+    merged_projections,
     owned_keys,
     placeholder_projection,
 )
@@ -500,6 +505,7 @@ def _map_to_quark(
     pack_method: str = "reorder",
     custom_mode: str = "quark",
     weight_format: str | None = None,
+    expert_slots: bool = True,
 ) -> nn.Module:
     """Replace the model's linears by uninitialised quantized layers holding exactly the tensors of an
     export with ``quant_config`` (shapes, dtypes, names), on each linear's device (``meta`` included).
@@ -507,6 +513,13 @@ def _map_to_quark(
     transformers' quark integration calls this before it loads a checkpoint (``pack_method`` from
     the ``export`` block); the checkpoint's ``weight_scale`` ... land in ``weight_quantizer.scale`` ...
     ``weight_format`` defaults to the one recorded in ``model.config.quantization_config``.
+
+    Quantized fused MoE experts: with ``expert_slots`` (what transformers gets) each experts module holds
+    the per-expert checkpoint tensors where transformers' loader puts them (the model class's converters
+    merge the per-expert codes into the fused parameter, every scale keeps its per-expert name) and builds
+    its stacked state from them on ``eval()`` / its first forward
+    (:func:`quark.torch.export.experts.attach_checkpoint_slots`); without, it holds the stacked state
+    itself (``import_model_from_safetensors`` stacks the checkpoint's tensors before loading them).
     """
     if custom_mode == "awq":
         raise ValueError(
@@ -537,15 +550,18 @@ def _map_to_quark(
         )
         _set_module(model, name, q)
     _placeholder_experts(model, quant_config, {name: weight_format for name, _, _ in find_fused_experts(model)},
-                         pack_method)
+                         pack_method, slots=expert_slots)
     restore_online_rotations(model, quant_config)
     model._quark_qconfig = quant_config
     return model
 
 
-def _placeholder_experts(model: nn.Module, quant_config: QConfig, layouts: dict[str, str], pack_method: str) -> None:
+def _placeholder_experts(model: nn.Module, quant_config: QConfig, layouts: dict[str, str], pack_method: str,
+                         slots: bool = False) -> None:
     """Quantized fused-experts modules holding uninitialised tensors (``layouts``: module name ->
-    ``real_quantized`` / ``fake_quantized``), as ``ModelQuantizer`` would build them for ``quant_config``."""
+    ``real_quantized`` / ``fake_quantized``), as ``ModelQuantizer`` would build them for ``quant_config``;
+    ``slots``: holding the per-expert checkpoint tensors instead (:func:`.experts.attach_checkpoint_slots`)."""
+    built = []
     for name, module, layout in find_fused_experts(model):
         if name not in layouts or isinstance(module, QuantFusedExperts):
             continue
@@ -555,6 +571,15 @@ def _placeholder_experts(model: nn.Module, quant_config: QConfig, layouts: dict[
         QuantFusedExperts.wrap(module, layout, configs)
         for proj, _ in module.quantized_projections():
             placeholder_projection(module, proj, layouts[name], pack_method)
+        built.append((name, module))
+    if slots and built:
+        parts = expert_parts(model)
+        merged = merged_projections(model)
+        for name, module in built:
+            attach_checkpoint_slots(
+                module, {p.path: parts[(name, p.path)] for p, _ in module.quantized_projections()},
+                {p.path for p, _ in module.quantized_projections() if (name, p.path) in merged},
+                layouts[name], pack_method)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -677,7 +702,8 @@ def import_model_from_safetensors(
     elif method == "quark":
         qconfig = QConfig.from_dict(qc)
         export = JsonExporterConfig(**(qc.get("export") or {}))
-        _map_to_quark(model, qconfig, pack_method=export.pack_method, weight_format=export.weight_format)
+        _map_to_quark(model, qconfig, pack_method=export.pack_method, weight_format=export.weight_format,
+                      expert_slots=False)
         tensors = fused_state_from_checkpoint(model, tensors, export.weight_format, export.pack_method, model_dir)
         _load_state(model, {_to_module_key(k): v for k, v in tensors.items()}, model_dir)
     else:

@@ -21,6 +21,13 @@ scales) are written to both halves; biases (GPT-OSS) stay fused under their own 
 
 :func:`fused_checkpoint_tensors` writes them, :func:`fused_state_from_checkpoint` turns them back into
 the fused module's state (stacked over the experts) for ``import_model_from_safetensors``.
+
+transformers' ``from_pretrained`` (its quark quantizer renames ``weight_scale`` -> ``weight_quantizer.scale``
+...; the model class's ``WeightConverter`` merges the per-expert ``.weight`` tensors, and only those, into
+the fused parameter) loads the same files into the placeholders of :func:`attach_checkpoint_slots`:
+merged codes under the fused parameter's name, every other per-expert tensor under its own name; the
+module then builds its stacked state from them (:func:`adopt_checkpoint_slots`, on ``eval()``), so
+both loaders end with the same module and the same outputs. No separate "fused" export layout is needed.
 """
 
 from __future__ import annotations
@@ -100,13 +107,23 @@ def _parts_from_converter(conv: Any, full: str, out_features: int) -> Parts | No
 def expert_parts(model: nn.Module) -> dict[tuple[str, str], Parts]:
     """``(experts module name, projection path)`` -> the on-disk parts of each expert's matrix, for
     every quantized projection of ``model``."""
+    return {key: parts for key, (parts, _) in _expert_parts(model).items()}
+
+
+def merged_projections(model: nn.Module) -> dict[tuple[str, str], Parts]:
+    """The entries of :func:`expert_parts` whose per-expert ``.weight`` tensors transformers' loader merges
+    back into the fused parameter (a ``WeightConverter`` of the model class names them)."""
+    return {key: parts for key, (parts, merged) in _expert_parts(model).items() if merged}
+
+
+def _expert_parts(model: nn.Module) -> dict[tuple[str, str], tuple[Parts, bool]]:
     from quark.torch.quantization.fused_experts import fused_experts_modules
 
     modules = fused_experts_modules(model)
     if not modules:
         return {}
     converters = _converters(model)
-    out: dict[tuple[str, str], Parts] = {}
+    out: dict[tuple[str, str], tuple[Parts, bool]] = {}
     for name, m in modules:
         for proj, fp in m.quantized_projections():
             full = f"{name}.{proj.path}"
@@ -116,7 +133,7 @@ def expert_parts(model: nn.Module) -> dict[tuple[str, str], Parts]:
                     parts = _parts_from_converter(conv, full, fp.out_features)
                     if parts is not None:
                         break
-            out[(name, proj.path)] = parts or [(proj.leaf, None)]
+            out[(name, proj.path)] = (parts, True) if parts else ([(proj.leaf, None)], False)
     return out
 
 
@@ -192,7 +209,7 @@ def fused_state_from_checkpoint(model: nn.Module, tensors: dict[str, torch.Tenso
                                 pack_method: str, where: Any = "") -> dict[str, torch.Tensor]:
     """Replace, in ``tensors`` (checkpoint name -> tensor), the per-expert tensors of every quantized
     experts module of ``model`` by that module's state tensors (stacked over the experts); returns
-    ``tensors``. ``model`` holds the placeholders (:meth:`QuantFusedExperts.placeholder`)."""
+    ``tensors``. ``model`` holds the placeholders (:func:`placeholder_projection`)."""
     from quark.torch.quantization.fused_experts import fused_experts_modules
 
     modules = fused_experts_modules(model)
@@ -200,6 +217,16 @@ def fused_state_from_checkpoint(model: nn.Module, tensors: dict[str, torch.Tenso
         return tensors
     parts_of = expert_parts(model)
     heads = _group_by_head(tensors)
+    for name, m in modules:
+        _module_state(name, m, {p.path: parts_of[(name, p.path)] for p, _ in m.quantized_projections()},
+                      tensors, heads, weight_format, pack_method, where)
+    return tensors
+
+
+def _module_state(name: str, m: QuantFusedExperts, parts_of: dict[str, Parts], tensors: dict[str, torch.Tensor],
+                  heads: dict[str, list[str]], weight_format: str, pack_method: str, where: Any) -> None:
+    """One experts module of :func:`fused_state_from_checkpoint` (``name`` ``""``: keys relative to it)."""
+    pre = f"{name}." if name else ""
 
     def take(head: str, fused: str) -> dict[str, torch.Tensor]:
         keys = heads.pop(head, None)
@@ -212,45 +239,42 @@ def fused_state_from_checkpoint(model: nn.Module, tensors: dict[str, torch.Tenso
             raise CheckpointError(f"{where}: missing the tensors of expert layer {head}")
         return {k.rpartition(".")[2]: tensors.pop(k) for k in keys}
 
-    for name, m in modules:
-        for proj, fp in m.quantized_projections():
-            wq = fp.weight_quantizer
-            layout = WeightLayout(wq.spec, pack_method=pack_method) if wq is not None else None
-            nstages = len(wq.spec) if wq is not None and isinstance(wq.spec, list) else 1
-            stored: list[dict[str, torch.Tensor]] = []
-            weights: list[torch.Tensor] = []
-            wqp: list[Any] = []
-            acts: dict[str, list[Any]] = {}
-            for e in range(fp.num_experts):
-                pieces = [(take(f"{name}.{e}.{ckpt}", f"{name}.{proj.path}"), rows)
-                          for ckpt, rows in parts_of[(name, proj.path)]]
-                for role in ("input", "output"):
-                    tq = getattr(fp, f"{role}_quantizer")
-                    if tq is not None and not tq.is_dynamic:
-                        n = len(tq.spec) if isinstance(tq.spec, list) else 1
-                        acts.setdefault(role, []).append(_qparams_from(pieces[0][0], role, n))
-                if wq is None:
-                    weights.append(torch.cat([p["weight"] for p, _ in pieces]))
-                elif weight_format == "real_quantized":
-                    loaded = [layout.load(_stored_of(p)) for p, _ in pieces]
-                    codes = torch.cat([c for c, _ in loaded]) if len(loaded) > 1 else loaded[0][0]
-                    qp = cat_rows([q for _, q in loaded]) if len(loaded) > 1 else loaded[0][1]
-                    stored.append(layout.store(codes, qp))
-                else:
-                    weights.append(torch.cat([p["weight"] for p, _ in pieces]))
-                    qps = [_qparams_from(p, "weight", nstages) for p, _ in pieces]
-                    wqp.append(cat_rows(qps) if len(qps) > 1 else qps[0])
-            state = f"{name}.fused_quant.{proj.alias}"
-            if stored:
-                for key in stored[0]:
-                    tensors[f"{state}.stored_{key}"] = torch.stack([s[key] for s in stored])
-            if weights:
-                tensors[f"{name}.{proj.path}"] = module_view(torch.stack(weights), fp.param_shape, proj.transposed)
-            if wqp:
-                tensors.update(qparam_tensors(f"{state}.weight_quantizer", stack_qparams(wqp), sep="."))
-            for role, per in acts.items():
-                tensors.update(qparam_tensors(f"{state}.{role}_quantizer", stack_qparams(per), sep="."))
-    return tensors
+    for proj, fp in m.quantized_projections():
+        wq = fp.weight_quantizer
+        layout = WeightLayout(wq.spec, pack_method=pack_method) if wq is not None else None
+        nstages = len(wq.spec) if wq is not None and isinstance(wq.spec, list) else 1
+        stored: list[dict[str, torch.Tensor]] = []
+        weights: list[torch.Tensor] = []
+        wqp: list[Any] = []
+        acts: dict[str, list[Any]] = {}
+        for e in range(fp.num_experts):
+            pieces = [(take(f"{pre}{e}.{ckpt}", f"{pre}{proj.path}"), rows) for ckpt, rows in parts_of[proj.path]]
+            for role in ("input", "output"):
+                tq = getattr(fp, f"{role}_quantizer")
+                if tq is not None and not tq.is_dynamic:
+                    n = len(tq.spec) if isinstance(tq.spec, list) else 1
+                    acts.setdefault(role, []).append(_qparams_from(pieces[0][0], role, n))
+            if wq is None:
+                weights.append(torch.cat([p["weight"] for p, _ in pieces]))
+            elif weight_format == "real_quantized":
+                loaded = [layout.load(_stored_of(p)) for p, _ in pieces]
+                codes = torch.cat([c for c, _ in loaded]) if len(loaded) > 1 else loaded[0][0]
+                qp = cat_rows([q for _, q in loaded]) if len(loaded) > 1 else loaded[0][1]
+                stored.append(layout.store(codes, qp))
+            else:
+                weights.append(torch.cat([p["weight"] for p, _ in pieces]))
+                qps = [_qparams_from(p, "weight", nstages) for p, _ in pieces]
+                wqp.append(cat_rows(qps) if len(qps) > 1 else qps[0])
+        state = f"{pre}fused_quant.{proj.alias}"
+        if stored:
+            for key in stored[0]:
+                tensors[f"{state}.stored_{key}"] = torch.stack([s[key] for s in stored])
+        if weights:
+            tensors[f"{pre}{proj.path}"] = module_view(torch.stack(weights), fp.param_shape, proj.transposed)
+        if wqp:
+            tensors.update(qparam_tensors(f"{state}.weight_quantizer", stack_qparams(wqp), sep="."))
+        for role, per in acts.items():
+            tensors.update(qparam_tensors(f"{state}.{role}_quantizer", stack_qparams(per), sep="."))
 
 
 def _stored_of(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -301,3 +325,151 @@ def placeholder_projection(module: QuantFusedExperts, proj: Projection, layout: 
             if t is not None:
                 setattr(wq, field + suffix, torch.empty((e, *t.shape), dtype=t.dtype, device=device))
     fp.weight_qparams_fixed = True  # loaded qparams are kept, not recomputed from the weight
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers' from_pretrained: the checkpoint's per-expert tensors, held where its loader puts them
+# ---------------------------------------------------------------------------------------------
+class CheckpointSlots(nn.Module):
+    """Tensors of a per-expert checkpoint held under their checkpoint names (``<e>.<proj>.weight_quantizer.scale``
+    ...) until :func:`adopt_checkpoint_slots` turns them into the experts module's own state."""
+
+
+def checkpoint_placeholders(module: QuantFusedExperts, parts_of: dict[str, Parts], weight_format: str,
+                            pack_method: str, device: Any) -> dict[str, torch.Tensor]:
+    """Checkpoint name relative to the experts module (``<e>.<proj>.weight_scale`` ...) -> an uninitialised
+    tensor of its shape and dtype: exactly the tensors :func:`fused_checkpoint_tensors` writes."""
+    from quark.torch.quantization.tensor_quantize import compute_qparams
+
+    from .layouts import activation_placeholders
+
+    out: dict[str, torch.Tensor] = {}
+    for proj, fp in module.quantized_projections():
+        wq = fp.weight_quantizer
+        layout = WeightLayout(wq.spec, pack_method=pack_method) if wq is not None else None
+        acts: dict[str, torch.Tensor] = {}
+        for role, features in (("input", fp.in_features), ("output", fp.out_features)):
+            tq = getattr(fp, f"{role}_quantizer")
+            if tq is not None:
+                for key, t in activation_placeholders(tq.spec, features, "meta").items():
+                    acts[f"{role}_{key}"] = t
+        for ckpt, rows in parts_of[proj.path]:
+            n = fp.out_features if rows is None else rows.stop - rows.start
+            shaped: dict[str, torch.Tensor] = {}
+            if wq is None or weight_format != "real_quantized":
+                shaped["weight"] = torch.empty(n, fp.in_features, dtype=fp.weight_dtype, device="meta")
+            if wq is not None and weight_format == "real_quantized":
+                for key, t in layout.placeholders(n, fp.in_features, "meta").items():
+                    shaped["weight" if key == "weight" else f"weight_{key}"] = t
+            elif wq is not None:
+                qps = compute_qparams(torch.empty(n, fp.in_features, device="meta"), wq.spec)
+                shaped.update(qparam_tensors("weight", qps))
+            shaped.update(acts)
+            for e in range(fp.num_experts):
+                for key, t in shaped.items():
+                    out[f"{e}.{ckpt}.{key}"] = torch.empty(t.shape, dtype=t.dtype, device=device)
+    return out
+
+
+def attach_checkpoint_slots(module: QuantFusedExperts, parts_of: dict[str, Parts], merged: set[str],
+                            weight_format: str, pack_method: str) -> None:
+    """Make a placeholder experts module (:func:`placeholder_projection`) load transformers' way.
+
+    transformers' ``from_pretrained`` renames the checkpoint's ``weight_scale`` ... to ``weight_quantizer.scale``
+    ... (its quark quantizer), merges the per-expert ``.weight`` tensors of the projections in ``merged`` into
+    the fused parameter (the model class's ``WeightConverter``: experts stacked, gate and up concatenated along
+    the rows) and sets every other tensor by name. So the module holds: the merged codes under the fused
+    parameter's name (real_quantized: a buffer of the stored dtype, ``[E, rows, ...]``; fake_quantized: the
+    float parameter itself), and every other per-expert tensor in :class:`CheckpointSlots` children named
+    ``0`` ... ``E-1``; its stacked state (``fused_quant...``) is empty until :func:`adopt_checkpoint_slots`
+    (run by the module's ``train()`` / ``eval()`` -- ``from_pretrained`` ends with ``model.eval()`` -- and by its
+    forward) builds it from them exactly as ``import_model_from_safetensors`` does.
+    """
+    from .api import _to_module_key
+
+    device = next((t.device for t in (*module.parameters(), *module.buffers())), None)
+    slots = checkpoint_placeholders(module, parts_of, weight_format, pack_method, "meta")
+    for proj, fp in module.quantized_projections():
+        if proj.path not in merged:
+            continue
+        names = [ckpt for ckpt, _ in parts_of[proj.path]]
+        codes = [slots.pop(f"{e}.{ckpt}.weight") for e in range(fp.num_experts) for ckpt in names]
+        if fp.weight_quantizer is not None and weight_format == "real_quantized":
+            rows = sum(c.shape[0] for c in codes[: len(names)])
+            owner, leaf = _submodule(module, proj.path)
+            owner.register_buffer(leaf, torch.empty((fp.num_experts, rows, *codes[0].shape[1:]),
+                                                    dtype=codes[0].dtype, device=device))
+    # the stacked state is built from the slots: transformers must not see it (it would be "missing")
+    for sub in module.fused_quant.modules():
+        for key in list(sub._buffers):
+            sub._buffers[key] = None
+    for key, t in slots.items():
+        head, _, leaf = _to_module_key(key).rpartition(".")
+        owner = module
+        for part in head.split("."):
+            child = owner._modules.get(part)
+            if child is None:
+                child = CheckpointSlots()
+                owner.add_module(part, child)
+            owner = child
+        owner.register_buffer(leaf, torch.empty(t.shape, dtype=t.dtype, device=device))
+    module._checkpoint_slots = {"parts": dict(parts_of), "merged": set(merged), "weight_format": weight_format,
+                                "pack_method": pack_method}
+
+
+def _submodule(module: nn.Module, path: str) -> tuple[nn.Module, str]:
+    head, _, leaf = path.rpartition(".")
+    return (module.get_submodule(head) if head else module), leaf
+
+
+def adopt_checkpoint_slots(module: QuantFusedExperts) -> bool:
+    """Turn the tensors transformers loaded into :func:`attach_checkpoint_slots`' slots into the module's
+    stacked state and drop the slots; False (nothing done) when there are none or they are not loaded yet
+    (still on the ``meta`` device)."""
+    from .api import _to_checkpoint_key
+
+    info = module.__dict__.get("_checkpoint_slots")
+    if info is None:
+        return False
+    num = int(module.num_experts)
+    tensors: dict[str, torch.Tensor] = {}
+    for e in range(num):
+        child = module._modules.get(str(e))
+        if isinstance(child, CheckpointSlots):
+            for key, t in child.state_dict(prefix=f"{e}.", keep_vars=True).items():
+                tensors[_to_checkpoint_key(key)] = t
+    merged_real = []
+    for proj, _ in module.quantized_projections():
+        if proj.path not in info["merged"]:
+            continue
+        owner, leaf = _submodule(module, proj.path)
+        t = owner._buffers.get(leaf) if leaf in owner._buffers else owner._parameters.get(leaf)
+        if leaf in owner._buffers:
+            merged_real.append((owner, leaf))
+        names = [ckpt for ckpt, _ in info["parts"][proj.path]]
+        view = t.detach() if t.dim() == 3 else t.detach().reshape(num, -1, t.shape[-1])
+        if view.shape[1] % len(names):
+            raise CheckpointError(f"{proj.path}: {tuple(t.shape)} does not split into {len(names)} equal parts")
+        for e in range(num):
+            for ckpt, chunk in zip(names, view[e].chunk(len(names), dim=0)):
+                tensors[f"{e}.{ckpt}.weight"] = chunk
+    if any(t.is_meta for t in tensors.values()):
+        return False
+    _module_state("", module, info["parts"], tensors, _group_by_head(tensors), info["weight_format"],
+                  info["pack_method"], type(module).__name__)
+    for e in range(num):
+        if isinstance(module._modules.get(str(e)), CheckpointSlots):
+            del module._modules[str(e)]
+    for owner, leaf in merged_real:
+        del owner._buffers[leaf]
+    with torch.no_grad():
+        for key, value in tensors.items():
+            owner, leaf = _submodule(module, key)
+            old = owner._parameters.get(leaf)
+            if old is not None:
+                owner._parameters[leaf] = nn.Parameter(value.detach(), requires_grad=old.requires_grad)
+            else:
+                setattr(owner, leaf, value.detach())
+    del module.__dict__["_checkpoint_slots"]
+    module.drop_weight_caches()
+    return True

@@ -591,7 +591,25 @@ class QuantFusedExperts(nn.Module):
             for owner, leaf in placed:
                 owner.__dict__.pop(leaf, None)
 
+    def finish_loading(self) -> bool:
+        """Build the stacked state from the per-expert tensors transformers' ``from_pretrained`` loaded
+        (:func:`quark.torch.export.experts.attach_checkpoint_slots`); False when there is nothing to do."""
+        if self.__dict__.get("_checkpoint_slots") is None:
+            return False
+        from quark.torch.export.experts import adopt_checkpoint_slots
+
+        return adopt_checkpoint_slots(self)
+
+    def train(self, mode: bool = True) -> QuantFusedExperts:
+        self.finish_loading()  # from_pretrained ends with model.eval(): the loaded tensors are in place then
+        return super().train(mode)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.__dict__.get("_checkpoint_slots") is not None and not self.finish_loading():
+            raise RuntimeError(
+                f"{type(self).__name__}: its checkpoint tensors are not loaded yet (load the model with "
+                "transformers' from_pretrained or quark.torch.import_model_from_safetensors)"
+            )
         weights = self._weights()
         if any(fp.activations_active() for _, fp in self.quantized_projections()):
             return self._expert_loop(weights, *args, **kwargs)
@@ -755,7 +773,10 @@ def projection_configs(qconfig: Any, name: str, module: nn.Module, layout: Exper
 
 
 def fused_experts_modules(model: nn.Module) -> list[tuple[str, QuantFusedExperts]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantFusedExperts)]
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantFusedExperts)]
+    for _, m in found:
+        m.finish_loading()  # a module loaded by from_pretrained and not run or eval()-ed yet
+    return found
 
 
 def quantized_fused_params(model: nn.Module) -> set[str]:
