@@ -182,37 +182,72 @@ def _checkpoint_tensors(folder):
     return out
 
 
+def _same(a, b):
+    """Same dtype, shape and bytes (fp8 NaNs and -0.0 included)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def _moe_roundtrip(model_type, scheme, kwargs, weight_format, folder):
+    """Quantize a tiny MoE model, export it, load it with from_pretrained and with quark's import: both
+    give the quantized model's logits exactly, transformers reports nothing missing / unexpected, both end
+    with the same experts state, and the transformers-loaded model exports the same checkpoint again."""
+    import transformers
+
+    from quark.torch.export.api import import_model_from_safetensors
+    from quark.torch.quantization.fused_experts import QuantFusedExperts, fused_experts_modules
+    from quark.torch.utils.tiny_models import build_model
+
+    model = build_model(model_type)
+    ids = torch.randint(0, model.config.get_text_config().vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    ModelQuantizer(LLMTemplate.get(model_type).get_config(scheme, **kwargs)).quantize_model(
+        model, [{"input_ids": ids}], progress=False)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    export_safetensors(model, folder / "out", weight_format=weight_format)
+
+    cls = getattr(transformers, type(model).__name__)
+    loaded, info = cls.from_pretrained(folder / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, ref, rtol=0, atol=0)
+    ours = import_model_from_safetensors(None, folder / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, ref, rtol=0, atol=0)
+    for name, experts in fused_experts_modules(ours):
+        theirs = loaded.get_submodule(name)
+        assert isinstance(theirs, QuantFusedExperts)
+        assert theirs.__dict__.get("_checkpoint_slots") is None and "0" not in theirs._modules
+        mine, got = experts.state_dict(), theirs.state_dict()
+        assert sorted(mine) == sorted(got)
+        for k, t in mine.items():
+            assert _same(got[k], t), k
+    export_safetensors(loaded, folder / "again", weight_format=weight_format)
+    first, again = _checkpoint_tensors(folder / "out"), _checkpoint_tensors(folder / "again")
+    assert sorted(first) == sorted(again)
+    for k in first:
+        assert _same(first[k], again[k]), k
+    return model
+
+
 @pytest.mark.parametrize("model_type,scheme,kwargs,weight_format", MOE_CASES,
                          ids=[f"{m}-{s}{'-kv' if k else ''}-{w.split('_')[0]}" for m, s, k, w in MOE_CASES])
 def test_fused_moe_experts_load_in_transformers(model_type, scheme, kwargs, weight_format, tmp_path):
     """The per-expert export (vLLM's names) loads with from_pretrained: the model class's converters merge
     the per-expert codes into the fused parameter, the scales land in per-expert slots, and the experts
-    module builds its stacked state from them on eval(): same logits as the quantized model, exactly,
-    nothing missing or unexpected; quark's own import and a re-export of the loaded model agree."""
-    from transformers import AutoModelForCausalLM
-
-    from quark.torch.export.api import import_model_from_safetensors
+    module builds its stacked state from them on eval() (:func:`_moe_roundtrip`)."""
     from quark.torch.export.layouts import WeightLayout
-    from quark.torch.quantization.fused_experts import QuantFusedExperts, fused_experts_modules
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.quantization.fused_experts import fused_experts_modules
 
-    model = build_model(model_type)
-    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    ModelQuantizer(LLMTemplate.get(model_type).get_config(scheme, **kwargs)).quantize_model(
-        model, [{"input_ids": ids}], progress=False)
-    with torch.no_grad():
-        ref = model(input_ids=ids).logits
-    export_safetensors(model, tmp_path / "out", weight_format=weight_format)
-
+    model = _moe_roundtrip(model_type, scheme, kwargs, weight_format, tmp_path)
     # what is written: per expert, in the original checkpoints' names, nothing fused
     meta = _checkpoint_meta(tmp_path / "out")
     name, experts = fused_experts_modules(model)[0]
     gate, up, down = MOE_NAMES[model_type]
     assert not any(k.endswith((".experts.gate_up_proj", ".experts.down_proj")) for k in meta)
-    num = int(experts.num_experts)
     inter, hidden = experts.fused_quant["down_proj"].in_features, model.config.hidden_size
     wq = experts.fused_quant["gate_up_proj"].weight_quantizer
-    for e in range(num):
+    for e in range(int(experts.num_experts)):
         for proj, (out_f, in_f) in ((gate, (inter, hidden)), (up, (inter, hidden)), (down, (hidden, inter))):
             shape, dtype = meta[f"{name}.{e}.{proj}.weight"]
             if weight_format == "real_quantized":
@@ -227,28 +262,18 @@ def test_fused_moe_experts_load_in_transformers(model_type, scheme, kwargs, weig
             if "kv_cache_scheme" in kwargs:  # fp8: static per-expert input scales
                 assert meta[f"{name}.{e}.{proj}.input_scale"] == ((), "F32")
 
-    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    loaded_experts = loaded.get_submodule(name)
-    assert isinstance(loaded_experts, QuantFusedExperts)
-    assert loaded_experts.__dict__.get("_checkpoint_slots") is None and "0" not in loaded_experts._modules
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, ref, rtol=0, atol=0)
-    ours = import_model_from_safetensors(None, tmp_path / "out")
-    with torch.no_grad():
-        torch.testing.assert_close(ours(input_ids=ids).logits, ref, rtol=0, atol=0)
-    # both loaders end with the same module state
-    mine, theirs = ours.get_submodule(name).state_dict(), loaded_experts.state_dict()
-    assert sorted(mine) == sorted(theirs)
-    for k, t in mine.items():
-        assert theirs[k].dtype == t.dtype and torch.equal(theirs[k].view(torch.uint8), t.view(torch.uint8)), k
-    # the loaded model exports the same checkpoint again
-    export_safetensors(loaded, tmp_path / "again", weight_format=weight_format)
-    first, again = _checkpoint_tensors(tmp_path / "out"), _checkpoint_tensors(tmp_path / "again")
-    assert sorted(first) == sorted(again)
-    for k in first:
-        assert torch.equal(first[k].view(torch.uint8) if first[k].dtype.itemsize == 1 else first[k],
-                           again[k].view(torch.uint8) if again[k].dtype.itemsize == 1 else again[k]), k
+
+OTHER_MOE = [
+    ("gpt_oss", "mxfp4", {}, "real_quantized"),  # fused on disk per expert (no converter), transposed, biases
+    ("dbrx", "fp8", {"kv_cache_scheme": "fp8"}, "fake_quantized"),  # nested fused parameters, float weights
+    ("deepseek_v3", "nvfp4", {}, "real_quantized"),  # two-stage scales
+]
+
+
+@pytest.mark.parametrize("model_type,scheme,kwargs,weight_format", OTHER_MOE,
+                         ids=[f"{m}-{s}-{w.split('_')[0]}" for m, s, _, w in OTHER_MOE])
+def test_other_fused_moe_classes_load_in_transformers(model_type, scheme, kwargs, weight_format, tmp_path):
+    _moe_roundtrip(model_type, scheme, kwargs, weight_format, tmp_path)
 
 
 def test_fused_moe_slots_refuse_forward_before_loading():

@@ -390,13 +390,17 @@ def attach_checkpoint_slots(module: QuantFusedExperts, parts_of: dict[str, Parts
     device = next((t.device for t in (*module.parameters(), *module.buffers())), None)
     slots = checkpoint_placeholders(module, parts_of, weight_format, pack_method, "meta")
     for proj, fp in module.quantized_projections():
+        owner, leaf = _submodule(module, proj.path)
         if proj.path not in merged:
+            # its per-expert tensors (codes or float weights) go to the slots; an empty stand-in keeps the name
+            # (the class's _init_weights reads it) out of the state transformers fills
+            owner._parameters.pop(leaf, None)
+            owner.register_buffer(leaf, torch.empty(0, dtype=fp.weight_dtype, device=device), persistent=False)
             continue
         names = [ckpt for ckpt, _ in parts_of[proj.path]]
         codes = [slots.pop(f"{e}.{ckpt}.weight") for e in range(fp.num_experts) for ckpt in names]
         if fp.weight_quantizer is not None and weight_format == "real_quantized":
             rows = sum(c.shape[0] for c in codes[: len(names)])
-            owner, leaf = _submodule(module, proj.path)
             owner.register_buffer(leaf, torch.empty((fp.num_experts, rows, *codes[0].shape[1:]),
                                                     dtype=codes[0].dtype, device=device))
     # the stacked state is built from the slots: transformers must not see it (it would be "missing")
@@ -438,14 +442,14 @@ def adopt_checkpoint_slots(module: QuantFusedExperts) -> bool:
         if isinstance(child, CheckpointSlots):
             for key, t in child.state_dict(prefix=f"{e}.", keep_vars=True).items():
                 tensors[_to_checkpoint_key(key)] = t
-    merged_real = []
+    held = []  # buffers under the fused parameters' names: the merged codes, or empty stand-ins
     for proj, _ in module.quantized_projections():
+        owner, leaf = _submodule(module, proj.path)
+        if leaf in owner._buffers:
+            held.append((owner, leaf))
         if proj.path not in info["merged"]:
             continue
-        owner, leaf = _submodule(module, proj.path)
         t = owner._buffers.get(leaf) if leaf in owner._buffers else owner._parameters.get(leaf)
-        if leaf in owner._buffers:
-            merged_real.append((owner, leaf))
         names = [ckpt for ckpt, _ in info["parts"][proj.path]]
         view = t.detach() if t.dim() == 3 else t.detach().reshape(num, -1, t.shape[-1])
         if view.shape[1] % len(names):
@@ -460,14 +464,17 @@ def adopt_checkpoint_slots(module: QuantFusedExperts) -> bool:
     for e in range(num):
         if isinstance(module._modules.get(str(e)), CheckpointSlots):
             del module._modules[str(e)]
-    for owner, leaf in merged_real:
+    for owner, leaf in held:
         del owner._buffers[leaf]
+        owner._non_persistent_buffers_set.discard(leaf)
+    params = {proj.path for proj, _ in module.quantized_projections()}
     with torch.no_grad():
         for key, value in tensors.items():
             owner, leaf = _submodule(module, key)
             old = owner._parameters.get(leaf)
-            if old is not None:
-                owner._parameters[leaf] = nn.Parameter(value.detach(), requires_grad=old.requires_grad)
+            if old is not None or key in params:  # a fused float weight (fake_quantized, or not quantized)
+                grad = old.requires_grad if old is not None else value.is_floating_point()
+                owner._parameters[leaf] = nn.Parameter(value.detach(), requires_grad=grad)
             else:
                 setattr(owner, leaf, value.detach())
     del module.__dict__["_checkpoint_slots"]
