@@ -1,6 +1,17 @@
 import copy
 
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Every test model is tiny: one intra-op thread is fastest on a shared 2-core host and makes
+    float32 reductions (Hessians, matmuls) bit-reproducible from run to run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -35,14 +35,6 @@ FUSED_MOE = {
 KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.cache
 def row(model_type: str) -> dict:
     return coverage.run_type(model_type)

@@ -55,14 +55,6 @@ from quark.torch.utils.tiny_models import (
 TEMPLATES = {kw["model_type"]: kw for kw in ALL_TEMPLATES}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: one intra-op thread is fastest and keeps the file quick on a busy host."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 REMOTE = remote_listing()  # tests/data/remote_code_module_names.json
 
 

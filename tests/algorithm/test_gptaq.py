@@ -11,14 +11,6 @@ from tests.algorithm.test_gptq import hessian, output_error, quantize, weight_sp
 from tests.helpers import tiny_llama, token_batches
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def batches():
     return token_batches(8, seq=32)

@@ -26,15 +26,6 @@ FORMATS = ["int4_wo_32", "uint4_wo_64", "int4_wo_per_channel", "uint4_wo_per_cha
            "mxfp4", "mxfp6_e2m3", "mx6", "bfp16", "amdfp4", "int4_fp8", "nvfp4"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded BLAS: fast on a shared machine and bit-reproducible."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def weight_spec(scheme: str):
     return LLMTemplate.get_scheme(scheme).config.weight
 

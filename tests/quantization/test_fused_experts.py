@@ -29,14 +29,6 @@ from quark.torch.utils.coverage import batches, logits
 from quark.torch.utils.tiny_models import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data():
     return batches()
