@@ -1,14 +1,14 @@
 """Architecture coverage: every registered template quantizes, exports and reloads a tiny model.
 
 For each model type (``LLMTemplate.list_available()``) and column (builds, int4, fp8+kv, mxfp4, awq,
-gptq, smoothquant, export, reimport) one cell: pass / fail (reason) / n/a (reason); what each column
+gptq, smoothquant, export, reimport, transformers) one cell: pass / fail (reason) / n/a (reason); what each column
 checks is described in :mod:`quark.torch.utils.coverage`. Prints the table, merges the rows by model
 type into ``bench/results/coverage.json`` (so a ``--types`` run updates only its rows) and, with
 ``--write-docs``, regenerates ``docs/architectures.md`` from that file.
 
     python bench/coverage.py --write-docs          # every model type (single thread, a few minutes)
     python bench/coverage.py --quick               # the CI subset (tests/test_coverage.py)
-    python bench/coverage.py --types llama qwen3_moe --columns int4 export reimport
+    python bench/coverage.py --types llama qwen3_moe --columns int4 export reimport transformers
 
 Every cell catches its own exceptions: one architecture never stops the run.
 """
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if not args.verbose:
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()  # from_pretrained's "Loading weights" bars
         logging.getLogger("quark").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore")
 

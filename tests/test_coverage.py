@@ -3,7 +3,7 @@
 A CI subset of ``docs/architectures.md``: dense (llama, qwen2), MoE (qwen3_moe, mixtral), multimodal
 with a (1 + w) norm (gemma3), multimodal with cross-attention blocks that run only on images (mllama,
 calibrated on image batches) and MLA + MoE (deepseek_v3) tiny models are quantized with every
-column's config, exported and reimported. Every column claimed to pass must pass; in the MoE types
+column's config, exported, reimported and loaded with transformers' ``from_pretrained``. Every column claimed to pass must pass; in the MoE types
 the fused 3-D expert weights must be quantized (per expert) in every column. The whole table (every
 registered model type) is the ``slow`` test.
 """
@@ -62,6 +62,10 @@ def test_quick_subset(model_type):
     for column in QUANT_COLUMNS:  # every column was exported and reimported with equal logits
         assert cells["export"].details[column]["status"] == "pass"
         assert cells["reimport"].details[column]["details"]["rel_diff"] < coverage.RTOL
+        # transformers' from_pretrained (its quark integration) loads every key and gives the same logits
+        loaded = cells["transformers"].details[column]["details"]
+        assert loaded["rel_diff"] < coverage.RTOL and loaded["class"] == r["class"], loaded
+        assert not any(k.endswith("_keys") for k in loaded), loaded
     assert all(p["total"] > 0 or p.get("note") for p in r["patterns"]), model_type
 
 
@@ -207,6 +211,21 @@ def test_an_exception_fails_one_cell_and_the_run_goes_on():
     assert coverage.cell(r, "int4").status == "pass"
     assert coverage.cell(r, "export").status == coverage.cell(r, "reimport").status == "pass"
     assert set(coverage.cell(r, "export").details) == {"int4"}  # the failed column was not exported
+
+
+def test_a_transformers_load_failure_is_its_first_line_and_only_that_column(monkeypatch):
+    import transformers
+
+    def refuse(cls, *args, **kwargs):
+        raise ValueError("no quark here\nsecond line")
+
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "from_pretrained", classmethod(refuse))
+    r = coverage.run_type("llama", ("builds", "int4", "fp8+kv", "export", "reimport", "transformers"))
+    assert coverage.cell(r, "transformers").text() == "fail: int4, fp8+kv: ValueError: no quark here"
+    assert [c for c in r["cells"] if coverage.cell(r, c).status != "pass"] == ["transformers"]
+    # without the column nothing is loaded with transformers (the load is a third of the table's time)
+    r = coverage.run_type("llama", ("builds", "int4", "export", "reimport"))
+    assert "transformers" not in r["cells"] and coverage.cell(r, "reimport").status == "pass"
 
 
 def test_a_wrong_decoder_path_fails_builds_and_the_algorithms():

@@ -4,7 +4,9 @@ For each model type of :meth:`LLMTemplate.list_available` whose classes transfor
 random model (:mod:`quark.torch.utils.tiny_models`: 2 decoder blocks, hidden size 64, 4 experts) is
 quantized once per column with the template's config, exported with :func:`export_safetensors`,
 imported back with ``import_model_from_safetensors(None, folder)`` (the architecture built from
-config.json) and the reimported logits compared with the quantized model's. Columns:
+config.json) and loaded with transformers' own ``from_pretrained`` (the class named in config.json
+``architectures``; transformers' quark integration calls :func:`quark.torch.export.api._map_to_quark`),
+and the logits of each compared with the quantized model's. Columns:
 
 * ``builds``: the model builds and runs, the calibration batches call every decoder block (a block
   the model skips keeps uncalibrated static activation quantizers), and each of the template's layer
@@ -20,8 +22,9 @@ config.json) and the reimported logits compared with the quantized model's. Colu
   (its first line is the reason), on non-finite logits, when nothing was quantized, when a scaling
   pair / GPTQ entry of the algorithm matches no module, or when fused 3-D expert weights stay float
   (transformers-5 MoE blocks of a class :mod:`quark.torch.quantization.fused_experts` has no layout for).
-* ``export`` / ``reimport``: over the columns that quantized, every export succeeds / every
-  reimported model gives the same logits (equal, or max abs diff / max abs logit < :data:`RTOL`).
+* ``export`` / ``reimport`` / ``transformers``: over the columns that quantized, every export succeeds /
+  every reimported model / every model loaded by ``getattr(transformers, architectures[0]).from_pretrained``
+  gives the same logits on the same batches (equal, or max abs diff / max abs logit < :data:`RTOL`).
 
 A pattern that matches no module is a failure, not a skip. Counts are taken over every layout
 known for the type (each tiny variant, built on the meta device, and remote listings) and recorded
@@ -65,7 +68,8 @@ from .tiny_models import (
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ("builds", "int4", "fp8+kv", "mxfp4", "awq", "gptq", "smoothquant", "export", "reimport")
+COLUMNS = ("builds", "int4", "fp8+kv", "mxfp4", "awq", "gptq", "smoothquant", "export", "reimport",
+           "transformers")
 #: quantization columns: column -> (scheme, extra ``get_config`` keywords)
 QUANT_COLUMNS: dict[str, tuple[str, dict[str, Any]]] = {
     "int4": ("int4_wo_32", {}),
@@ -433,16 +437,19 @@ def _fused_reason(model: nn.Module) -> str | None:
 
 
 def _quant_cell(model_type: str, column: str, template: LLMTemplate, data: list[dict[str, torch.Tensor]],
-                patterns: list[dict[str, Any]], workdir: Path) -> tuple[Cell, dict[str, Any]]:
-    """Quantize, export, reimport one column; returns the column's cell and the export/reimport result
-    (``{"export": Cell | None, "reimport": Cell | None}``; None = not attempted)."""
+                patterns: list[dict[str, Any]], workdir: Path, load_transformers: bool = True
+                ) -> tuple[Cell, dict[str, Any]]:
+    """Quantize, export, reimport, load with transformers one column; returns the column's cell and the
+    export / reimport / transformers results (``{"export": Cell | None, "reimport": Cell | None,
+    "transformers": Cell | None}``; None = not attempted: the transformers load only with
+    ``load_transformers``, about a third of the table's time)."""
     from quark.torch.export.api import export_safetensors, import_model_from_safetensors
     from quark.torch.quantization.api import ModelQuantizer
     from quark.torch.quantization.modules import quantized_linears
 
     scheme, kwargs = QUANT_COLUMNS[column]
     algo = kwargs.get("algorithm")
-    io: dict[str, Any] = {"export": None, "reimport": None}
+    io: dict[str, Any] = {"export": None, "reimport": None, "transformers": None}
     if algo is not None and template.algorithm_configs.get(algo) is None:
         return Cell(NA, f"no template default for {algo}"), io
     t0 = time.perf_counter()
@@ -497,8 +504,32 @@ def _quant_cell(model_type: str, column: str, template: LLMTemplate, data: list[
                                   {"rel_diff": worst, "class": type(back).__name__})
         except Exception as exc:
             io["reimport"] = Cell(FAIL, exc_reason(exc), {"traceback": _traceback()})
+        if load_transformers:
+            io["transformers"] = _transformers_cell(folder, data, ref)
     details["seconds"] = round(time.perf_counter() - t0, 3)
     return Cell(FAIL if problems else PASS, "; ".join(problems), details, note), io
+
+
+def _transformers_cell(folder: Path, data: list[dict[str, torch.Tensor]], ref: list[torch.Tensor]) -> Cell:
+    """Load an export with transformers' ``from_pretrained`` (the class of config.json ``architectures``)
+    and compare its logits on ``data`` with ``ref``. The details record the loader's missing / unexpected /
+    mismatched keys (the logits decide the status)."""
+    import json
+
+    import transformers
+
+    try:
+        arch = json.loads((folder / "config.json").read_text())["architectures"][0]
+        cls = getattr(transformers, arch)
+        loaded, info = cls.from_pretrained(folder, output_loading_info=True)
+        diffs = [rel_diff(logits(loaded, b), r) for b, r in zip(data, ref)]
+        worst = max(diffs)
+        keys = {k: sorted(map(str, v))[:5] for k, v in info.items()
+                if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        return Cell(PASS if worst < RTOL else FAIL, "" if worst < RTOL else f"logits differ: rel diff {worst:.3g}",
+                    {"rel_diff": worst, "class": type(loaded).__name__, **keys})
+    except Exception as exc:
+        return Cell(FAIL, exc_reason(exc), {"traceback": _traceback()})
 
 
 def _aggregate(results: dict[str, Cell | None], what: str) -> Cell:
@@ -591,6 +622,7 @@ def run_type(model_type: str, columns: tuple[str, ...] = COLUMNS, listing: dict[
             cells["builds"] = Cell(FAIL, exc_reason(exc), {"traceback": _traceback()})
         exports: dict[str, Cell | None] = {}
         reimports: dict[str, Cell | None] = {}
+        loads: dict[str, Cell | None] = {}
         with tempfile.TemporaryDirectory(prefix="quark-coverage-", dir=workdir) as tmp:
             for column in QUANT_COLUMNS:
                 if column not in columns:
@@ -598,12 +630,15 @@ def run_type(model_type: str, columns: tuple[str, ...] = COLUMNS, listing: dict[
                 if not built:
                     cells[column] = Cell(NA, "not run: the model does not build")
                     continue
-                cells[column], io = _quant_cell(model_type, column, template, data, row["patterns"], Path(tmp))
-                exports[column], reimports[column] = io["export"], io["reimport"]
+                cells[column], io = _quant_cell(model_type, column, template, data, row["patterns"], Path(tmp),
+                                               "transformers" in columns)
+                exports[column], reimports[column], loads[column] = io["export"], io["reimport"], io["transformers"]
         if "export" in columns:
             cells["export"] = _aggregate(exports, "export")
         if "reimport" in columns:
             cells["reimport"] = _aggregate(reimports, "reimport")
+        if "transformers" in columns:
+            cells["transformers"] = _aggregate(loads, "load with transformers")
     row["cells"] = {c: asdict(cells[c]) for c in COLUMNS if c in cells}
     row["seconds"] = round(time.perf_counter() - t0, 2)
     return row
@@ -634,8 +669,9 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "`tests/test_coverage.py`). For every model type of `LLMTemplate.list_available()` a tiny random model",
         "(2 decoder blocks, hidden size 64, 4 experts, tiny vision tower; `quark/torch/utils/tiny_models.py`)",
         "is quantized with the template's config, exported with `export_safetensors`, imported back with",
-        "`import_model_from_safetensors(None, folder)`, and the logits of the two compared (equal, or",
-        f"max |diff| / max |logit| < {RTOL:g}).",
+        "`import_model_from_safetensors(None, folder)` and loaded with transformers' `from_pretrained` (the",
+        "class named in config.json `architectures`), and the logits of each compared with the quantized",
+        f"model's (equal, or max |diff| / max |logit| < {RTOL:g}).",
         "",
         "* **builds**: the model builds and runs; the calibration batches call every decoder block; the",
         "  template's Q, gate/up and exclusion patterns each match a module and the LM head is excluded.",
@@ -646,7 +682,10 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "  `INPUT_BUILDERS` entry (the builds cell's note gives the shapes; the same batches give the logits",
         "  compared). A quantization cell fails on an exception (its first line is the reason), when a",
         "  pattern or scaling pair it uses matches no module, or when fused 3-D expert weights stay float.",
-        "* **export** / **reimport**: over the columns that quantized; the reason names the columns it hit.",
+        "* **export** / **reimport** / **transformers**: over the columns that quantized; the reason names the",
+        "  columns it hit. **reimport** loads with quark's `import_model_from_safetensors`, **transformers** with",
+        "  `getattr(transformers, architectures[0]).from_pretrained(folder)` (transformers' quark integration,",
+        "  which calls `quark.torch.export.api._map_to_quark`); both compare on the same batches.",
         "* Remote-code types (transformers does not ship them) are checked by name against",
         "  `tests/data/remote_code_module_names.json` only; their other columns are n/a.",
         "",
