@@ -319,9 +319,6 @@ def test_searching_algorithms_skip_online_rotated_pairs(batches, caplog, algorit
     scheme_model = outlier_llama()
     config = LLMTemplate.get("llama").get_config("int8", algorithm=["rotation", algorithm],
                                                  algo_configs={"rotation": rotation_config(r4=True)})
-    from quark.torch.algorithm import scaling
-
-    scaling._ROTATION_SKIPS_REPORTED.clear()
     with caplog.at_level(logging.WARNING, logger="quark.torch.algorithm.scaling"):
         model = ModelQuantizer(config).quantize_model(scheme_model, batches, progress=False)
     skips = [r.getMessage() for r in caplog.records if "rotate their input online" in r.getMessage()]

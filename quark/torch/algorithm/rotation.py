@@ -171,6 +171,17 @@ class OnlineHadamard(nn.Module):
         return weight.double() @ q
 
 
+def online_rotation(module: nn.Module) -> OnlineHadamard | None:
+    """The online input rotation R4 attached to ``module`` (``None`` if it has none): its stored weight
+    is then ``W Q`` and a pre-hook rotates its input by ``Q``."""
+    return module.__dict__.get("online_rotation")
+
+
+def online_rotated_layers(model: nn.Module) -> list[str]:
+    """Names of the modules of ``model`` that rotate their input online."""
+    return [n for n, m in model.named_modules() if online_rotation(m) is not None]
+
+
 def attach_online_rotation(linear: nn.Linear, rot: HadamardTransform, absorb: bool = True) -> OnlineHadamard:
     """``W <- W H`` (unless the weight already ``absorb``-ed it, as in a loaded checkpoint) and rotate
     the input online by ``H``: the layer's output is unchanged."""
@@ -253,15 +264,14 @@ def restore_online_rotations(model: nn.Module, quant_config: object) -> list[str
         transforms: dict[int, HadamardTransform] = {}
         for i, block in enumerate(layers):
             lin = _linear(get_submodule(block, cfg.down_proj), f"{path}.{i}.{cfg.down_proj}")
-            if getattr(lin, "online_rotation", None) is not None:
+            if online_rotation(lin) is not None:
                 continue
             n = lin.in_features
             # real tensors even when the loader builds the model under a meta-device context (transformers);
             # the transform moves its factors to its input's device
             with torch.device("cpu"):
                 if n not in transforms:
-                    seed = cfg.seed + R4_SEED_OFFSET
-                    transforms[n] = HadamardTransform(n, random_signs(n, seed) if cfg.random else None)
+                    transforms[n] = RotationAlgorithm._rotation(n, cfg, cfg.seed + R4_SEED_OFFSET, "r4")
                 attach_online_rotation(lin, HadamardTransform(n, transforms[n].signs), absorb=False)
             names.append(f"{path}.{i}.{cfg.down_proj}")
     return names

@@ -48,6 +48,7 @@ from quark.torch.quantization.tensor_quantize import compute_qparams, fake_quant
 from quark.torch.quantization.tensor_quantizer import TensorQuantizer
 
 from . import BlockContext, quantizers_off
+from .rotation import online_rotation
 
 logger = logging.getLogger(__name__)
 
@@ -160,16 +161,6 @@ def resolve_pair(block: nn.Module, pair: ScalingPair) -> tuple[Site | None, list
     return Site(pair, prev, layers, inspect), [], ""
 
 
-def online_rotation(layer: nn.Module) -> nn.Module | None:
-    """The online input rotation attached to ``layer`` by rotation's R4 (``None`` if it has none):
-    the layer's stored weight is then ``W Q`` and its input is rotated by ``Q`` in a pre-hook."""
-    return getattr(layer, "online_rotation", None)
-
-
-#: (algorithm, pair) already reported as skipped because of an online rotation
-_ROTATION_SKIPS_REPORTED: set[tuple[str, str]] = set()
-
-
 def resolve_sites(ctx: BlockContext, pairs: list[ScalingPair], through_online_rotation: bool = False,
                   algorithm: str = "") -> list[Site]:
     """The pairs that apply to this block (a pair whose modules the block lacks, or whose shapes do
@@ -178,17 +169,16 @@ def resolve_sites(ctx: BlockContext, pairs: list[ScalingPair], through_online_ro
     A pair whose layers rotate their input online (rotation with ``r4``) is kept only when the
     algorithm scales ``through_online_rotation`` (statistics and folds in the unrotated basis, as
     SmoothQuant does); a searching algorithm's candidate evaluation does not model the rotation,
-    so the pair is skipped there, reported once.
+    so the pair is skipped there, reported once per model (on the first block the loop processes).
     """
+    first_block = ctx.index == min(ctx.inputs.called, default=ctx.index)
     sites = []
     for pair in pairs:
         site, missing, why = resolve_pair(ctx.block, pair)
         if site is not None and not through_online_rotation and any(
             online_rotation(layer) is not None for layer in site.layers.values()
         ):
-            key = (algorithm, f"{pair.prev_op}->{pair.layers}")
-            if key not in _ROTATION_SKIPS_REPORTED:
-                _ROTATION_SKIPS_REPORTED.add(key)
+            if first_block:
                 logger.warning("%s: scaling pair %s -> %s skipped: its layers rotate their input online "
                                "(rotation r4), which %s's scale search does not model", algorithm or "scaling",
                                pair.prev_op, pair.layers, algorithm or "this algorithm")

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from quark.torch.algorithm.rotation import restore_online_rotations
+from quark.torch.algorithm.rotation import online_rotated_layers, restore_online_rotations
 from quark.torch.quantization.config.config import QConfig, QLayerConfig
 from quark.torch.quantization.fused_experts import (
     QuantFusedExperts,
@@ -255,11 +255,6 @@ def _iter_model_tensors(model: nn.Module, weight_format: str, pack_method: str) 
 # ---------------------------------------------------------------------------------------------
 # checks before anything is written
 # ---------------------------------------------------------------------------------------------
-def online_rotated_layers(model: nn.Module) -> list[str]:
-    """Names of the layers that rotate their input online (rotation's R4 pre-hook)."""
-    return [n for n, m in model.named_modules() if getattr(m, "online_rotation", None) is not None]
-
-
 def _check_calibrated(model: nn.Module) -> None:
     """Every static activation quantizer has its qparams: the checkpoint would lack them otherwise (and
     quark's own import refuses a checkpoint with missing tensors)."""

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from quark.torch.algorithm.rotation import online_rotated_layers
 from quark.torch.quantization.config.config import first_stage
 from quark.torch.quantization.config.type import Dtype, QSchemeType, ScaleType
 from quark.torch.quantization.modules import quantized_linears
@@ -437,7 +438,7 @@ def export_gguf(
             f"model_type={mtype!r} has no GGUF export; supported: {', '.join(sorted(GGUF_ARCHITECTURES))}"
         )
     arch = GGUF_ARCHITECTURES[mtype]
-    rotated = [n for n, m in model.named_modules() if getattr(m, "online_rotation", None) is not None]
+    rotated = online_rotated_layers(model)
     if rotated:
         raise GGUFExportError(
             f"{rotated[0]} (and {len(rotated) - 1} more) rotate their input online (rotation r4); GGUF cannot "
