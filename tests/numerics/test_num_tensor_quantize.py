@@ -295,3 +295,29 @@ def test_worker_pool_matches_plain_loop(monkeypatch):
         monkeypatch.setenv("QUARK_NUMERICS_THREADS", threads)
         for s, w in zip(specs, whole):
             assert torch.equal(fake_quantize(x, s), w)
+
+
+@pytest.mark.parametrize(
+    "dtype,symmetric,zp_dtype",
+    [("int4", True, None), ("uint4", False, torch.int32), ("uint4", False, torch.float32), ("int8", True, None)],
+)
+@pytest.mark.parametrize("round_method", [None, "round", "floor"])
+def test_row_fake_quantizer_is_bit_identical_to_fake_quantize(dtype, symmetric, zp_dtype, round_method):
+    """GPTQ's prepared per-row column quantizer gives exactly fake_quantize's values: every code of
+    the grid, the ties between codes, the clamped values beyond the range, and zero-scale rows."""
+    rows = 64
+    spec = Spec(dtype, "per_channel", ch_axis=0, symmetric=symmetric, round_method=round_method)
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.rand(rows, generator=gen) * 0.1 + 0.01
+    scale[3] = 0.0
+    zp = None if zp_dtype is None else torch.randint(0, 16, (rows,), generator=gen).to(zp_dtype)
+    if zp is not None and zp_dtype is torch.float32:
+        zp = zp + 0.25
+    qp = QParams(scale, zp)
+    fn = tq.row_fake_quantizer(spec, qp)
+    codes = torch.arange(-140.0, 140.0, 0.5)  # integers and exact ties, well beyond int8's range
+    for c in codes:
+        v = c * scale + torch.randn(rows, generator=gen) * 1e-3 * (c.abs() < 1)
+        expected = fake_quantize(v[:, None], spec, qp).reshape(-1)
+        assert torch.equal(fn(v), expected), float(c)
+    assert tq.row_fake_quantizer(Spec("fp8_e4m3", "per_channel", ch_axis=0), QParams(scale)) is None

@@ -544,6 +544,32 @@ def compute_qparams(x: torch.Tensor, spec: Specs) -> QParams | list[QParams]:
     return [q1, q2]
 
 
+def row_fake_quantizer(spec: Specs, qparams: QParams):
+    """A function ``f(v)`` equal to ``fake_quantize(v[:, None], spec, qparams).reshape(-1)`` for a
+    vector ``v`` of ``rows`` values, where ``qparams`` hold one scale (and zero point) per row: the
+    parameters are prepared once for many calls (GPTQ quantizes a weight one column at a time with
+    the same per-row grid). None when the spec is not a one-stage integer format (callers use
+    :func:`fake_quantize`)."""
+    if _two(spec) is not None:
+        return None
+    spec = _single(spec)
+    kind = _kind(spec)
+    if kind.family != "int" or qparams is None or qparams.scale is None:
+        return None
+    scale = _element_scale(kind, qparams.scale).detach().float().reshape(-1)
+    divisor = nint.safe_scale(scale)
+    zp = qparams.zero_point
+    float_zp = zp is not None and zp.is_floating_point()
+    zp = None if zp is None else zp.detach().to(scale.device).float().reshape(-1)
+    method = _round_method(spec)
+    qmin, qmax = kind.qmin, kind.qmax
+
+    def quantize_rows(v: torch.Tensor) -> torch.Tensor:
+        return nint.fake_quantize_int_prepared(v, divisor, scale, zp, qmin, qmax, method, float_zp)
+
+    return quantize_rows
+
+
 def fake_quantize(x: torch.Tensor, spec: Specs, qparams: QParamsLike = None) -> torch.Tensor:
     """Quantize-dequantize ``x``; qparams None (or None entries, or a None scale) are computed from
     ``x`` (dynamic), per group and in the same pass as the elements.  Not differentiable: the

@@ -162,6 +162,27 @@ def fake_quantize_int(
     return run_chunked(kernel, x, [div, s, zp], out=out, scratch=scratch)
 
 
+def fake_quantize_int_prepared(
+    x: torch.Tensor,
+    divisor: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    qmin: int,
+    qmax: int,
+    round_method: RoundType,
+    float_zero_point: bool,
+) -> torch.Tensor:
+    """:func:`fake_quantize_int` on a small ``x`` whose parameters were prepared once (float32,
+    broadcastable: ``divisor = safe_scale(scale)``, the zero point as float32 with
+    ``float_zero_point`` saying which convention it follows): the same operations in the same order,
+    so bit-identical results, without the per-call preparation and chunking. For callers that
+    quantize many small tensors with the same parameters (GPTQ's column loop)."""
+    y = _to_codes_(torch.div(x.float(), divisor), zero_point, qmin, qmax, round_method, float_zero_point)
+    if zero_point is not None:
+        y.sub_(zero_point)
+    return y.mul_(scale).to(x.dtype)
+
+
 def quantize_int(
     x: torch.Tensor,
     scale: torch.Tensor | float,
