@@ -1,5 +1,6 @@
 """GPTQ: the shared solver on single layers (every weight format), and the block algorithm on a tiny llama."""
 
+import contextlib
 import copy
 
 import pytest
@@ -341,6 +342,121 @@ def test_gram_buffers_batches_without_changing_the_value(flush, monkeypatch):
     torch.testing.assert_close(H.value.double(), 2 / 1300 * a.double().T @ a.double(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(D.value.double(), 2 / 1300 * a.double().T @ b.double(), rtol=1e-5, atol=1e-5)
     assert H.tokens == D.tokens == 1300
+    mixed = Gram()  # symmetric batches, then cross ones; a bfloat16 batch is accumulated in float32
+    mixed.add_batch(a[:300])
+    mixed.add_batch(a[300:600], b[300:600])
+    mixed.add_batch(a[600:900].bfloat16(), b[600:900].bfloat16())
+    a16, b16 = a[600:900].bfloat16().double(), b[600:900].bfloat16().double()
+    expected = a[:300].double().T @ a[:300].double() + a[300:600].double().T @ b[300:600].double() + a16.T @ b16
+    torch.testing.assert_close(mixed.value.double(), 2 / 900 * expected, rtol=1e-5, atol=1e-5)
     H.add_batch(a[:10])  # accumulating after reading the value
     torch.testing.assert_close(H.value.double(), 2 / 1310 * (a.double().T @ a.double() + a[:10].double().T @ a[:10].double()),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme,replays", [("int4_wo_32", True), ("mxfp4", True), ("int8", False)])
+def test_output_pass_replays_attention_without_changing_the_result(batches, monkeypatch, scheme, replays):
+    """The loop's output pass replays the attention outputs GPTQ memoized with the final weights:
+    the quantized model is bit-identical to one whose output pass recomputes them, and the attention
+    runs one time fewer per batch and block. With static activation quantizers (int8: off during
+    GPTQ's passes, calibrated before the output pass) nothing is replayed."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    def run(replay: bool):
+        calls = {"n": 0}
+        original = LlamaAttention.forward
+
+        def counting(self, *args, **kwargs):
+            calls["n"] += 1
+            return original(self, *args, **kwargs)
+
+        with monkeypatch.context() as m:
+            m.setattr(LlamaAttention, "forward", counting)
+            if not replay:
+                m.setattr(GPTQ, "output_pass", lambda self, ctx, config: contextlib.nullcontext())
+            model = quantize(tiny_llama(), scheme, batches, "gptq")
+        return model, calls["n"]
+
+    replayed, n_replayed = run(True)
+    plain, n_plain = run(False)
+    layers = len(plain.model.layers)
+    assert n_plain - n_replayed == (len(batches) * layers if replays else 0)
+    with torch.no_grad():
+        for b in batches:
+            assert torch.equal(replayed(**b).logits, plain(**b).logits)
+
+
+@pytest.mark.parametrize("scheme", ["int4_wo_32", "mxfp4", "int8"])
+def test_attention_is_replayed_from_o_proj_input_without_changing_the_result(batches, monkeypatch, scheme):
+    """Once o_proj is final, the gate/up pass replays the attention by running o_proj alone on the
+    input kept from the o_proj pass: bit-identical to recomputing the attention, one attention call
+    fewer per batch and block."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    from quark.torch.algorithm.gptq import BlockRunner
+
+    def run(tail: bool):
+        calls = {"n": 0}
+        original = LlamaAttention.forward
+
+        def counting(self, *args, **kwargs):
+            calls["n"] += 1
+            return original(self, *args, **kwargs)
+
+        with monkeypatch.context() as m:
+            m.setattr(LlamaAttention, "forward", counting)
+            if not tail:
+                m.setattr(BlockRunner, "_tail", lambda self, layers: None)
+            model = quantize(tiny_llama(), scheme, batches, "gptq")
+        return model, calls["n"]
+
+    replayed, n_replayed = run(True)
+    plain, n_plain = run(False)
+    assert n_plain - n_replayed == len(batches) * len(plain.model.layers)
+    with torch.no_grad():
+        for b in batches:
+            assert torch.equal(replayed(**b).logits, plain(**b).logits)
+
+
+def test_a_submodule_that_changes_its_layer_output_is_not_replayed_from_the_layer():
+    """The replay from a layer's input needs the submodule to return the layer's output object as is."""
+    from quark.torch.algorithm import BlockContext
+    from quark.torch.algorithm.gptq import BlockRunner
+    from quark.torch.quantization.driver import BlockInputs
+
+    config = LLMTemplate.get("llama").get_config("int4_wo_32")
+
+    class Inner(nn.Module):
+        def __init__(self, returns_as_is: bool):
+            super().__init__()
+            self.a, self.o = nn.Linear(64, 64), nn.Linear(64, 64)
+            self.as_is = returns_as_is
+
+        def forward(self, x):
+            y = self.o(torch.relu(self.a(x)))
+            return y if self.as_is else y * 2
+
+    class Block(nn.Module):
+        def __init__(self, as_is: bool):
+            super().__init__()
+            self.inner, self.after = Inner(as_is), nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.after(self.inner(x))
+
+    for as_is in (True, False):
+        torch.manual_seed(0)
+        block = Block(as_is)
+        ModelQuantizer(config)._swap_linears(block)
+        hidden = [torch.randn(2, 4, 64) for _ in range(3)]
+        ctx = BlockContext(block, 0, BlockInputs(hidden, [[((), {})] for _ in hidden]))
+        runner = BlockRunner(ctx)
+        runner.finalize([block.inner.a])
+        list(runner.inputs({"inner.o": block.inner.o}))
+        assert len(runner._tails.get("inner", {})) == (3 if as_is else 0)
+        runner.finalize([block.inner.o])
+        with torch.no_grad():
+            block.inner.o.weight.mul_(0.5)  # "quantized": the replay must use the final weight
+        got = [x["after"] for x in runner.inputs({"after": block.after})]
+        with torch.no_grad():
+            assert all(torch.equal(g, block.inner(h)) for g, h in zip(got, hidden))

@@ -11,7 +11,8 @@ loop (``quark.torch.quantization.api``) calls, for every configured algorithm in
 
 After the algorithms, the loop recomputes the block's weight qparams from the (possibly changed)
 weights, calibrates static activation quantizers, and runs the block to produce the next block's
-inputs.
+inputs, inside every algorithm's ``output_pass(ctx, config)`` context (GPTQ replays the attention
+outputs it already computed with the final weights).
 
 Each algorithm module defines ``ALGORITHM = <BlockAlgorithm subclass>()``; :func:`get_algorithm`
 imports it on first use.
@@ -23,7 +24,7 @@ import contextlib
 import fnmatch
 import importlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -55,6 +56,8 @@ class BlockContext:
     inputs: BlockInputs
     #: the same inputs as the float model produces them (only when an algorithm asks for it)
     float_hidden: list[torch.Tensor] | None = None
+    #: an algorithm's own state between its calls for this block (``apply`` -> ``output_pass``)
+    scratch: dict = field(default_factory=dict)
 
     def run(self, hidden: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Run the block on the cached inputs (``hidden`` replaces the hidden states)."""
@@ -95,6 +98,14 @@ class BlockAlgorithm:
         some algorithm ``needs_float_stream``, before any ``apply`` on the block, quantizers off, on
         ``ctx.float_hidden``): lets an algorithm record float activations with hooks instead of
         running the block again. Default: nothing."""
+        return contextlib.nullcontext()
+
+    def output_pass(self, ctx: BlockContext, config: AlgoConfig) -> contextlib.AbstractContextManager:
+        """Context manager entered around the loop's pass that runs the finished block (after every
+        ``apply`` and the calibration of static activation quantizers) to produce the next block's
+        inputs: lets an algorithm replay outputs it computed for the same inputs and the same final
+        weights instead of computing them again. It must check that nothing changed since (the
+        result has to be exactly that of running the block). Default: nothing."""
         return contextlib.nullcontext()
 
     def apply(self, ctx: BlockContext, config: AlgoConfig) -> None:

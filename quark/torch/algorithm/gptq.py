@@ -136,7 +136,12 @@ class BlockRunner:
       (their outputs only feed work that the stop throws away);
     * submodules whose quantized linears are all final (:meth:`finalize`) replay the output they
       produced for the same batch and the same inputs (checked with ``torch.equal``) in a later pass
-      instead of computing it again: with q/k/v/o final, the MLP's passes skip the attention.
+      instead of computing it again: with q/k/v/o final, the MLP's passes skip the attention;
+    * a pass collecting the input of a single layer whose enclosing submodule returns that layer's
+      output as is, with every other linear of the submodule final (o_proj in the attention), runs
+      the submodule to its end and keeps the layer's input and the submodule's output; once the layer
+      is final, the next pass replays the submodule by running only that layer on the kept input
+      (the layer's input must not be wider than its output: the kept tensors stay hidden-sized).
     """
 
     def __init__(self, ctx: BlockContext) -> None:
@@ -149,6 +154,9 @@ class BlockRunner:
         }
         self._batch = 0
         self._calls: dict[str, int] = {}
+        #: submodule name -> (batch, call) -> (its args, the layer's args, its output, where the layer's output is)
+        self._tails: dict[str, dict[tuple[int, int], tuple[Any, Any, Any, int | None]]] = {}
+        self._tail_layer: dict[str, nn.Module] = {}
 
     def finalize(self, layers: list[nn.Module]) -> None:
         """These layers will not change any more in this block."""
@@ -165,7 +173,13 @@ class BlockRunner:
             hit = cache.get(key)
             if hit is not None and _tensors_equal(hit[0], (args, kwargs)):
                 return _clone(hit[1])
-            out = original(*args, **kwargs)
+            tail = self._tails.get(name, {}).pop(key, None)
+            if tail is not None and _tensors_equal(tail[0], (args, kwargs)):
+                layer_args, layer_kwargs = tail[1]
+                y = self._tail_layer[name](*layer_args, **layer_kwargs)
+                out = y if tail[3] is None else (*tail[2][:tail[3]], y, *tail[2][tail[3] + 1:])
+            else:
+                out = original(*args, **kwargs)
             if store:
                 cache[key] = ((args, kwargs), _clone(out))
             return out
@@ -177,7 +191,7 @@ class BlockRunner:
         patched = []
         for name, module in self.ctx.block.named_modules():
             ids = self._linears.get(name)
-            if ids and ids <= self.final and (store or self._cache.get(name)):
+            if ids and ids <= self.final and (store or self._cache.get(name) or self._tails.get(name)):
                 patched.append((module, module.__dict__.get("forward")))
                 module.forward = self._memo(name, module, store)
         try:
@@ -188,6 +202,85 @@ class BlockRunner:
                     del module.forward
                 else:
                     module.forward = fwd
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        """While entered, runs of the whole block on the cached batches, in order (the loop's output
+        pass), replay the memoized outputs of final submodules (each checked against its inputs)."""
+        count = {"batch": -1}
+
+        def next_batch(_m: nn.Module, _args: tuple) -> None:
+            count["batch"] += 1
+            self._batch, self._calls = count["batch"], {}
+
+        handle = self.ctx.block.register_forward_pre_hook(next_batch)
+        try:
+            with self._memoized(store=False):
+                yield
+        finally:
+            handle.remove()
+
+    def _tail(self, layers: dict[str, nn.Module]) -> str | None:
+        """The innermost submodule enclosing the single layer of ``layers`` whose other quantized
+        linears are all final and that has some (None: no such module, or the layer widens)."""
+        if len(layers) != 1:
+            return None
+        (lname, layer), = layers.items()
+        if layer.in_features > layer.out_features:
+            return None
+        parts = lname.split(".")
+        for k in range(len(parts) - 1, 0, -1):
+            name = ".".join(parts[:k])
+            others = self._linears.get(name, set()) - {id(layer)}
+            if others:
+                return name if others <= self.final else None
+        return None
+
+    @contextlib.contextmanager
+    def _recording_tail(self, name: str, layer: nn.Module) -> Iterator[None]:
+        """Record the tail submodule ``name`` around ``layer`` per batch (see the class doc); the
+        submodule's return ends the block pass."""
+        module = self.ctx.block.get_submodule(name)
+        self._tail_layer[name] = layer
+        records = self._tails.setdefault(name, {})
+        state: dict[str, Any] = {}
+
+        def before(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            state["calls"] = state.get("calls", 0) + 1
+            state["args"] = (args, kwargs)
+
+        def layer_in(_m: nn.Module, args: tuple, kwargs: dict) -> None:  # prepended: before other pre-hooks
+            state["layer_calls"] = state.get("layer_calls", 0) + 1
+            state["layer_args"] = (args, kwargs)
+
+        def layer_out(_m: nn.Module, _args: tuple, out: Any) -> None:
+            state["y"] = out
+
+        def after(_m: nn.Module, _args: tuple, _kwargs: dict, out: Any) -> None:
+            y = state.get("y")
+            if out is y:
+                where = None
+            else:
+                where = next((i for i, o in enumerate(out) if o is y), -1) if isinstance(out, tuple) else -1
+            if state.get("layer_calls") == 1 and state["calls"] == 1 and where != -1:
+                records[(self._batch, 0)] = (state["args"], state["layer_args"], out, where)
+            raise _Stop
+
+        def reset(_m: nn.Module, _args: tuple) -> None:
+            state.clear()
+
+        handles = [
+            self.ctx.block.register_forward_pre_hook(reset),
+            module.register_forward_pre_hook(before, with_kwargs=True),
+            layer.register_forward_pre_hook(layer_in, with_kwargs=True, prepend=True),
+            layer.register_forward_hook(layer_out),
+            module.register_forward_hook(after, with_kwargs=True),
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def inputs(
         self, layers: dict[str, nn.Module], hidden: list[torch.Tensor] | None = None, last: bool = False
@@ -205,16 +298,18 @@ class BlockRunner:
             def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
                 if name not in seen:
                     seen[name] = _layer_input(args, kwargs)
-                if len(seen) == len(layers):
+                if len(seen) == len(layers) and tail is None:
                     raise _Stop
 
             return pre
 
+        tail = self._tail(layers) if memo and not last else None
         handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in layers.items()]
         memoized = self._memoized(store=not last) if memo else contextlib.nullcontext()
+        recording = self._recording_tail(tail, *layers.values()) if tail else contextlib.nullcontext()
         state = {"skip": False}
         try:
-            with torch.no_grad(), memoized, _skippable(layers, state):
+            with torch.no_grad(), memoized, recording, _skippable(layers, state):
                 for b, (h, extras) in enumerate(zip(hidden, ctx.inputs.extras)):
                     if b == 1:  # parallel layers (one shared input): none feeds another, skip their work
                         state["skip"] = len(layers) > 1 and len({id(x) for x in seen.values()}) == 1
@@ -249,6 +344,16 @@ def shared_inputs(inputs: dict[str, torch.Tensor], group: dict[str, QuantLinear]
 def _signature(block: nn.Module) -> list[tuple[int, int]]:
     """Changes whenever a parameter of ``block`` is replaced or modified in place."""
     return [(p.data_ptr(), p._version) for p in block.parameters()]
+
+
+def _activation_state(block: nn.Module) -> list[tuple[int, str, bool]]:
+    """Changes when an activation quantizer of ``block`` is switched or calibrated (a static one
+    without qparams is off during the algorithm's passes and quantizes after calibration)."""
+    weight_quantizers = {id(m.weight_quantizer) for m in block.modules() if isinstance(m, QuantLinear)}
+    return [
+        (id(q), q.mode, q.has_qparams) for q in block.modules()
+        if isinstance(q, TensorQuantizer) and id(q) not in weight_quantizers
+    ]
 
 
 class GPTQ(BlockAlgorithm):
@@ -346,6 +451,15 @@ class GPTQ(BlockAlgorithm):
             for names, st in zip(stacks or [], stats):
                 self._quantize_stack(ctx, [group[n] for n in names], names, st, config)
             runner.finalize(list(group.values()))
+        ctx.scratch[self.name] = (runner, _signature(ctx.block), _activation_state(ctx.block))
+
+    def output_pass(self, ctx: BlockContext, config: GPTQConfig) -> contextlib.AbstractContextManager:
+        """Replay the attention outputs memoized during the last groups' passes (same inputs, same
+        final weights) when no parameter and no activation quantizer changed since :meth:`apply`."""
+        runner, signature, activations = ctx.scratch.pop(self.name, (None, None, None))
+        if runner is None or signature != _signature(ctx.block) or activations != _activation_state(ctx.block):
+            return contextlib.nullcontext()
+        return runner.replay()
 
     def _quantize_stack(self, ctx: BlockContext, layers: list[QuantLinear], names: list[str],
                         stats: dict[str, Gram], config: GPTQConfig) -> None:

@@ -349,7 +349,7 @@ class ModelQuantizer:
         # the float stream takes the blocks' extra inputs (BlockInputs.links) from the quantized one
         state: dict[str, Any] = {"float_hidden": list(inputs.hidden) if float_stream else None, "previous": None}
 
-        def process(index: int, block: nn.Module, block_inputs: Any) -> None:
+        def process(index: int, block: nn.Module, block_inputs: Any) -> contextlib.ExitStack:
             if state["previous"] is not None:  # the previous block is done: drop its cached fake-quantized weights
                 _drop_weight_caches(layers[state["previous"]])
             state["previous"] = index
@@ -363,6 +363,10 @@ class ModelQuantizer:
                 algo.apply(ctx, algo_cfg)
             _update_weight_qparams(block)
             self._observe(block, lambda: run_block(block, block_inputs, index))
+            replay = contextlib.ExitStack()  # around the output pass: algorithms may replay their work
+            for algo, algo_cfg in algorithms:
+                replay.enter_context(algo.output_pass(ctx, algo_cfg))
+            return replay
 
         for_each_block(layers, inputs, process, device=device, progress=progress)
         _drop_weight_caches(layers[state["previous"]])

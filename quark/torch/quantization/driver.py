@@ -337,14 +337,15 @@ def module_device(module: nn.Module) -> torch.device | None:
 def for_each_block(
     layers: nn.ModuleList,
     inputs: BlockInputs,
-    process: Callable[[int, nn.Module, BlockInputs], None],
+    process: Callable[[int, nn.Module, BlockInputs], contextlib.AbstractContextManager | None],
     device: torch.device | str | None = None,
     progress: bool = True,
     desc: str = "quantize blocks",
 ) -> list[torch.Tensor]:
     """Drive the block loop: for each block the model calls, move it to ``device``, let ``process``
     work on it with its inputs, run it to produce the next called block's inputs (hidden states and
-    linked extra outputs, :attr:`BlockInputs.links`), then move it back where it was. The blocks of
+    linked extra outputs, :attr:`BlockInputs.links`), then move it back where it was. A context
+    manager returned by ``process`` is entered around that run (an algorithm replaying work). The blocks of
     :attr:`BlockInputs.skipped` are not processed: the hidden states pass them by, as in the model.
 
     ``inputs.hidden`` is replaced as the loop advances; returns the last block's outputs.
@@ -355,10 +356,11 @@ def for_each_block(
         home = module_device(block)
         if device is not None:
             block.to(device)
-        process(i, block, inputs)
+        around = process(i, block, inputs)
         nxt = called[n + 1] if n + 1 < len(called) else None
         keep = set(inputs.links.get(nxt, {}).values()) if nxt is not None else set()
-        inputs.hidden, extra = _run(block, inputs, i, inputs.hidden, keep)
+        with around if around is not None else contextlib.nullcontext():
+            inputs.hidden, extra = _run(block, inputs, i, inputs.hidden, keep)
         if keep:
             _link(inputs, nxt, extra)
         if device is not None and home is not None:
