@@ -356,31 +356,38 @@ def test_gram_buffers_batches_without_changing_the_value(flush, monkeypatch):
 
 @pytest.mark.parametrize("scheme,replays", [("int4_wo_32", True), ("mxfp4", True), ("int8", False)])
 def test_output_pass_replays_attention_without_changing_the_result(batches, monkeypatch, scheme, replays):
-    """The loop's output pass replays the attention outputs GPTQ memoized with the final weights:
-    the quantized model is bit-identical to one whose output pass recomputes them, and the attention
-    runs one time fewer per batch and block. With static activation quantizers (int8: off during
+    """The loop's output pass replays the attention outputs GPTQ memoized with the final weights,
+    and the MLP by running down_proj alone on the inputs kept from the down_proj pass: the quantized
+    model is bit-identical to one whose output pass recomputes them, and the attention and the MLP
+    run one time fewer per batch and block. With static activation quantizers (int8: off during
     GPTQ's passes, calibrated before the output pass) nothing is replayed."""
-    from transformers.models.llama.modeling_llama import LlamaAttention
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
 
     def run(replay: bool):
-        calls = {"n": 0}
-        original = LlamaAttention.forward
+        calls = {"attn": 0, "mlp": 0}
 
-        def counting(self, *args, **kwargs):
-            calls["n"] += 1
-            return original(self, *args, **kwargs)
+        def counting(cls, key):
+            original = cls.forward
+
+            def forward(self, *args, **kwargs):
+                calls[key] += 1
+                return original(self, *args, **kwargs)
+
+            return forward
 
         with monkeypatch.context() as m:
-            m.setattr(LlamaAttention, "forward", counting)
+            m.setattr(LlamaAttention, "forward", counting(LlamaAttention, "attn"))
+            m.setattr(LlamaMLP, "forward", counting(LlamaMLP, "mlp"))
             if not replay:
                 m.setattr(GPTQ, "output_pass", lambda self, ctx, config: contextlib.nullcontext())
             model = quantize(tiny_llama(), scheme, batches, "gptq")
-        return model, calls["n"]
+        return model, calls
 
     replayed, n_replayed = run(True)
     plain, n_plain = run(False)
-    layers = len(plain.model.layers)
-    assert n_plain - n_replayed == (len(batches) * layers if replays else 0)
+    saved = len(batches) * len(plain.model.layers) if replays else 0
+    assert n_plain["attn"] - n_replayed["attn"] == saved
+    assert n_plain["mlp"] - n_replayed["mlp"] == saved
     with torch.no_grad():
         for b in batches:
             assert torch.equal(replayed(**b).logits, plain(**b).logits)
@@ -460,3 +467,46 @@ def test_a_submodule_that_changes_its_layer_output_is_not_replayed_from_the_laye
         got = [x["after"] for x in runner.inputs({"after": block.after})]
         with torch.no_grad():
             assert all(torch.equal(g, block.inner(h)) for g, h in zip(got, hidden))
+
+
+def test_widening_layer_inputs_are_only_kept_within_the_budget(batches, monkeypatch):
+    """down_proj's inputs are wider than the hidden states: with no budget for them the MLP is
+    computed in the output pass (the attention is still replayed), with the same result."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from quark.torch.algorithm.gptq import BlockRunner
+
+    def mlp_calls(budget: int):
+        calls = {"n": 0}
+        original = LlamaMLP.forward
+
+        def counting(self, *args, **kwargs):
+            calls["n"] += 1
+            return original(self, *args, **kwargs)
+
+        with monkeypatch.context() as m:
+            m.setattr(LlamaMLP, "forward", counting)
+            m.setattr(BlockRunner, "TAIL_BUDGET_BYTES", budget)
+            model = quantize(tiny_llama(), "int4_wo_32", batches, "gptq")
+        return model, calls["n"]
+
+    kept, n_kept = mlp_calls(1 << 30)
+    recomputed, n_recomputed = mlp_calls(0)
+    assert n_recomputed - n_kept == len(batches) * len(kept.model.layers)
+    with torch.no_grad():
+        for b in batches:
+            assert torch.equal(kept(**b).logits, recomputed(**b).logits)
+
+
+@pytest.mark.parametrize("features", [383, 384, 577])
+def test_wide_hessians_are_accumulated_by_panels_and_exactly_symmetric(features):
+    """From PANEL_MIN_FEATURES on, the Hessian is built from the row panels of its upper triangle and
+    mirrored: the float64 reference value, and exactly symmetric."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3000, features, generator=g)
+    H = Gram()
+    for chunk in x.split(1000):
+        H.add_batch(chunk)
+    torch.testing.assert_close(H.value.double(), 2 / 3000 * x.double().T @ x.double(), rtol=1e-5, atol=1e-5)
+    if features >= Gram.PANEL_MIN_FEATURES:
+        assert torch.equal(H.value, H.value.T)

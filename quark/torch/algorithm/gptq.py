@@ -65,15 +65,20 @@ def layer_groups(ctx: BlockContext, groups: list[list[str]]) -> list[dict[str, Q
     return out
 
 
+def _uncalibrated_static(block: nn.Module) -> list[TensorQuantizer]:
+    """The block's static activation quantizers without qparams yet."""
+    weight_quantizers = {id(m.weight_quantizer) for m in block.modules() if isinstance(m, QuantLinear)}
+    return [
+        q for q in block.modules()
+        if isinstance(q, TensorQuantizer) and id(q) not in weight_quantizers and not q.is_dynamic and not q.has_qparams
+    ]
+
+
 @contextlib.contextmanager
 def uncalibrated_off(block: nn.Module) -> Iterator[None]:
     """Static activation quantizers without qparams yet are the identity (they are calibrated after
     the algorithms); weight quantizers and dynamic quantizers stay as they are."""
-    weight_quantizers = {id(m.weight_quantizer) for m in block.modules() if isinstance(m, QuantLinear)}
-    saved = [
-        (q, q.mode) for q in block.modules()
-        if isinstance(q, TensorQuantizer) and id(q) not in weight_quantizers and not q.is_dynamic and not q.has_qparams
-    ]
+    saved = [(q, q.mode) for q in _uncalibrated_static(block)]
     for q, _ in saved:
         q.mode = "off"
     try:
@@ -138,11 +143,16 @@ class BlockRunner:
       produced for the same batch and the same inputs (checked with ``torch.equal``) in a later pass
       instead of computing it again: with q/k/v/o final, the MLP's passes skip the attention;
     * a pass collecting the input of a single layer whose enclosing submodule returns that layer's
-      output as is, with every other linear of the submodule final (o_proj in the attention), runs
-      the submodule to its end and keeps the layer's input and the submodule's output; once the layer
-      is final, the next pass replays the submodule by running only that layer on the kept input
-      (the layer's input must not be wider than its output: the kept tensors stay hidden-sized).
+      output as is, with every other linear of the submodule final (o_proj in the attention,
+      down_proj in the MLP), runs the submodule to its end (the layer outputs zeros) and keeps the
+      layer's input and the submodule's output; once the layer is final, the next pass (or the
+      loop's output pass, :meth:`replay`) replays the submodule by running only that layer on the
+      kept input. A layer wider in than out (down_proj) is only kept while its inputs over all
+      batches fit in :attr:`TAIL_BUDGET_BYTES`.
     """
+
+    #: most bytes of kept inputs of a layer that widens (in_features > out_features)
+    TAIL_BUDGET_BYTES = 1 << 30
 
     def __init__(self, ctx: BlockContext) -> None:
         self.ctx = ctx
@@ -170,9 +180,9 @@ class BlockRunner:
             call = self._calls.get(name, 0)
             self._calls[name] = call + 1
             key = (self._batch, call)
-            hit = cache.get(key)
+            hit = cache.get(key) if store else cache.pop(key, None)  # no later pass: free it as it is used
             if hit is not None and _tensors_equal(hit[0], (args, kwargs)):
-                return _clone(hit[1])
+                return hit[1] if not store else _clone(hit[1])
             tail = self._tails.get(name, {}).pop(key, None)
             if tail is not None and _tensors_equal(tail[0], (args, kwargs)):
                 layer_args, layer_kwargs = tail[1]
@@ -222,12 +232,15 @@ class BlockRunner:
 
     def _tail(self, layers: dict[str, nn.Module]) -> str | None:
         """The innermost submodule enclosing the single layer of ``layers`` whose other quantized
-        linears are all final and that has some (None: no such module, or the layer widens)."""
+        linears are all final and that has some (None: no such module, or the kept inputs of a
+        widening layer would not fit the budget)."""
         if len(layers) != 1:
             return None
         (lname, layer), = layers.items()
         if layer.in_features > layer.out_features:
-            return None
+            tokens = sum(h.numel() // h.shape[-1] for h in self.ctx.inputs.hidden)
+            if tokens * layer.in_features * layer.weight.element_size() > self.TAIL_BUDGET_BYTES:
+                return None
         parts = lname.split(".")
         for k in range(len(parts) - 1, 0, -1):
             name = ".".join(parts[:k])
@@ -256,6 +269,9 @@ class BlockRunner:
         def layer_out(_m: nn.Module, _args: tuple, out: Any) -> None:
             state["y"] = out
 
+        def zeros(x: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:  # replaced at replay
+            return x.new_zeros(*x.shape[:-1], layer.out_features)
+
         def after(_m: nn.Module, _args: tuple, _kwargs: dict, out: Any) -> None:
             y = state.get("y")
             if out is y:
@@ -263,12 +279,15 @@ class BlockRunner:
             else:
                 where = next((i for i, o in enumerate(out) if o is y), -1) if isinstance(out, tuple) else -1
             if state.get("layer_calls") == 1 and state["calls"] == 1 and where != -1:
-                records[(self._batch, 0)] = (state["args"], state["layer_args"], out, where)
+                kept = None if where is None else (*out[:where], None, *out[where + 1:])  # not the zeros
+                records[(self._batch, 0)] = (state["args"], state["layer_args"], kept, where)
             raise _Stop
 
         def reset(_m: nn.Module, _args: tuple) -> None:
             state.clear()
 
+        saved_forward = layer.__dict__.get("forward")
+        layer.forward = zeros
         handles = [
             self.ctx.block.register_forward_pre_hook(reset),
             module.register_forward_pre_hook(before, with_kwargs=True),
@@ -281,13 +300,17 @@ class BlockRunner:
         finally:
             for h in handles:
                 h.remove()
+            if saved_forward is None:
+                del layer.forward
+            else:
+                layer.forward = saved_forward
 
     def inputs(
         self, layers: dict[str, nn.Module], hidden: list[torch.Tensor] | None = None, last: bool = False
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Per batch, ``{name: input}`` of ``layers`` (layers fed the same tensor get the same
         object). ``hidden`` replaces the cached hidden states (the float stream); ``last``: no later
-        pass will come, so nothing new is memoized."""
+        pass will come (not even a :meth:`replay`), so nothing new is memoized."""
         ctx = self.ctx
         memo = hidden is None
         hidden = ctx.inputs.hidden if hidden is None else hidden
@@ -437,17 +460,23 @@ class GPTQ(BlockAlgorithm):
         all_layers = {n: m for g in groups for n, m in g.items()}
         floats = self.float_inputs(ctx, all_layers) if self.needs_float_stream else None
         runner = BlockRunner(ctx)
+        # the output pass can replay what the last group's pass records unless static activation
+        # quantizers (off during these passes) are calibrated in between
+        replayable = not _uncalibrated_static(ctx.block)
         for i, group in enumerate(groups):
             stacks: list[list[str]] | None = None
             stats: list[dict[str, Gram]] = []
             with uncalibrated_off(ctx.block):
-                for b, inputs in enumerate(runner.inputs(group, last=i == len(groups) - 1)):
+                for b, inputs in enumerate(runner.inputs(group, last=i == len(groups) - 1 and not replayable)):
                     if stacks is None:
                         stacks = shared_inputs(inputs, group)
                         stats = [self.new_stats() for _ in stacks]
                     for names, st in zip(stacks, stats):
                         xf = None if floats is None else floats[b][names[0]]
                         self.accumulate(st, inputs[names[0]], xf)
+                    if floats is not None:  # this group's float inputs are used up
+                        for name in group:
+                            floats[b].pop(name, None)
             for names, st in zip(stacks or [], stats):
                 self._quantize_stack(ctx, [group[n] for n in names], names, st, config)
             runner.finalize(list(group.values()))

@@ -99,13 +99,26 @@ class Gram:
             m, self._fill = self._fill, 0
             self._accumulate(self._a[:m], None if self._b is None else self._b[:m])
 
+    #: a symmetric Gram this wide or wider is accumulated as 3 row panels of its upper triangle
+    #: (2/3 of the products of the full square), then its lower triangle is mirrored
+    PANEL_MIN_FEATURES = 384
+
     def _accumulate(self, a: torch.Tensor, b: torch.Tensor | None) -> None:
-        b = a if b is None else b
-        m = a.shape[0]
+        m, n = a.shape
         if self._value is None:
-            self._value = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float32, device=a.device)
+            self._value = torch.zeros(n, n if b is None else b.shape[1], dtype=torch.float32, device=a.device)
         total = self.tokens + m
-        self._value.mul_(self.tokens / total).addmm_(a.T, b, alpha=2.0 / total)
+        value, alpha = self._value.mul_(self.tokens / total), 2.0 / total
+        if b is not None:
+            value.addmm_(a.T, b, alpha=alpha)
+        elif n < self.PANEL_MIN_FEATURES:
+            value.addmm_(a.T, a, alpha=alpha)
+        else:
+            edges = [0, n // 3, 2 * n // 3, n]
+            for lo, hi in zip(edges, edges[1:]):
+                value[lo:hi, lo:].addmm_(a[:, lo:hi].T, a[:, lo:], alpha=alpha)
+            upper = value.triu(1)
+            value.triu_().add_(upper.T)  # the lower triangle mirrors the upper one exactly
         self.tokens = total
 
 
