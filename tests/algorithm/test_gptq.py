@@ -105,6 +105,49 @@ def test_clip_search_by_hand():
     assert search_clipped_qparams(w, spec, outlier_matters, steps=4, lowest=0.6).scale.item() == 1.0
 
 
+def reference_clip_search(w, spec, importance, steps, lowest):
+    """The search one candidate at a time, element by element (what the vectorised search must equal)."""
+    best = compute_qparams(w, spec)
+    rows, k = w.shape[0], best.scale.numel()
+
+    def loss(qp):
+        err = (fake_quantize(w, spec, qp) - w) ** 2 * importance[None, :]
+        return err.sum().reshape(1) if k == 1 else err.reshape(rows, k // rows, -1).sum(-1).reshape(-1)
+
+    scale, zp = best.scale.clone().reshape(-1), None if best.zero_point is None else best.zero_point.clone().reshape(-1)
+    best_loss = loss(best)
+    for i in range(1, steps + 1):
+        qp = compute_qparams(w * (1.0 - i * (1.0 - lowest) / steps), spec)
+        cur = loss(qp)
+        for j in range(cur.numel()):
+            if cur[j] < best_loss[j]:
+                best_loss[j] = cur[j]
+                scale[j] = qp.scale.reshape(-1)[j if k != 1 else 0]
+                if zp is not None:
+                    zp[j] = qp.zero_point.reshape(-1)[j if k != 1 else 0]
+    return scale.reshape(best.scale.shape), None if zp is None else zp.reshape(best.zero_point.shape)
+
+
+@pytest.mark.parametrize("scheme", ["int4_wo_32", "uint4_wo_64", "uint4_wo_per_channel", "mxfp4", "fp8", "int8"])
+@pytest.mark.parametrize("elements", [1 << 20, 1000])
+def test_clip_search_equals_the_candidate_by_candidate_search(scheme, elements, monkeypatch):
+    """All candidates at once (in row chunks of any size) choose exactly what one candidate at a time
+    chooses, per qparam element."""
+    from quark.torch.algorithm import hessian_solver
+
+    monkeypatch.setattr(hessian_solver, "SEARCH_ELEMENTS", elements)
+    W, X = layer_problem(seed=4)
+    W[:, 5] *= 6  # outliers worth clipping in some groups
+    spec = weight_spec(scheme)
+    importance = (X ** 2).mean(0)
+    got = search_clipped_qparams(W, spec, importance, 20, 0.6)
+    scale, zp = reference_clip_search(W, spec, importance, 20, 0.6)
+    assert torch.equal(got.scale, scale)
+    assert (got.zero_point is None and zp is None) or torch.equal(got.zero_point, zp)
+    if scheme != "fp8":  # (a per-tensor fp8 scale gains nothing from clipping here)
+        assert not torch.equal(got.scale, compute_qparams(W, spec).scale)  # the search did clip somewhere
+
+
 @pytest.mark.parametrize("scheme", FORMATS)
 @pytest.mark.parametrize("desc_act,static_groups", [(False, False), (True, True), (True, False)])
 def test_gptq_result_is_its_own_fake_quantization_and_beats_rounding(scheme, desc_act, static_groups):

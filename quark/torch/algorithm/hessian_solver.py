@@ -198,37 +198,53 @@ def _cat_qparams(parts: list[QParams], dim: int) -> QParams:
     )
 
 
+#: elements of the candidate weights :func:`search_clipped_qparams` evaluates at once (rows are chunked)
+SEARCH_ELEMENTS = 1 << 20
+
+
 def search_clipped_qparams(w: torch.Tensor, spec, importance: torch.Tensor, steps: int,
                            lowest: float) -> QParams:
     """Min-max qparams of ``s * w`` for ``s`` in ``1, ..., lowest`` (``steps + 1`` values), chosen per
     qparam element (per row and group) to minimise ``sum_j importance_j (Q(w) - w)^2`` over the
-    elements it covers: clipping the range trades the outliers' error for a finer grid on the rest.
-    ``importance`` (``[n]``, e.g. ``diag H``) weights each input column by how much its error costs.
-    One-stage specs only; the result is a valid set of natural qparams for ``spec``."""
+    elements it covers (the first ``s`` on ties): clipping the range trades the outliers' error for a
+    finer grid on the rest. ``importance`` (``[n]``, e.g. ``diag H``) weights each input column by how
+    much its error costs. One-stage specs only; the result is a valid set of natural qparams for
+    ``spec``. Qparams per row or group are searched for every ``s`` at once (rows in chunks of about
+    :data:`SEARCH_ELEMENTS` candidate elements)."""
     rows, n = w.shape
     best = compute_qparams(w, spec)
     k = best.scale.numel()
     if steps <= 0 or (k != 1 and k % rows):
         return best
+    factors = [1.0 - i * (1.0 - lowest) / steps for i in range(steps + 1)]
+    weights = importance[None, :]
 
-    def loss(qp: QParams) -> torch.Tensor:
-        err = (fake_quantize(w, spec, qp) - w).square_().mul_(importance[None, :])
-        return err.sum().reshape(1) if k == 1 else err.reshape(rows, k // rows, -1).sum(-1).reshape(-1)
+    def losses(x: torch.Tensor, qp: QParams, per_row: int) -> torch.Tensor:
+        """Per qparam element, the weighted error of quantizing ``x`` [r, n] with ``qp``."""
+        err = (fake_quantize(x, spec, qp) - x).square_().mul_(weights)
+        return err.sum().reshape(1) if per_row == 0 else err.reshape(x.shape[0] * per_row, -1).sum(-1)
 
-    best = QParams(best.scale.clone(), None if best.zero_point is None else best.zero_point.clone())
-    best_loss = loss(best)
-    flat_scale = best.scale.view(-1)
-    flat_zp = None if best.zero_point is None else best.zero_point.view(-1)
-    for i in range(1, steps + 1):
-        qp = compute_qparams(w * (1.0 - i * (1.0 - lowest) / steps), spec)
-        cur = loss(qp)
-        better = cur < best_loss
-        if bool(better.any()):
-            best_loss = torch.where(better, cur, best_loss)
-            flat_scale[better] = qp.scale.reshape(-1)[better]
-            if flat_zp is not None:
-                flat_zp[better] = qp.zero_point.reshape(-1)[better]
-    return best
+    if k == 1:  # one qparam for the whole tensor: one candidate at a time
+        best_loss = losses(w, best, 0)
+        for f in factors[1:]:
+            qp = compute_qparams(w * f, spec)
+            cur = losses(w, qp, 0)
+            if bool(cur < best_loss):
+                best, best_loss = qp, cur
+        return best
+    per_row, S = k // rows, len(factors)
+    chunk = max(1, SEARCH_ELEMENTS // (S * n))
+    scales, zero_points = [], []
+    for r0 in range(0, rows, chunk):
+        wc = w[r0:r0 + chunk]
+        m = wc.shape[0]
+        qp = compute_qparams(torch.cat([wc * f for f in factors]), spec)  # [S * m, ...] natural
+        pick = losses(wc.repeat(S, 1), qp, per_row).reshape(S, m * per_row).argmin(0)[None]  # first minimum
+        scales.append(qp.scale.reshape(S, m * per_row).gather(0, pick).reshape(-1))
+        if qp.zero_point is not None:
+            zero_points.append(qp.zero_point.reshape(S, m * per_row).gather(0, pick).reshape(-1))
+    return QParams(torch.cat(scales).reshape(best.scale.shape),
+                   torch.cat(zero_points).reshape(best.zero_point.shape) if zero_points else None)
 
 
 class ColumnQuantizer:
