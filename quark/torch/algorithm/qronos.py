@@ -33,7 +33,7 @@ overfit the 16k calibration tokens (ppl 56.6, worse than RTN's 41.1); these defa
 Columns run in natural order (no act-order); a group's qparams are computed when the group is
 reached (by the clipping search of :func:`~.hessian_solver.search_clipped_qparams` when
 ``clip_search_steps`` > 0), the first group's from ``p`` and the original later columns. Statistics
-are float32, the correction solve float64.
+are float32, and so is the correction solve (float64 when its float32 Cholesky fails).
 """
 
 from __future__ import annotations
@@ -46,6 +46,26 @@ from quark.torch.quantization.config.algo_configs import QronosConfig
 
 from .gptq import GPTQ
 from .hessian_solver import ColumnQuantizer, Gram, Solution, damp, inverse_cholesky, solve
+
+
+def _ridge_correction(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, q1: torch.Tensor, dead: torch.Tensor,
+                      lam: torch.Tensor) -> torch.Tensor:
+    """``(H~_>1,>1 + lam I)^-1 (G_>1,: w - H~_>1,1 q_1 + lam w_>1)`` for every row ``w`` of ``W``: in
+    float32 (as GPTQ's factorisation; ``lam`` keeps the system as well conditioned as GPTQ's damped
+    Hessian), in float64 when the float32 Cholesky fails."""
+    for dtype in (torch.float32, torch.float64):
+        lam_d = lam.to(dtype)
+        rhs = (W.to(dtype) @ G[1:].to(dtype).T).sub_(q1.to(dtype)[:, None] * H[0, 1:].to(dtype)[None])
+        rhs.add_(W[:, 1:].to(dtype), alpha=float(lam_d))  # the damping pulls toward the current weights
+        A = H[1:, 1:].to(dtype).clone()
+        A.diagonal().add_(lam_d)
+        A[dead[1:], dead[1:]] = 1.0
+        L, info = torch.linalg.cholesky_ex(A)
+        if info.item() == 0:
+            out = torch.cholesky_solve(rhs.T, L).T
+            if torch.isfinite(out).all():
+                return out.float()
+    raise torch.linalg.LinAlgError("Qronos's correction system is not positive definite even in float64: raise alpha")
 
 
 def qronos_quantize(
@@ -78,15 +98,8 @@ def qronos_quantize(
     Q = torch.zeros_like(W)
     Q[:, 0] = q1
     if n > 1:
-        # t = 1, shaping the future: least squares of the later columns given q_1 (float64)
-        lam = alpha * beta * Hd.diagonal().mean().double()
-        rhs = W.double() @ G[1:].double().T - q1.double()[:, None] * H[0, 1:].double()[None]
-        rhs += lam * W[:, 1:].double()  # the damping pulls the correction toward the current weights
-        A = H[1:, 1:].double().clone()
-        A.diagonal().add_(lam)
-        A[dead[1:], dead[1:]] = 1.0
-        L = torch.linalg.cholesky(A)
-        Wt[:, 1:] = torch.cholesky_solve(rhs.T, L).T.float()
+        # t = 1, shaping the future: least squares of the later columns given q_1
+        Wt[:, 1:] = _ridge_correction(W, H, G, q1, dead, alpha * beta * Hd.diagonal().mean())
         Wt[:, 1:][:, dead[1:]] = 0
         # t >= 2: GPTQ's diffusion with H~ from column 2 on
         Wt[:, 0] = q1
