@@ -19,11 +19,12 @@ afterwards, as in the reference implementation, so the captured inputs stay vali
 
 Then the weight clipping search (optional, ``clip_search``): for every quantized linear of the
 block except ``clip_exclude`` (q/k: attention scores are too sensitive), each quantization group's
-range is shrunk to ``r * [min, max]`` with ``r`` on a grid of ``num_grid`` values in ``(0.5, 1]``,
-choosing per group the ``r`` with the lowest output error ``||x (W - Q(clip(W)))^T||^2`` on the
-layer's (scaled) calibration inputs; the weights are clamped to the chosen ranges. The error of a
-group only depends on its own range, so all groups are searched at once through the per-group Gram
-matrices ``X_g^T X_g`` of the inputs.
+range is shrunk to ``[r_lo min, r_hi max]`` with ratios on a grid of ``num_grid`` values in
+``(0.5, 1]``, choosing per group the ratios with the lowest output error
+``||x (W - Q(clip(W)))^T||^2`` on the layer's (scaled) calibration inputs: both ends together as in
+the paper, then each end alone (:func:`clip_layer`); the weights are clamped to the chosen ranges.
+The error of a group only depends on its own range, so all groups are searched at once through the
+per-group Gram matrices ``X_g^T X_g`` of the inputs.
 
 Cost: the scale search runs the inspect module ``num_grid`` times on about
 :data:`~.scaling.SEARCH_TOKENS` calibration tokens (whole sequences); statistics use every token.
@@ -76,9 +77,18 @@ def _clip_groups(layer: QuantLinear) -> int | None:
     return None
 
 
-def clip_layer(layer: QuantLinear, x: torch.Tensor, num_grid: int, max_shrink: float = MAX_SHRINK) -> torch.Tensor:
-    """Clamp the layer's weight, per quantization group, to the shrunk range with the lowest output
-    error on inputs ``x`` ([tokens, in_features]); returns the chosen ratio per (row, group)."""
+def clip_layer(layer: QuantLinear, x: torch.Tensor, num_grid: int, max_shrink: float = MAX_SHRINK,
+               refine_rounds: int = 2) -> torch.Tensor:
+    """Clamp the layer's weight, per quantization group, to the range with the lowest output error on
+    inputs ``x`` ([tokens, in_features]); returns the chosen ``(low, high)`` ratios per (row, group),
+    ``[rows, groups, 2]``.
+
+    The range ``[r_lo * min, r_hi * max]`` of each group is searched on the grid ``r = 1, 1 -
+    max_shrink / num_grid, ...`` (``num_grid`` values): first both ends together (``r_lo = r_hi``),
+    then ``refine_rounds`` rounds of the high end alone and the low end alone (coordinate descent: a
+    group whose largest and smallest weights are not equally extreme may want only one end clipped).
+    Every step keeps a group's range unless the error drops, so the result never does worse than the
+    unclipped weight on ``x``."""
     g = _clip_groups(layer)
     if g is None:
         raise ValueError("clip_layer needs a per-group or per-row weight quantizer")
@@ -88,27 +98,42 @@ def clip_layer(layer: QuantLinear, x: torch.Tensor, num_grid: int, max_shrink: f
     groups = k // g
     wf = w.float()
     wg = wf.view(n, groups, g)
-    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    lo, hi = wg.amin(-1), wg.amax(-1)  # [n, G]
     xg = x.float().reshape(-1, groups, g).transpose(0, 1)  # [G, T, g]
     use_gram = g <= xg.shape[1]
     gram = xg.transpose(1, 2) @ xg if use_gram else None  # [G, g, g]
-    best_err = torch.full((groups, n), float("inf"), device=w.device)
-    best_r = torch.ones(groups, n, device=w.device)
-    for i in range(num_grid):
-        r = 1.0 - max_shrink * i / num_grid
-        clipped = torch.clamp(wg, lo * r, hi * r).reshape(n, k).to(w.dtype)
+
+    def error(r_lo: torch.Tensor, r_hi: torch.Tensor) -> torch.Tensor:
+        """Output error per (row, group) of the weight clamped to the ratios' ranges, quantized."""
+        clipped = torch.clamp(wg, (lo * r_lo)[..., None], (hi * r_hi)[..., None]).reshape(n, k).to(w.dtype)
         d = (fake_quantize(clipped, spec).float() - wf).view(n, groups, g).transpose(0, 1)  # [G, n, g]
         if use_gram:
-            err = ((d @ gram) * d).sum(-1)
-        else:
-            err = (xg @ d.transpose(1, 2)).pow(2).sum(1)  # [G, n]
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_r = torch.where(better, torch.full_like(best_r, r), best_r)
-    ratio = best_r.t().unsqueeze(-1)  # [n, G, 1]
+            return ((d @ gram) * d).sum(-1).t()
+        return (xg @ d.transpose(1, 2)).pow(2).sum(1).t()
+
+    best_lo, best_hi = torch.ones_like(lo), torch.ones_like(hi)
+    best = error(best_lo, best_hi)
+
+    def consider(r_lo: torch.Tensor, r_hi: torch.Tensor) -> None:
+        nonlocal best, best_lo, best_hi
+        err = error(r_lo, r_hi)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_lo, best_hi = torch.where(better, r_lo, best_lo), torch.where(better, r_hi, best_hi)
+
+    ratios = [1.0 - max_shrink * i / num_grid for i in range(1, num_grid)]
+    for r in ratios:
+        consider(torch.full_like(lo, r), torch.full_like(hi, r))
+    for _ in range(refine_rounds):
+        fixed_lo = best_lo
+        for r in ratios:
+            consider(fixed_lo, torch.full_like(hi, r))
+        fixed_hi = best_hi
+        for r in ratios:
+            consider(torch.full_like(lo, r), fixed_hi)
     with torch.no_grad():
-        layer.weight.copy_(torch.clamp(wg, lo * ratio, hi * ratio).reshape(n, k))
-    return best_r.t()
+        layer.weight.copy_(torch.clamp(wg, (lo * best_lo)[..., None], (hi * best_hi)[..., None]).reshape(n, k))
+    return torch.stack([best_lo, best_hi], -1)
 
 
 class AWQ(BlockAlgorithm):
