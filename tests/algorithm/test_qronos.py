@@ -79,7 +79,7 @@ def test_qronos_lowers_the_float_target_error_of_a_layer():
     assert asym(sol.Q) / asym(gptq) == pytest.approx(0.585, rel=0.02)
 
 
-@pytest.mark.parametrize("scheme,ratio", [("int4_wo_32", 0.125), ("mxfp4", 0.324)])
+@pytest.mark.parametrize("scheme,ratio", [("int4_wo_32", 0.165), ("mxfp4", 0.398)])
 def test_qronos_lowers_the_block_error_versus_rounding(batches, scheme, ratio):
     reference = tiny_llama()
     rtn = output_error(quantize(tiny_llama(), scheme, batches), reference, batches)

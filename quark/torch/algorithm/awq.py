@@ -18,7 +18,7 @@ Every pair is searched on the unmodified block (the other layers float) and the 
 afterwards, as in the reference implementation, so the captured inputs stay valid for every search.
 
 Then the weight clipping search (optional, ``clip_search``): for every quantized linear of the
-block except ``clip_exclude`` (q/k: attention scores are too sensitive), each quantization group's
+block except ``clip_exclude`` (none by default; AutoAWQ excludes q/k), each quantization group's
 range is shrunk to ``[r_lo min, r_hi max]`` with ratios on a grid of ``num_grid`` values in
 ``(0.5, 1]``, choosing per group the ratios with the lowest output error
 ``||x (W - Q(clip(W)))^T||^2`` on the layer's (scaled) calibration inputs: both ends together as in
