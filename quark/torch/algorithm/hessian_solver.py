@@ -35,7 +35,12 @@ import torch
 from quark.torch.quantization.config.type import Dtype, QSchemeType, ScaleType
 from quark.torch.quantization.numerics import shared_exponent as nse
 from quark.torch.quantization.numerics.mx import MX_BLOCK_SIZE
-from quark.torch.quantization.tensor_quantize import QParams, compute_qparams, fake_quantize, row_fake_quantizer
+from quark.torch.quantization.tensor_quantize import (
+    QParams,
+    compute_qparams,
+    fake_quantize,
+    row_fake_quantizer,
+)
 
 #: processing-order column indices -> their current values ``[rows, len]``
 Current = Callable[[torch.Tensor], torch.Tensor]
