@@ -397,6 +397,39 @@ def test_gram_buffers_batches_without_changing_the_value(flush, monkeypatch):
                                rtol=1e-5, atol=1e-5)
 
 
+def counted_quantization(monkeypatch, scheme: str, batches: list[dict], **patches):
+    """Quantize a tiny llama with GPTQ while counting calls of LlamaAttention and LlamaMLP;
+    ``patches`` maps "Class.attr" of quark.torch.algorithm.gptq to a replacement for the run."""
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
+
+    from quark.torch.algorithm import gptq
+
+    calls = {"attn": 0, "mlp": 0}
+
+    def counting(cls, key):
+        original = cls.forward
+
+        def forward(self, *args, **kwargs):
+            calls[key] += 1
+            return original(self, *args, **kwargs)
+
+        return forward
+
+    with monkeypatch.context() as m:
+        m.setattr(LlamaAttention, "forward", counting(LlamaAttention, "attn"))
+        m.setattr(LlamaMLP, "forward", counting(LlamaMLP, "mlp"))
+        for target, value in patches.items():
+            cls, attr = target.split(".")
+            m.setattr(getattr(gptq, cls), attr, value)
+        model = quantize(tiny_llama(), scheme, batches, "gptq")
+    return model, calls
+
+
+def same_logits(a: nn.Module, b: nn.Module, batches: list[dict]) -> bool:
+    with torch.no_grad():
+        return all(torch.equal(a(**x).logits, b(**x).logits) for x in batches)
+
+
 @pytest.mark.parametrize("scheme,replays", [("int4_wo_32", True), ("mxfp4", True), ("int8", False)])
 def test_output_pass_replays_attention_without_changing_the_result(batches, monkeypatch, scheme, replays):
     """The loop's output pass replays the attention outputs GPTQ memoized with the final weights,
@@ -404,36 +437,13 @@ def test_output_pass_replays_attention_without_changing_the_result(batches, monk
     model is bit-identical to one whose output pass recomputes them, and the attention and the MLP
     run one time fewer per batch and block. With static activation quantizers (int8: off during
     GPTQ's passes, calibrated before the output pass) nothing is replayed."""
-    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
-
-    def run(replay: bool):
-        calls = {"attn": 0, "mlp": 0}
-
-        def counting(cls, key):
-            original = cls.forward
-
-            def forward(self, *args, **kwargs):
-                calls[key] += 1
-                return original(self, *args, **kwargs)
-
-            return forward
-
-        with monkeypatch.context() as m:
-            m.setattr(LlamaAttention, "forward", counting(LlamaAttention, "attn"))
-            m.setattr(LlamaMLP, "forward", counting(LlamaMLP, "mlp"))
-            if not replay:
-                m.setattr(GPTQ, "output_pass", lambda self, ctx, config: contextlib.nullcontext())
-            model = quantize(tiny_llama(), scheme, batches, "gptq")
-        return model, calls
-
-    replayed, n_replayed = run(True)
-    plain, n_plain = run(False)
+    replayed, n_replayed = counted_quantization(monkeypatch, scheme, batches)
+    plain, n_plain = counted_quantization(monkeypatch, scheme, batches,
+                                          **{"GPTQ.output_pass": lambda self, ctx, config: contextlib.nullcontext()})
     saved = len(batches) * len(plain.model.layers) if replays else 0
     assert n_plain["attn"] - n_replayed["attn"] == saved
     assert n_plain["mlp"] - n_replayed["mlp"] == saved
-    with torch.no_grad():
-        for b in batches:
-            assert torch.equal(replayed(**b).logits, plain(**b).logits)
+    assert same_logits(replayed, plain, batches)
 
 
 @pytest.mark.parametrize("scheme", ["int4_wo_32", "mxfp4", "int8"])
@@ -441,31 +451,10 @@ def test_attention_is_replayed_from_o_proj_input_without_changing_the_result(bat
     """Once o_proj is final, the gate/up pass replays the attention by running o_proj alone on the
     input kept from the o_proj pass: bit-identical to recomputing the attention, one attention call
     fewer per batch and block."""
-    from transformers.models.llama.modeling_llama import LlamaAttention
-
-    from quark.torch.algorithm.gptq import BlockRunner
-
-    def run(tail: bool):
-        calls = {"n": 0}
-        original = LlamaAttention.forward
-
-        def counting(self, *args, **kwargs):
-            calls["n"] += 1
-            return original(self, *args, **kwargs)
-
-        with monkeypatch.context() as m:
-            m.setattr(LlamaAttention, "forward", counting)
-            if not tail:
-                m.setattr(BlockRunner, "_tail", lambda self, layers: None)
-            model = quantize(tiny_llama(), scheme, batches, "gptq")
-        return model, calls["n"]
-
-    replayed, n_replayed = run(True)
-    plain, n_plain = run(False)
-    assert n_plain - n_replayed == len(batches) * len(plain.model.layers)
-    with torch.no_grad():
-        for b in batches:
-            assert torch.equal(replayed(**b).logits, plain(**b).logits)
+    replayed, n_replayed = counted_quantization(monkeypatch, scheme, batches)
+    plain, n_plain = counted_quantization(monkeypatch, scheme, batches, **{"BlockRunner._tail": lambda self, layers: None})
+    assert n_plain["attn"] - n_replayed["attn"] == len(batches) * len(plain.model.layers)
+    assert same_logits(replayed, plain, batches)
 
 
 def test_a_submodule_that_changes_its_layer_output_is_not_replayed_from_the_layer():
@@ -515,30 +504,12 @@ def test_a_submodule_that_changes_its_layer_output_is_not_replayed_from_the_laye
 def test_widening_layer_inputs_are_only_kept_within_the_budget(batches, monkeypatch):
     """down_proj's inputs are wider than the hidden states: with no budget for them the MLP is
     computed in the output pass (the attention is still replayed), with the same result."""
-    from transformers.models.llama.modeling_llama import LlamaMLP
-
-    from quark.torch.algorithm.gptq import BlockRunner
-
-    def mlp_calls(budget: int):
-        calls = {"n": 0}
-        original = LlamaMLP.forward
-
-        def counting(self, *args, **kwargs):
-            calls["n"] += 1
-            return original(self, *args, **kwargs)
-
-        with monkeypatch.context() as m:
-            m.setattr(LlamaMLP, "forward", counting)
-            m.setattr(BlockRunner, "TAIL_BUDGET_BYTES", budget)
-            model = quantize(tiny_llama(), "int4_wo_32", batches, "gptq")
-        return model, calls["n"]
-
-    kept, n_kept = mlp_calls(1 << 30)
-    recomputed, n_recomputed = mlp_calls(0)
-    assert n_recomputed - n_kept == len(batches) * len(kept.model.layers)
-    with torch.no_grad():
-        for b in batches:
-            assert torch.equal(kept(**b).logits, recomputed(**b).logits)
+    kept, n_kept = counted_quantization(monkeypatch, "int4_wo_32", batches)
+    recomputed, n_recomputed = counted_quantization(monkeypatch, "int4_wo_32", batches,
+                                                    **{"BlockRunner.TAIL_BUDGET_BYTES": 0})
+    assert n_recomputed["mlp"] - n_kept["mlp"] == len(batches) * len(kept.model.layers)
+    assert n_recomputed["attn"] == n_kept["attn"]
+    assert same_logits(kept, recomputed, batches)
 
 
 @pytest.mark.parametrize("features", [383, 384, 577])
