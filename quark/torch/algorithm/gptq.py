@@ -277,7 +277,8 @@ class BlockRunner:
             if out is y:
                 where = None
             else:
-                where = next((i for i, o in enumerate(out) if o is y), -1) if isinstance(out, tuple) else -1
+                # a plain tuple only: the replay rebuilds it (a named tuple or a ModelOutput is not replayed)
+                where = next((i for i, o in enumerate(out) if o is y), -1) if type(out) is tuple else -1
             if state.get("layer_calls") == 1 and state["calls"] == 1 and where != -1:
                 kept = None if where is None else (*out[:where], None, *out[where + 1:])  # not the zeros
                 records[(self._batch, 0)] = (state["args"], state["layer_args"], kept, where)
