@@ -524,3 +524,30 @@ def test_wide_hessians_are_accumulated_by_panels_and_exactly_symmetric(features)
     torch.testing.assert_close(H.value.double(), 2 / 3000 * x.double().T @ x.double(), rtol=1e-5, atol=1e-5)
     if features >= Gram.PANEL_MIN_FEATURES:
         assert torch.equal(H.value, H.value.T)
+
+
+def test_no_replay_after_a_weight_changed_since_gptq(batches, monkeypatch):
+    """An algorithm running after GPTQ that changes a weight of the block (here: a spy that scales
+    one) makes GPTQ's output pass compute the block instead of replaying stale outputs."""
+    from quark.torch.algorithm.gptq import BlockRunner
+
+    entered = []
+    original_apply = GPTQ.apply
+    original_replay = BlockRunner.replay
+
+    def apply_then_change(self, ctx, config):
+        original_apply(self, ctx, config)
+        with torch.no_grad():
+            ctx.block.mlp.down_proj.weight.mul_(1.0)  # an in-place change, even of no value
+
+    def spy_replay(self):
+        entered.append(1)
+        return original_replay(self)
+
+    monkeypatch.setattr(GPTQ, "apply", apply_then_change)
+    monkeypatch.setattr(BlockRunner, "replay", spy_replay)
+    quantize(tiny_llama(), "int4_wo_32", batches, "gptq")
+    assert entered == []
+    monkeypatch.setattr(GPTQ, "apply", original_apply)
+    quantize(tiny_llama(), "int4_wo_32", batches, "gptq")
+    assert len(entered) == len(tiny_llama().model.layers)
