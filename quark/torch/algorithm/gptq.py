@@ -65,13 +65,15 @@ def layer_groups(ctx: BlockContext, groups: list[list[str]]) -> list[dict[str, Q
     return out
 
 
+def _activation_quantizers(block: nn.Module) -> list[TensorQuantizer]:
+    """The block's quantizers other than its linears' weight quantizers."""
+    weight_quantizers = {id(m.weight_quantizer) for m in block.modules() if isinstance(m, QuantLinear)}
+    return [q for q in block.modules() if isinstance(q, TensorQuantizer) and id(q) not in weight_quantizers]
+
+
 def _uncalibrated_static(block: nn.Module) -> list[TensorQuantizer]:
     """The block's static activation quantizers without qparams yet."""
-    weight_quantizers = {id(m.weight_quantizer) for m in block.modules() if isinstance(m, QuantLinear)}
-    return [
-        q for q in block.modules()
-        if isinstance(q, TensorQuantizer) and id(q) not in weight_quantizers and not q.is_dynamic and not q.has_qparams
-    ]
+    return [q for q in _activation_quantizers(block) if not q.is_dynamic and not q.has_qparams]
 
 
 @contextlib.contextmanager
@@ -373,11 +375,7 @@ def _signature(block: nn.Module) -> list[tuple[int, int]]:
 def _activation_state(block: nn.Module) -> list[tuple[int, str, bool]]:
     """Changes when an activation quantizer of ``block`` is switched or calibrated (a static one
     without qparams is off during the algorithm's passes and quantizes after calibration)."""
-    weight_quantizers = {id(m.weight_quantizer) for m in block.modules() if isinstance(m, QuantLinear)}
-    return [
-        (id(q), q.mode, q.has_qparams) for q in block.modules()
-        if isinstance(q, TensorQuantizer) and id(q) not in weight_quantizers
-    ]
+    return [(id(q), q.mode, q.has_qparams) for q in _activation_quantizers(block)]
 
 
 class GPTQ(BlockAlgorithm):

@@ -48,7 +48,7 @@ Two stages (a list of two specs):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -544,7 +544,7 @@ def compute_qparams(x: torch.Tensor, spec: Specs) -> QParams | list[QParams]:
     return [q1, q2]
 
 
-def row_fake_quantizer(spec: Specs, qparams: QParams):
+def row_fake_quantizer(spec: Specs, qparams: QParams) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """A function ``f(v)`` equal to ``fake_quantize(v[:, None], spec, qparams).reshape(-1)`` for a
     vector ``v`` of ``rows`` values, where ``qparams`` hold one scale (and zero point) per row: the
     parameters are prepared once for many calls (GPTQ quantizes a weight one column at a time with
@@ -556,18 +556,9 @@ def row_fake_quantizer(spec: Specs, qparams: QParams):
     kind = _kind(spec)
     if kind.family != "int" or qparams is None or qparams.scale is None:
         return None
-    scale = _element_scale(kind, qparams.scale).detach().float().reshape(-1)
-    divisor = nint.safe_scale(scale)
-    zp = qparams.zero_point
-    float_zp = zp is not None and zp.is_floating_point()
-    zp = None if zp is None else zp.detach().to(scale.device).float().reshape(-1)
-    method = _round_method(spec)
-    qmin, qmax = kind.qmin, kind.qmax
-
-    def quantize_rows(v: torch.Tensor) -> torch.Tensor:
-        return nint.fake_quantize_int_prepared(v, divisor, scale, zp, qmin, qmax, method, float_zp)
-
-    return quantize_rows
+    scale = _element_scale(kind, qparams.scale).detach().reshape(-1)
+    zero_point = None if qparams.zero_point is None else qparams.zero_point.detach().reshape(-1)
+    return nint.fake_quantizer_int(scale, zero_point, kind.qmin, kind.qmax, _round_method(spec))
 
 
 def fake_quantize(x: torch.Tensor, spec: Specs, qparams: QParamsLike = None) -> torch.Tensor:

@@ -18,6 +18,8 @@ fake-quantize; it has no integer code, so ``quantize`` treats it as 0 (the code 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from quark.torch.quantization.config.type import RoundType, ZeroPointType
@@ -162,25 +164,26 @@ def fake_quantize_int(
     return run_chunked(kernel, x, [div, s, zp], out=out, scratch=scratch)
 
 
-def fake_quantize_int_prepared(
-    x: torch.Tensor,
-    divisor: torch.Tensor,
+def fake_quantizer_int(
     scale: torch.Tensor,
     zero_point: torch.Tensor | None,
     qmin: int,
     qmax: int,
-    round_method: RoundType,
-    float_zero_point: bool,
-) -> torch.Tensor:
-    """:func:`fake_quantize_int` on a small ``x`` whose parameters were prepared once (float32,
-    broadcastable: ``divisor = safe_scale(scale)``, the zero point as float32 with
-    ``float_zero_point`` saying which convention it follows): the same operations in the same order,
-    so bit-identical results, without the per-call preparation and chunking. For callers that
-    quantize many small tensors with the same parameters (GPTQ's column loop)."""
-    y = _to_codes_(torch.div(x.float(), divisor), zero_point, qmin, qmax, round_method, float_zero_point)
-    if zero_point is not None:
-        y.sub_(zero_point)
-    return y.mul_(scale).to(x.dtype)
+    round_method: RoundType | str | None = RoundType.half_even,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`fake_quantize_int` with these parameters, prepared once, for many small tensors shaped
+    like ``scale`` (GPTQ's column loop: one value per row): the same operations in the same order,
+    so bit-identical results, without the per-call preparation and chunking."""
+    method = parse_round_method(round_method)
+    s, div, zp, float_zp = _prepare(scale, scale, zero_point)
+
+    def fake(x: torch.Tensor) -> torch.Tensor:
+        y = _to_codes_(torch.div(x.float(), div), zp, qmin, qmax, method, float_zp)
+        if zp is not None:
+            y.sub_(zp)
+        return y.mul_(s).to(x.dtype)
+
+    return fake
 
 
 def quantize_int(
