@@ -226,3 +226,42 @@ def test_moe_model_quantizes_attention_and_excludes_router():
     with torch.no_grad():
         y, r = model(**batches[0]).logits, ref(**batches[0]).logits
     assert torch.isfinite(y).all() and _rel(y, r) < 0.1
+
+
+def test_weight_cache_only_inside_weight_caching_and_follows_changes():
+    """Inside ``weight_caching`` the fake-quantized weight is computed once per (weight, qparams)
+    state, also for a weight that requires grad under no_grad; outside it, at every forward."""
+    from quark.torch.quantization.modules import weight_caching
+
+    spec = Int8PerTensorSpec().to_quantization_spec()
+    q = QuantLinear.from_linear(nn.Linear(4, 3, bias=False), QLayerConfig(weight=spec))
+    calls = []
+    q.weight_quantizer.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(2, 4)
+
+    def fresh() -> torch.Tensor:  # recomputed outside the cache
+        n = len(calls)
+        y = q(x)
+        del calls[n:]
+        return y
+
+    with torch.no_grad():
+        q(x), q(x)
+        assert len(calls) == 2  # no cache outside weight_caching
+        with weight_caching():
+            y1 = q(x)
+            y2 = q(x)
+            assert len(calls) == 3 and torch.equal(y1, y2)
+            q.weight.mul_(0.5)  # in place: the version changes
+            y3 = q(x)
+            assert len(calls) == 4 and not torch.equal(y3, y1)
+        assert torch.equal(y3, fresh())
+        with weight_caching():
+            q(x)
+            q.weight_quantizer.scale.mul_(4.0)  # the qparams change in place
+            y4 = q(x)
+            assert len(calls) == 6 and not torch.equal(y4, y3)
+        assert torch.equal(y4, fresh())
+    with weight_caching():  # grad enabled and a weight that requires grad: no cache (training)
+        q(x), q(x)
+    assert len(calls) == 8

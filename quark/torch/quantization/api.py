@@ -47,7 +47,7 @@ from .fused_experts import (
     projection_configs,
     projection_shape,
 )
-from .modules import QuantLinear, quantized_linears
+from .modules import QuantLinear, quantized_linears, weight_caching
 from .tensor_quantizer import TensorQuantizer, set_mode
 
 logger = logging.getLogger(__name__)
@@ -368,7 +368,8 @@ class ModelQuantizer:
                 replay.enter_context(algo.output_pass(ctx, algo_cfg))
             return replay
 
-        for_each_block(layers, inputs, process, device=device, progress=progress)
+        with weight_caching():
+            for_each_block(layers, inputs, process, device=device, progress=progress)
         _drop_weight_caches(layers[state["previous"]])
         # quantizers outside the blocks (a non-excluded lm_head with static inputs ...): one more pass
         inside = {id(q) for q in _quantizers(layers)}

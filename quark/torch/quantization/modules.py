@@ -1,7 +1,8 @@
 """Quantized modules: ``QuantLinear`` holds a linear layer's quantizers, fake-quantized or frozen.
 
 - fake-quantized (after ``quantize_model``): the float weight stays; forward fake-quantizes the
-  input, the weight (cached until the weight changes) and the output;
+  input, the weight (cached inside :func:`weight_caching`, until the weight or its qparams change) and
+  the output;
 - frozen (after ``ModelQuantizer.freeze``): the float weight is replaced by exactly the tensors
   export writes (:mod:`quark.torch.export.layouts`: element codes packed where the format packs --
   int4 in int32 words, transposed ``[K, N/8]`` for per-group int4, fp4 two per byte, fp6 four per
@@ -18,6 +19,9 @@ not renamed by that loader, so a frozen or loaded module holds them as its own b
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -27,6 +31,25 @@ from quark.torch.export.layouts import WeightLayout, activation_placeholders
 from .config.config import QLayerConfig
 from .tensor_quantize import QParams, compute_qparams, dequantize, quantize
 from .tensor_quantizer import TensorQuantizer
+
+#: >0 while :func:`weight_caching` is entered
+_caching = 0
+
+
+@contextlib.contextmanager
+def weight_caching() -> Iterator[None]:
+    """While entered, a fake-quantized ``QuantLinear`` keeps its fake-quantized weight between
+    forwards (until the weight or its qparams change), outside autograd. The calibration loop runs
+    each block's passes (32 batches, several passes) inside it and drops a block's copies when the
+    block is done; elsewhere (evaluation of the fake-quantized model) the weight is fake-quantized at
+    each forward, so no second copy of every weight stays in memory."""
+    global _caching
+    _caching += 1
+    try:
+        yield
+    finally:
+        _caching -= 1
+
 
 #: quantizer roles of a QuantLinear, in checkpoint order
 ROLES = ("weight", "input", "output")
@@ -58,7 +81,7 @@ class QuantLinear(nn.Linear):
         #: weight qparams set by an algorithm (set_weight_qparams): not recomputed from the weight
         self.weight_qparams_fixed = False
         self._stage2_owned = False
-        self._wq_cache: tuple[int, int, torch.Tensor] | None = None
+        self._wq_cache: tuple[tuple, torch.Tensor] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, layer_config: QLayerConfig, min_kv_scale: float = 0.0) -> QuantLinear:
@@ -107,10 +130,15 @@ class QuantLinear(nn.Linear):
             return self.weight
         if not wq.is_dynamic and not wq.has_qparams:
             self.update_weight_qparams()
-        key = (self.weight._version, self.weight.data_ptr())
-        if self._wq_cache is None or self._wq_cache[:2] != key or self.weight.requires_grad:
-            self._wq_cache = (*key, wq(self.weight.detach() if not self.weight.requires_grad else self.weight))
-        return self._wq_cache[2]
+        if not _caching or (torch.is_grad_enabled() and self.weight.requires_grad):
+            self._wq_cache = None
+            return wq(self.weight)
+        # the cache holds while neither the weight nor the quantizer's qparams change (in place or replaced)
+        key = tuple((t.data_ptr(), t._version) if t is not None else None
+                    for t in (self.weight, wq.scale, wq.zero_point, wq.scale_2, wq.zero_point_2))
+        if self._wq_cache is None or self._wq_cache[0] != key:
+            self._wq_cache = (key, wq(self.weight.detach()))
+        return self._wq_cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._sync_second_stage()
