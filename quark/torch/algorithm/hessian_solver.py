@@ -393,13 +393,15 @@ class ColumnQuantizer:
 # ---------------------------------------------------------------------------------------------
 class _Pending:
     """The lazy block being processed: its accumulated column errors not yet applied to the later
-    columns, so that :meth:`current` can still give exact values of any unquantized column."""
+    columns, so that :meth:`current` can still give exact values of any unquantized column.
+
+    ``block`` holds the block's columns as rows; a quantized column's row keeps the value it had
+    when it was quantized (what GPTAQ's term multiplies), the later rows are updated in place."""
 
     def __init__(self, W: torch.Tensor, U: torch.Tensor, P: torch.Tensor | None, i1: int, i2: int,
                  block: torch.Tensor) -> None:
         self.W, self.U, self.P, self.i1, self.i2, self.block = W, U, P, i1, i2, block
-        self.err = torch.zeros_like(block)  # [columns of the block, rows]
-        self.seen = torch.zeros_like(block) if P is not None else None
+        self.err = torch.empty_like(block)  # [columns of the block, rows]: (w - q) / U[j, j]
         self.done = 0
 
     def current(self, cols: torch.Tensor) -> torch.Tensor:
@@ -415,7 +417,7 @@ class _Pending:
             c, rows = cols[later], slice(self.i1, self.i1 + self.done)
             pending = self.err[:self.done].T @ self.U[rows, c]
             if self.P is not None:
-                pending -= self.seen[:self.done].T @ self.P[rows, c]
+                pending -= self.block[:self.done].T @ self.P[rows, c]
             vals[:, later] -= pending
         return vals
 
@@ -429,7 +431,8 @@ def solve(
     start: int = 0,
     Q: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """GPTQ's column loop on ``W`` (changed in place; processing order) with ``H^-1 = U^T U``.
+    """GPTQ's column loop on ``W`` (processing order; the columns past each lazy block absorb its
+    updates in place) with ``H^-1 = U^T U``.
 
     Column ``j`` is quantized to ``q = quantize(j, w_j, current)`` and the later columns absorb its
     error: ``W[:, j+1:] -= (w_j - q) / U[j, j] * U[j, j+1:]`` (the optimal update of the remaining
@@ -448,23 +451,22 @@ def solve(
         U1 = U[i1:i2, i1:i2]
         P1 = None if P is None else P[i1:i2, i1:i2]
         lazy = _Pending(W, U, P, i1, i2, Wt)
+        diag = U1.diagonal().tolist()
         for k in range(i2 - i1):
             lazy.done = k
-            w = Wt[k].clone()
-            q = quantize(i1 + k, w, lazy.current)
-            Qt[k] = q
-            e = (w - q) / U1[k, k]
-            Wt[k:].addr_(U1[k, k:], e, alpha=-1.0)
-            if P1 is not None:
-                Wt[k:].addr_(P1[k, k:], w)
-                lazy.seen[k] = w
-            lazy.err[k] = e
-        W[:, i1:i2] = Wt.T
+            w = Wt[k]  # not changed from here on: the later updates touch rows k+1.. only
+            q = Qt[k]
+            q.copy_(quantize(i1 + k, w, lazy.current))
+            e = torch.sub(w, q, out=lazy.err[k]).div_(diag[k])
+            if k + 1 < i2 - i1:
+                Wt[k + 1:].addr_(U1[k, k + 1:], e, alpha=-1.0)
+                if P1 is not None:
+                    Wt[k + 1:].addr_(P1[k, k + 1:], w)
         Q[:, i1:i2] = Qt.T
         if i2 < n:
             W[:, i2:].addmm_(lazy.err.T, U[i1:i2, i2:], alpha=-1.0)
-            if P is not None:
-                W[:, i2:].addmm_(lazy.seen.T, P[i1:i2, i2:])
+            if P is not None:  # the block's rows hold each column's value when it was quantized
+                W[:, i2:].addmm_(Wt.T, P[i1:i2, i2:])
     return Q
 
 
