@@ -93,6 +93,7 @@ def run_cell(scheme: str, algorithm: str, template: str, threads: int | None, sa
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return usage.ru_utime + usage.ru_stime
 
+    gflops = gemm_gflops()
     t0 = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer()
     load_s = time.perf_counter() - t0
@@ -129,11 +130,27 @@ def run_cell(scheme: str, algorithm: str, template: str, threads: int | None, sa
         "float_model_gb": round(float_bytes / 2**30, 3),
         "rss_budget_gb": round((1.3 * float_bytes + samples * seq_len * hidden * 4) / 2**30, 3),
         "threads": torch.get_num_threads(),
+        "gemm_gflops": gflops,
         "calibration": f"{samples}x{seq_len}",
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "host": platform.node(),
         "cpus": os.cpu_count(),
     }
+
+
+def gemm_gflops(seconds: float = 1.0) -> float:
+    """The machine's float32 matrix-product speed right now (a [2048, 576] x [576, 1536] product,
+    the shape of an MLP projection on 4 calibration sequences, repeated for about ``seconds``), so
+    that cells measured on different days or under different load can be compared."""
+    import torch
+
+    a, b = torch.randn(2048, 576), torch.randn(576, 1536)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return round(2 * 2048 * 576 * 1536 * reps / (time.perf_counter() - t0) / 1e9, 1)
 
 
 def parse_algorithms(spec: str, template) -> tuple[list[str] | None, dict]:
@@ -173,8 +190,8 @@ def markdown(results: list[dict]) -> str:
     fp32 = next((r["ppl"] for r in results if r["scheme"] == "fp32"), None)
     lines = [
         "| scheme | algorithm | ppl | gap closed vs RTN | quantize s | quantize CPU s | eval s | peak RSS GB "
-        "| quantize peak RSS GB (budget) | threads | date |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| quantize peak RSS GB (budget) | threads | GEMM GFLOPS | date |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     order = sorted(results, key=lambda r: (r["scheme"] != "fp32", r["scheme"], r["algorithm"] != "none", r["algorithm"]))
     for r in order:
@@ -185,14 +202,16 @@ def markdown(results: list[dict]) -> str:
         lines.append(
             f"| {r['scheme']} | {r['algorithm']} | {r['ppl']:.2f} | {closed} | {r['quant_s']:.0f} | "
             f"{r.get('quant_cpu_s', float('nan')):.0f} | {r['eval_s']:.0f} | "
-            f"{r['peak_rss_gb']:.2f} | {_rss(r)} | {r['threads']} | {r['date']} |"
+            f"{r['peak_rss_gb']:.2f} | {_rss(r)} | {r['threads']} | {r.get('gemm_gflops') or ''} | {r['date']} |"
         )
     notes = ["", "Shared protocol: calibration 32 x 512 tokens of wikitext-2 valid, ppl over 40 x 512 tokens of "
              "wiki.test.raw. Gap closed = (RTN - ppl) / (RTN - fp32). Times are wall seconds on a shared machine; "
              "quantize CPU s (user + system time of the cell's process) is less sensitive to other load. Peak RSS GB is "
              "the cell's whole-process maximum (it includes loading the GGUF file); quantize peak RSS is sampled while "
              "quantizing (VmRSS every 20 ms), against the budget in parentheses: RSS before quantizing (runtime + float "
-             "model) + 0.3 x float model + one block's calibration activations (the goal's 1.3 x model + activations)."]
+             "model) + 0.3 x float model + one block's calibration activations (the goal's 1.3 x model + activations). "
+             "GEMM GFLOPS: float32 matrix-product speed measured at the start of the cell with its thread count "
+             "(the same machine varies by 30% from day to day; compare times with it in mind)."]
     if any(r["scheme"].startswith("uint4") and r["scheme"].endswith("_32") for r in results):
         notes.append(UINT4_G32_NOTE)
     return "\n".join(lines + notes) + "\n"
