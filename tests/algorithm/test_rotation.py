@@ -326,3 +326,27 @@ def test_searching_algorithms_skip_online_rotated_pairs(batches, caplog, algorit
                      f"their input online (rotation r4), which {algorithm}'s scale search does not model"]
     with quantizers_off(model):
         assert _rel(logits(model, batches), logits(reference, batches)) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "scheme, algorithms, fields, warns",
+    [
+        ("int4_wo_64", ["rotation"], {}, True),
+        ("uint4_wo_64", ["rotation", "awq"], {}, True),
+        ("int4_wo_64", ["rotation", "gptq"], {}, False),
+        ("int4_wo_64", ["rotation"], {"r1": False}, False),  # no norm folding without R1
+        ("int8", ["rotation"], {}, False),  # 8-bit weights: the folded error stays small
+    ],
+)
+def test_warns_when_round_to_nearest_4_bit_weights_follow_rotation(batches, caplog, scheme, algorithms, fields, warns):
+    """Folding the norms (R1) hurts 4-bit RTN weights on attention-sink models; the quantizer says so
+    and names the fix, and stays quiet where a GPTQ-style solver follows or weights are 8-bit."""
+    config = LLMTemplate.get("llama").get_config(
+        scheme, algorithm=algorithms, algo_configs={"rotation": rotation_config(**fields)}
+    )
+    with caplog.at_level(logging.WARNING, logger="quark.torch.algorithm.rotation"):
+        ModelQuantizer(config).quantize_model(llama48(hidden=64), batches[:1], progress=False)
+    hits = [r for r in caplog.records if "round-to-nearest" in r.getMessage()]
+    assert len(hits) == int(warns)
+    if warns:
+        assert "algorithm=['rotation', 'gptq']" in hits[0].getMessage()

@@ -326,13 +326,22 @@ class ModelQuantizer:
                     "of the calibrated expert with the largest scale", name, q.unobserved,
                 )
 
+    def _min_weight_bits(self) -> int | None:
+        """The fewest element bits of any weight spec in the config (None when no weight is quantized)."""
+        layers = [self.config.global_quant_config, *self.config.layer_quant_config.values()]
+        bits = [s.dtype.bits for lc in layers for s in (lc.weight if isinstance(lc.weight, list) else [lc.weight])
+                if s is not None]
+        return min(bits, default=None)
+
     def _calibrate_blocks(self, model: nn.Module, path: str, layers: nn.ModuleList, batches: list,
                           device: torch.device | None, progress: bool) -> None:
         from quark.torch.algorithm import BlockContext, get_algorithm, quantizers_off
+        from quark.torch.algorithm.rotation import warn_if_round_to_nearest_follows
 
         algorithms = [(get_algorithm(a.name), a) for a in self.config.algo_config or []]
         for algo, algo_cfg in algorithms:
             algo.prepare_model(model, algo_cfg)
+        warn_if_round_to_nearest_follows([a for _, a in algorithms], self._min_weight_bits())
         experts = fused_experts_modules(layers)
         if algorithms and experts:
             logger.info(
