@@ -8,7 +8,7 @@ quantization wall seconds, its CPU seconds, evaluation seconds, peak RSS of the 
 which includes the model load). ``none`` is round-to-nearest (no algorithm); ``a+b`` runs
 ``algorithm=["a", "b"]``; scheme ``fp32`` evaluates the unquantized model.
 
-Results are merged by (scheme, algorithm) into ``bench/results/algorithms.json`` (so separate runs
+Results are merged by (scheme, algorithm, dtype) into ``bench/results/algorithms.json`` (so separate runs
 accumulate) and the whole table is rewritten to ``bench/results/algorithms.md`` and printed.
 
     python bench/algorithms.py --schemes int4_wo_64 mxfp4 --algorithms none gptq gptaq qronos
@@ -77,7 +77,7 @@ class RssSampler:
 
 
 def run_cell(scheme: str, algorithm: str, template: str, threads: int | None, samples: int, seq_len: int,
-             windows: int) -> dict:
+             windows: int, dtype: str = "float32") -> dict:
     """One cell, in this process (called in a subprocess by :func:`main`)."""
     sys.path.insert(0, str(ROOT))
     import torch
@@ -95,7 +95,7 @@ def run_cell(scheme: str, algorithm: str, template: str, threads: int | None, sa
 
     gflops = gemm_gflops()
     t0 = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer()
+    model, tokenizer = load_model_and_tokenizer(dtype=getattr(torch, dtype))
     load_s = time.perf_counter() - t0
     quant_s = quant_cpu = 0.0
     rss = None
@@ -117,6 +117,7 @@ def run_cell(scheme: str, algorithm: str, template: str, threads: int | None, sa
     return {
         "scheme": scheme,
         "algorithm": algorithm,
+        "dtype": dtype,
         "ppl": ppl,
         "quant_s": round(quant_s, 1),
         "quant_cpu_s": round(quant_cpu, 1),
@@ -179,28 +180,36 @@ def load_results(path: Path) -> list[dict]:
     return []
 
 
+def _dtype(r: dict) -> str:
+    return r.get("dtype", "float32")  # cells recorded before --dtype existed ran in float32
+
+
 def merge(results: list[dict], cell: dict) -> list[dict]:
-    key = (cell["scheme"], cell["algorithm"])
-    return [r for r in results if (r["scheme"], r["algorithm"]) != key] + [cell]
+    key = (cell["scheme"], cell["algorithm"], _dtype(cell))
+    return [r for r in results if (r["scheme"], r["algorithm"], _dtype(r)) != key] + [cell]
 
 
 def markdown(results: list[dict]) -> str:
     """The table, one row per cell, with each scheme's RTN (``none``) perplexity as the reference."""
-    rtn = {r["scheme"]: r["ppl"] for r in results if r["algorithm"] == "none"}
-    fp32 = next((r["ppl"] for r in results if r["scheme"] == "fp32"), None)
+    rtn = {(r["scheme"], _dtype(r)): r["ppl"] for r in results if r["algorithm"] == "none"}
+    unquantized = {_dtype(r): r["ppl"] for r in results if r["scheme"] == "fp32"}
     lines = [
         "| scheme | algorithm | ppl | gap closed vs RTN | quantize s | quantize CPU s | eval s | peak RSS GB "
         "| quantize peak RSS GB (budget) | threads | GEMM GFLOPS | date |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    order = sorted(results, key=lambda r: (r["scheme"] != "fp32", r["scheme"], r["algorithm"] != "none", r["algorithm"]))
+    order = sorted(results, key=lambda r: (r["scheme"] != "fp32", r["scheme"], _dtype(r) != "float32", _dtype(r),
+                                           r["algorithm"] != "none", r["algorithm"]))
     for r in order:
         closed = ""
-        base = rtn.get(r["scheme"])
+        base, fp32 = rtn.get((r["scheme"], _dtype(r))), unquantized.get(_dtype(r))
         if fp32 is not None and base is not None and r["algorithm"] != "none" and base != fp32:
             closed = f"{100 * (base - r['ppl']) / (base - fp32):.0f}%"
+        label = r["scheme"] if _dtype(r) == "float32" else f"{r['scheme']} ({_dtype(r)})"
+        if r["scheme"] == "fp32" and _dtype(r) != "float32":
+            label = f"unquantized ({_dtype(r)})"
         lines.append(
-            f"| {r['scheme']} | {r['algorithm']} | {r['ppl']:.2f} | {closed} | {r['quant_s']:.0f} | "
+            f"| {label} | {r['algorithm']} | {r['ppl']:.2f} | {closed} | {r['quant_s']:.0f} | "
             f"{r.get('quant_cpu_s', float('nan')):.0f} | {r['eval_s']:.0f} | "
             f"{r['peak_rss_gb']:.2f} | {_rss(r)} | {r['threads']} | {r.get('gemm_gflops') or ''} | {r['date']} |"
         )
@@ -211,7 +220,9 @@ def markdown(results: list[dict]) -> str:
              "quantizing (VmRSS every 20 ms), against the budget in parentheses: RSS before quantizing (runtime + float "
              "model) + 0.3 x float model + one block's calibration activations (the goal's 1.3 x model + activations). "
              "GEMM GFLOPS: float32 matrix-product speed measured at the start of the cell with its thread count "
-             "(the same machine varies by 30% from day to day; compare times with it in mind)."]
+             "(the same machine varies by 30% from day to day; compare times with it in mind). A scheme marked "
+             "(bfloat16) loaded, calibrated and evaluated the model in that dtype (`--dtype`); its gap is measured "
+             "against the RTN and unquantized cells of the same dtype."]
     if any(r["scheme"].startswith("uint4") and r["scheme"].endswith("_32") for r in results):
         notes.append(UINT4_G32_NOTE)
     return "\n".join(lines + notes) + "\n"
@@ -239,12 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="dtype the model is loaded, calibrated and evaluated in")
     parser.add_argument("--out", type=Path, default=RESULTS / "algorithms.json")
     parser.add_argument("--cell", nargs=2, metavar=("SCHEME", "ALGORITHM"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.cell:
-        cell = run_cell(*args.cell, args.template, args.threads, args.samples, args.seq_len, args.windows)
+        cell = run_cell(*args.cell, args.template, args.threads, args.samples, args.seq_len, args.windows, args.dtype)
         print("CELL " + json.dumps(cell), flush=True)
         return 0
 
@@ -253,10 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     cells = [(s, a) for s in args.schemes for a in (["none"] if s == "fp32" else args.algorithms)]
     for scheme, algorithm in cells:
         cmd = [sys.executable, __file__, "--cell", scheme, algorithm, "--template", args.template,
-               "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--windows", str(args.windows)]
+               "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--windows", str(args.windows),
+               "--dtype", args.dtype]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
-        print(f"== {scheme} / {algorithm}", flush=True)
+        print(f"== {scheme} / {algorithm} ({args.dtype})", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CELL ")]
         if proc.returncode != 0 or not lines:

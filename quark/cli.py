@@ -100,13 +100,21 @@ def _parse_layer_schemes(pairs: list[list[str]] | None) -> dict[str, str]:
     return {pattern: scheme for pattern, scheme in pairs or []}
 
 
+#: ``--dtype`` choices: the parameter dtype the model is loaded (and calibrated, quantized, evaluated) in;
+#: ``auto`` keeps the checkpoint's own
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from quark.torch.utils.model_loading import load_model_and_tokenizer
 
     path = args.model
     if path is not None and not Path(path).exists():
         raise CLIError(f"--model {path}: no such file or directory")
-    return load_model_and_tokenizer(path, device=args.device)
+    import torch
+
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    return load_model_and_tokenizer(path, device=args.device, dtype=dtype)
 
 
 def _eval(model: Any, tokenizer: Any, args: argparse.Namespace) -> float:
@@ -238,6 +246,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="a .gguf file or a Hugging Face model directory (default: bundled SmolLM2)")
     p.add_argument("--model-type", default=None, help="template to use (default: the model's config.model_type)")
     p.add_argument("--device", default=None, help="compute device, e.g. cpu, cuda, cuda:1 (default: where the model loads)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="parameter dtype to load the model in and calibrate with (auto: the checkpoint's own); "
+                        "bfloat16 is what GPU users quantize in and about 1.3x faster on CPUs with AVX512-BF16")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration/evaluation window")
     p.add_argument("--eval-windows", type=int, default=40, help="evaluation windows (shared protocol: 40)")
 

@@ -68,3 +68,25 @@ def test_export_dispatches_on_format(monkeypatch, tmp_path, capsys):
     for fmt in ("gguf", "awq", "safetensors"):
         cli._export(object(), None, argparse.Namespace(format=fmt, output=str(tmp_path), overwrite=False))
     assert calls == [("gguf", str(tmp_path)), ("awq", str(tmp_path)), ("quark", str(tmp_path))]
+
+
+@pytest.mark.parametrize("flag, expected", [([], "float32"), (["--dtype", "bfloat16"], "bfloat16"),
+                                            (["--dtype", "float16"], "float16"), (["--dtype", "auto"], None)])
+def test_dtype_flag_reaches_the_loader(monkeypatch, flag, expected):
+    import torch
+
+    import quark.cli as cli
+    import quark.torch.utils.model_loading as loading
+
+    seen = {}
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", lambda path, device, dtype: seen.setdefault("dtype", dtype))
+    cli._load(cli.build_parser().parse_args(["quantize", "--scheme", "fp8", *flag]))
+    assert seen["dtype"] == (None if expected is None else getattr(torch, expected))
+
+
+def test_dtype_choices(capsys):
+    from quark.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--dtype", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
