@@ -350,3 +350,15 @@ def test_warns_when_round_to_nearest_4_bit_weights_follow_rotation(batches, capl
     assert len(hits) == int(warns)
     if warns:
         assert "algorithm=['rotation', 'gptq']" in hits[0].getMessage()
+
+
+def test_the_warning_sees_4_bit_weights_set_per_layer_type(batches, caplog):
+    """The fewest weight bits come from every layer config, the per-type ones included."""
+    template = LLMTemplate.get("llama")
+    config = template.get_config("int8", algorithm=["rotation"], algo_configs={"rotation": rotation_config()})
+    config.layer_type_quant_config = {"QuantLinear": template.get_config("int4_wo_64").global_quant_config}
+    quantizer = ModelQuantizer(config)
+    assert quantizer._min_weight_bits() == 4
+    with caplog.at_level(logging.WARNING, logger="quark.torch.algorithm.rotation"):
+        quantizer.quantize_model(llama48(hidden=64), batches[:1], progress=False)
+    assert any("round-to-nearest 4-bit" in r.getMessage() for r in caplog.records)

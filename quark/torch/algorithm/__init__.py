@@ -89,6 +89,9 @@ class BlockAlgorithm:
     name: str = ""
     #: whether ``apply`` needs ``ctx.float_hidden`` (the float model's inputs to this block)
     needs_float_stream: bool = False
+    #: whether ``apply`` corrects each layer's weight error against its calibration inputs (a
+    #: GPTQ-style solver) rather than rounding to nearest
+    corrects_weight_error: bool = False
 
     def prepare_model(self, model: nn.Module, config: AlgoConfig) -> None:
         """Model-level transform run once before calibration (default: nothing)."""

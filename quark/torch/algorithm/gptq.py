@@ -382,6 +382,7 @@ class GPTQ(BlockAlgorithm):
     """GPTQ on each layer group of the block, in order (see the module docstring)."""
 
     name = "gptq"
+    corrects_weight_error = True  # and so do GPTAQ and Qronos, its subclasses
 
     # -- hooks for the variants ------------------------------------------------------------------
     def new_stats(self) -> dict[str, Gram]:

@@ -219,12 +219,8 @@ def _head_dim(attention: nn.Module, model: nn.Module) -> int:
     )
 
 
-#: algorithms that correct each layer's weight error on its calibration inputs (their Hessian sees the
-#: tokens whose folded-norm channels round-to-nearest would hurt)
-WEIGHT_ERROR_SOLVERS = frozenset({"gptq", "gptaq", "qronos"})
-
-
-def warn_if_round_to_nearest_follows(configs: list[AlgoConfig], weight_bits: int | None) -> bool:
+def warn_if_round_to_nearest_follows(algorithms: list[tuple[BlockAlgorithm, AlgoConfig]],
+                                     weight_bits: int | None) -> bool:
     """Warn when R1 rotation is followed by plain round-to-nearest on weights of 4 bits or fewer.
 
     Folding a norm's weight into the next linears (needed before R1) removes the norm's per-channel
@@ -232,12 +228,13 @@ def warn_if_round_to_nearest_follows(configs: list[AlgoConfig], weight_bits: int
     small (the attention-sink token; SmolLM2's channel 507, norm weight 0.07, normalised value 24) see
     that token's q/k/v error grow several times, and a 4-bit RTN model gets worse with rotation
     (SmolLM2 int4_wo_64, 8 windows: 44.1 -> 87.2; folding alone: 74.7; ``bench/rotation_fold.py``).
-    GPTQ-style solvers see that token in their Hessian and correct it. ``configs`` are the algorithm
-    configs in order. Returns whether it warned."""
-    names = [c.name for c in configs]
-    if "rotation" not in names or not configs[names.index("rotation")].r1 or weight_bits is None or weight_bits > 4:
+    GPTQ-style solvers (``corrects_weight_error``) see that token in their Hessian and correct it.
+    ``algorithms`` are the (algorithm, config) pairs in order. Returns whether it warned."""
+    names = [config.name for _, config in algorithms]
+    if "rotation" not in names or weight_bits is None or weight_bits > 4:
         return False
-    if any(n in WEIGHT_ERROR_SOLVERS for n in names[names.index("rotation") + 1 :]):
+    at = names.index("rotation")
+    if not algorithms[at][1].r1 or any(algo.corrects_weight_error for algo, _ in algorithms[at + 1 :]):
         return False
     logger.warning(
         "rotation followed by round-to-nearest %d-bit weights: folding the norms into the linears can make "

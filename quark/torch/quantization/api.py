@@ -328,8 +328,8 @@ class ModelQuantizer:
 
     def _min_weight_bits(self) -> int | None:
         """The fewest element bits of any weight spec in the config (None when no weight is quantized)."""
-        layers = [self.config.global_quant_config, *self.config.layer_quant_config.values()]
-        bits = [s.dtype.bits for lc in layers for s in (lc.weight if isinstance(lc.weight, list) else [lc.weight])
+        bits = [s.dtype.bits for lc in self.config.layer_configs()
+                for s in (lc.weight if isinstance(lc.weight, list) else [lc.weight])
                 if s is not None]
         return min(bits, default=None)
 
@@ -341,7 +341,7 @@ class ModelQuantizer:
         algorithms = [(get_algorithm(a.name), a) for a in self.config.algo_config or []]
         for algo, algo_cfg in algorithms:
             algo.prepare_model(model, algo_cfg)
-        warn_if_round_to_nearest_follows([a for _, a in algorithms], self._min_weight_bits())
+        warn_if_round_to_nearest_follows(algorithms, self._min_weight_bits())
         experts = fused_experts_modules(layers)
         if algorithms and experts:
             logger.info(

@@ -344,9 +344,12 @@ class QConfig:
                 return cfg
         return None
 
+    def layer_configs(self) -> list[QLayerConfig]:
+        """The global, per-type and per-pattern layer configs (not the KV-cache ones)."""
+        return [self.global_quant_config, *self.layer_type_quant_config.values(), *self.layer_quant_config.values()]
+
     def needs_calibration(self) -> bool:
-        layers = [self.global_quant_config, *self.layer_type_quant_config.values(), *self.layer_quant_config.values()]
-        layers += list(self.kv_cache_quant_config.values())
+        layers = self.layer_configs() + list(self.kv_cache_quant_config.values())
         if self.softmax_quant_spec is not None and not self.softmax_quant_spec.is_dynamic:
             return True
         return any(cfg.needs_calibration() for cfg in layers)
