@@ -11,7 +11,7 @@ This script measures it on weight-only RTN (no calibration), one fresh model per
 - ``rotation``: the template's rotation (R1 + R2), then RTN.
 
 Also printed: per layer, the channel with the largest ``|x / rms(x)|`` on the first token, its norm
-weight, and k_proj's relative output error on that token and (median) on the others, unfolded /
+weight, and k_proj's (``--probe``) relative output error on that token and (median) on the others, unfolded /
 folded / rotated.
 
     python bench/rotation_fold.py                          # int4_wo_64, 8 evaluation windows
@@ -40,33 +40,43 @@ from quark.torch.algorithm.rotation import ALGORITHM as ROTATION  # noqa: E402
 from quark.torch.algorithm.rotation import fold_norm  # noqa: E402
 from quark.torch.evaluation import calibration_dataloader, evaluate_shared_protocol  # noqa: E402
 from quark.torch.quantization.config.config import first_stage  # noqa: E402
+from quark.torch.quantization.driver import find_decoder_layers, get_submodule  # noqa: E402
 from quark.torch.quantization.tensor_quantize import fake_quantize  # noqa: E402
 from quark.torch.utils.model_loading import load_model_and_tokenizer  # noqa: E402
 
 VARIANTS = ("none", "fold", "fold, column kept", "rotation")
 
 
+#: module roles (norms, the linears they feed, o/down projections): the llama template's rotation config
+ROLES = LLMTemplate.get("llama").algorithm_configs["rotation"]
+
+
+def blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    return find_decoder_layers(model, ROLES.model_decoder_layers or None)[1]
+
+
 def reading(layer: torch.nn.Module) -> list[tuple[torch.nn.Module, list[torch.nn.Linear]]]:
-    """(norm, the linears it feeds) for a llama block."""
-    attn, mlp = layer.self_attn, layer.mlp
-    return [(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
-            (layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])]
+    """(norm, the linears it feeds) for a block, by the template's rotation roles."""
+    return [(get_submodule(layer, ROLES.attn_norm), [get_submodule(layer, n) for n in ROLES.attn_inputs]),
+            (get_submodule(layer, ROLES.mlp_norm), [get_submodule(layer, n) for n in ROLES.mlp_inputs])]
 
 
 @torch.no_grad()
 def rtn_variant(variant: str, scheme: str, channel: int, windows: int) -> float:
     model, tokenizer = load_model_and_tokenizer()
+    if not 0 <= channel < model.config.hidden_size:
+        raise SystemExit(f"--channel {channel}: must be in [0, {model.config.hidden_size}) (the hidden size)")
     template = LLMTemplate.get("llama")
     spec = template.get_config(scheme).global_quant_config.weight
     if variant == "rotation":
-        ROTATION.prepare_model(model, copy.deepcopy(template.algorithm_configs["rotation"]))
-    for layer in model.model.layers:
+        ROTATION.prepare_model(model, copy.deepcopy(ROLES))
+    for layer in blocks(model):
         inputs = []
         for norm, linears in reading(layer):
             if variant in ("fold", "fold, column kept"):
                 fold_norm(norm, linears)
             inputs += linears
-        for lin in inputs + [layer.self_attn.o_proj, layer.mlp.down_proj]:
+        for lin in inputs + [get_submodule(layer, ROLES.o_proj), get_submodule(layer, ROLES.down_proj)]:
             w = lin.weight.detach().clone()
             q = fake_quantize(w, spec)
             if variant == "fold, column kept" and any(lin is x for x in inputs):
@@ -76,14 +86,14 @@ def rtn_variant(variant: str, scheme: str, channel: int, windows: int) -> float:
 
 
 @torch.no_grad()
-def sink_errors(scheme: str, layers: list[int]) -> list[dict]:
-    """Per layer: the first token's largest normalised channel, its norm weight, and k_proj's relative
+def sink_errors(scheme: str, layers: list[int], probe: str) -> list[dict]:
+    """Per layer: the first token's largest normalised channel, its norm weight, and ``probe``'s relative
     output error on that token / the others' median, for unfolded, folded and rotated weights."""
     model, tokenizer = load_model_and_tokenizer()
     spec = first_stage(LLMTemplate.get("llama").get_config(scheme).global_quant_config.weight)
     ids = next(iter(calibration_dataloader(tokenizer, 1, 512)))["input_ids"]
     caught: dict[int, torch.Tensor] = {}
-    hooks = [model.model.layers[i].input_layernorm.register_forward_hook(
+    hooks = [get_submodule(blocks(model)[i], ROLES.attn_norm).register_forward_hook(
         lambda m, a, o, i=i: caught.__setitem__(i, a[0][0].double())) for i in layers]
     model(ids)
     for h in hooks:
@@ -93,11 +103,11 @@ def sink_errors(scheme: str, layers: list[int]) -> list[dict]:
     rot = rot / rot[0].norm()
     rows = []
     for i in layers:
-        layer = model.model.layers[i]
-        g = layer.input_layernorm.weight.double()
+        layer = blocks(model)[i]
+        g = get_submodule(layer, ROLES.attn_norm).weight.double()
         x = caught[i]
         xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
-        w = layer.self_attn.k_proj.weight.double()
+        w = get_submodule(layer, probe).weight.double()
         ref = (xn * g) @ w.T
         effective = {
             "unfolded": fake_quantize(w.float(), spec).double() * g,
@@ -119,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=8, help="evaluation windows (shared protocol: 40)")
     parser.add_argument("--channel", type=int, default=507, help="the column kept in float (SmolLM2's sink channel)")
     parser.add_argument("--layers", type=int, nargs="+", default=[0, 5, 11, 20, 29])
+    parser.add_argument("--probe", default="self_attn.k_proj", choices=ROLES.attn_inputs,
+                        help="the attention input whose error on the first token is tabulated")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "rotation_fold.json")
     args = parser.parse_args(argv)
@@ -130,11 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         ppl[variant] = rtn_variant(variant, args.scheme, args.channel, args.windows)
         print(f"{variant}: ppl {ppl[variant]:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    rows = sink_errors(args.scheme, args.layers)
+    rows = sink_errors(args.scheme, args.layers, args.probe)
 
     lines = [f"RTN {args.scheme}, {args.windows} evaluation windows", "", "| variant | ppl |", "| --- | ---: |"]
     lines += [f"| {v} | {p:.2f} |" for v, p in ppl.items()]
-    lines += ["", "k_proj relative output error, first token / median of the others",
+    lines += ["", f"{args.probe} relative output error, first token / median of the others",
               "", "| layer | channel | abs(x/rms) | norm weight | unfolded | folded | rotated |",
               "| ---: | ---: | ---: | ---: | --- | --- | --- |"]
     lines += [f"| {r['layer']} | {r['channel']} | {r['value']} | {r['norm_weight']} | "
