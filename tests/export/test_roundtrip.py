@@ -206,3 +206,26 @@ def test_static_activation_quantizers_without_qparams_are_refused(custom_mode, b
                                          r"its block never ran$"):
         export_safetensors(model, tmp_path / "out", custom_mode=custom_mode)
     assert list(tmp_path.iterdir()) == []
+
+
+ALGORITHM_CASES = [
+    ("int4_wo_32", ["gptq"], "quark"),
+    ("int4_wo_32", ["gptaq"], "quark"),
+    ("uint4_wo_64", ["qronos"], "awq"),
+    ("uint4_wo_64", ["awq"], "awq"),
+    ("mxfp4", ["gptq"], "quark"),
+    ("int8", ["autosmoothquant"], "quark"),
+    ("int8", ["rotation", "smoothquant"], "quark"),
+]
+
+
+@pytest.mark.parametrize("scheme,algorithm,custom_mode", ALGORITHM_CASES)
+def test_algorithm_results_survive_export(scheme, algorithm, custom_mode, batches, tmp_path):
+    """What an algorithm chose (GPTQ's per-group grids, which min-max of the result would not give back;
+    AWQ/SmoothQuant scales folded into norms and weights; rotated weights) is what the checkpoint holds:
+    the reloaded model's logits are the quantized model's, bit for bit."""
+    model = quantized(scheme, batches, algorithm=algorithm)
+    ref = logits(model, batches)
+    export_safetensors(model, tmp_path / "out", custom_mode=custom_mode)
+    back = import_model_from_safetensors(None, tmp_path / "out")
+    torch.testing.assert_close(logits(back, batches), ref, rtol=0, atol=0)
