@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import importlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -131,17 +131,20 @@ def get_algorithm(name: str) -> BlockAlgorithm:
     return module.ALGORITHM
 
 
-def quantizers_off(module: nn.Module) -> Iterator[None]:
-    """Context manager: every TensorQuantizer under ``module`` is the identity (the float function)."""
-    @contextlib.contextmanager
-    def _ctx() -> Iterator[None]:
-        saved = [(q, q.mode) for q in module.modules() if isinstance(q, TensorQuantizer)]
-        for q, _ in saved:
-            q.mode = "off"
-        try:
-            yield
-        finally:
-            for q, mode in saved:
-                q.mode = mode
+@contextlib.contextmanager
+def switched_off(quantizers: Iterable[TensorQuantizer]) -> Iterator[None]:
+    """Context manager: ``quantizers`` are the identity (mode ``off``) while entered; their modes
+    are restored on exit."""
+    saved = [(q, q.mode) for q in quantizers]
+    for q, _ in saved:
+        q.mode = "off"
+    try:
+        yield
+    finally:
+        for q, mode in saved:
+            q.mode = mode
 
-    return _ctx()
+
+def quantizers_off(module: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Context manager: every TensorQuantizer under ``module`` is the identity (the float function)."""
+    return switched_off(q for q in module.modules() if isinstance(q, TensorQuantizer))

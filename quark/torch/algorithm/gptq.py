@@ -38,7 +38,7 @@ from quark.torch.quantization.driver import module_device, move_to
 from quark.torch.quantization.modules import QuantLinear
 from quark.torch.quantization.tensor_quantizer import TensorQuantizer
 
-from . import BlockAlgorithm, BlockContext, quantizers_off
+from . import BlockAlgorithm, BlockContext, quantizers_off, switched_off
 from .hessian_solver import Gram, quantize_weight
 
 logger = logging.getLogger(__name__)
@@ -76,18 +76,10 @@ def _uncalibrated_static(block: nn.Module) -> list[TensorQuantizer]:
     return [q for q in _activation_quantizers(block) if not q.is_dynamic and not q.has_qparams]
 
 
-@contextlib.contextmanager
-def uncalibrated_off(block: nn.Module) -> Iterator[None]:
+def uncalibrated_off(block: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Static activation quantizers without qparams yet are the identity (they are calibrated after
     the algorithms); weight quantizers and dynamic quantizers stay as they are."""
-    saved = [(q, q.mode) for q in _uncalibrated_static(block)]
-    for q, _ in saved:
-        q.mode = "off"
-    try:
-        yield
-    finally:
-        for q, mode in saved:
-            q.mode = mode
+    return switched_off(_uncalibrated_static(block))
 
 
 def _tensors_equal(a: Any, b: Any) -> bool:
