@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from quark.torch.quantization.config.algo_configs import GPTQConfig
-from quark.torch.quantization.driver import module_device, move_to
+from quark.torch.quantization.driver import forwards_replaced, module_device, move_to
 from quark.torch.quantization.modules import QuantLinear
 from quark.torch.quantization.tensor_quantizer import TensorQuantizer
 
@@ -104,7 +104,6 @@ def _clone(out: Any) -> Any:
 def _skippable(layers: dict[str, nn.Module], state: dict) -> Iterator[None]:
     """While ``state["skip"]`` is set, ``layers`` output zeros instead of computing (see
     :meth:`BlockRunner.inputs`)."""
-    patched = []
 
     def make(m: nn.Module, original: Any) -> Any:
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -114,17 +113,8 @@ def _skippable(layers: dict[str, nn.Module], state: dict) -> Iterator[None]:
 
         return forward
 
-    for m in layers.values():
-        patched.append((m, m.__dict__.get("forward")))
-        m.forward = make(m, m.forward)
-    try:
+    with forwards_replaced((m, make(m, m.forward)) for m in layers.values()):
         yield
-    finally:
-        for m, fwd in patched:
-            if fwd is None:
-                del m.forward
-            else:
-                m.forward = fwd
 
 
 class BlockRunner:
@@ -196,16 +186,9 @@ class BlockRunner:
         for name, module in self.ctx.block.named_modules():
             ids = self._linears.get(name)
             if ids and ids <= self.final and (store or self._cache.get(name) or self._tails.get(name)):
-                patched.append((module, module.__dict__.get("forward")))
-                module.forward = self._memo(name, module, store)
-        try:
+                patched.append((module, self._memo(name, module, store)))
+        with forwards_replaced(patched):
             yield
-        finally:
-            for module, fwd in patched:
-                if fwd is None:
-                    del module.forward
-                else:
-                    module.forward = fwd
 
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
@@ -281,8 +264,6 @@ class BlockRunner:
         def reset(_m: nn.Module, _args: tuple) -> None:
             state.clear()
 
-        saved_forward = layer.__dict__.get("forward")
-        layer.forward = zeros
         handles = [
             self.ctx.block.register_forward_pre_hook(reset),
             module.register_forward_pre_hook(before, with_kwargs=True),
@@ -291,14 +272,11 @@ class BlockRunner:
             module.register_forward_hook(after, with_kwargs=True),
         ]
         try:
-            yield
+            with forwards_replaced([(layer, zeros)]):
+                yield
         finally:
             for h in handles:
                 h.remove()
-            if saved_forward is None:
-                del layer.forward
-            else:
-                layer.forward = saved_forward
 
     def inputs(
         self, layers: dict[str, nn.Module], hidden: list[torch.Tensor] | None = None, last: bool = False

@@ -207,16 +207,28 @@ def _stand_in_blocks(
 
         return forward
 
-    for i, block in enumerate(layers):
-        block.forward = make(i)
+    with forwards_replaced((block, make(i)) for i, block in enumerate(layers)):
+        yield
+
+
+@contextlib.contextmanager
+def forwards_replaced(replacements: Iterable[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[None]:
+    """Each module's ``forward`` is the given function while entered (an instance attribute, which
+    ``nn.Module.__call__`` runs with the module's hooks); on exit the module gets back the forward it
+    had (its own instance-level one, or its class's). ``replacements`` is consumed one pair at a
+    time, after the previous pair took effect."""
+    saved: list[tuple[nn.Module, Any]] = []
     try:
+        for module, forward in replacements:
+            saved.append((module, module.__dict__.get("forward")))
+            module.forward = forward
         yield
     finally:
-        for block, fwd in zip(layers, originals):
-            if fwd is None:
-                del block.forward
+        for module, original in reversed(saved):
+            if original is None:
+                del module.forward
             else:
-                block.forward = fwd
+                module.forward = original
 
 
 def capture_block_inputs(
