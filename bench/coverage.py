@@ -1,7 +1,7 @@
 """Architecture coverage: every registered template quantizes, exports and reloads a tiny model.
 
 For each model type (``LLMTemplate.list_available()``) and column (builds, int4, fp8+kv, mxfp4, awq,
-gptq, smoothquant, export, reimport, transformers) one cell: pass / fail (reason) / n/a (reason); what each column
+gptq, gptaq, qronos, smoothquant, autosmoothquant, rotation, export, reimport, transformers) one cell: pass / fail (reason) / n/a (reason); what each column
 checks is described in :mod:`quark.torch.utils.coverage`. Prints the table, merges the rows by model
 type into ``bench/results/coverage.json`` (so a ``--types`` run updates only its rows) and, with
 ``--write-docs``, regenerates ``docs/architectures.md`` from that file.

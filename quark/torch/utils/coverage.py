@@ -14,8 +14,9 @@ and the logits of each compared with the quantized model's. Columns:
   against the listing ``tests/data/remote_code_module_names.json`` instead (nothing is built, every
   other column is n/a).
 * ``int4`` (``int4_wo_32``), ``fp8+kv`` (``fp8`` + ``kv_cache_scheme="fp8"``, whose K/V patterns
-  must put an output quantizer on some layer), ``mxfp4``, ``awq`` / ``gptq`` (``int4_wo_32``) and
-  ``smoothquant`` (``int8``) with the template's default algorithm config (n/a where the template
+  must put an output quantizer on some layer), ``mxfp4``, ``awq`` / ``gptq`` / ``gptaq`` / ``qronos``
+  (``int4_wo_32``), ``smoothquant`` / ``autosmoothquant`` (``int8``) and ``rotation`` (``int4_wo_32``
+  with ``["rotation", "gptq"]``) with the template's default algorithm configs (n/a where the template
   has none), calibrated on :data:`N_BATCHES` random token batches (:func:`batches`; with the
   multimodal inputs of :data:`INPUT_BUILDERS` for a model whose forward takes them: Mllama's
   cross-attention blocks run only on images). A cell fails on an exception
@@ -68,8 +69,8 @@ from .tiny_models import (
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ("builds", "int4", "fp8+kv", "mxfp4", "awq", "gptq", "smoothquant", "export", "reimport",
-           "transformers")
+COLUMNS = ("builds", "int4", "fp8+kv", "mxfp4", "awq", "gptq", "gptaq", "qronos", "smoothquant",
+           "autosmoothquant", "rotation", "export", "reimport", "transformers")
 #: quantization columns: column -> (scheme, extra ``get_config`` keywords)
 QUANT_COLUMNS: dict[str, tuple[str, dict[str, Any]]] = {
     "int4": ("int4_wo_32", {}),
@@ -77,9 +78,15 @@ QUANT_COLUMNS: dict[str, tuple[str, dict[str, Any]]] = {
     "mxfp4": ("mxfp4", {}),
     "awq": ("int4_wo_32", {"algorithm": "awq"}),
     "gptq": ("int4_wo_32", {"algorithm": "gptq"}),
+    "gptaq": ("int4_wo_32", {"algorithm": "gptaq"}),
+    "qronos": ("int4_wo_32", {"algorithm": "qronos"}),
     "smoothquant": ("int8", {"algorithm": "smoothquant"}),
+    "autosmoothquant": ("int8", {"algorithm": "autosmoothquant"}),
+    # rotation, then the solver that corrects the 4-bit weights of the rotated model (the recommended use)
+    "rotation": ("int4_wo_32", {"algorithm": ["rotation", "gptq"]}),
 }
-ALGORITHM_COLUMNS = ("awq", "gptq", "smoothquant")
+#: algorithms whose template patterns (scaling pairs, layer groups) are counted per column
+ALGORITHM_COLUMNS = ("awq", "gptq", "gptaq", "qronos", "smoothquant", "autosmoothquant")
 #: the CI subset (``--quick``, ``tests/test_coverage.py``): dense, MoE, multimodal (text-only and with
 #: images for cross-attention blocks), MLA
 QUICK_TYPES = ("llama", "qwen2", "qwen3_moe", "mixtral", "gemma3", "mllama", "deepseek_v3")
@@ -448,10 +455,11 @@ def _quant_cell(model_type: str, column: str, template: LLMTemplate, data: list[
     from quark.torch.quantization.modules import quantized_linears
 
     scheme, kwargs = QUANT_COLUMNS[column]
-    algo = kwargs.get("algorithm")
+    algos = kwargs.get("algorithm") or []
     io: dict[str, Any] = {"export": None, "reimport": None, "transformers": None}
-    if algo is not None and template.algorithm_configs.get(algo) is None:
-        return Cell(NA, f"no template default for {algo}"), io
+    missing = [a for a in ([algos] if isinstance(algos, str) else algos) if template.algorithm_configs.get(a) is None]
+    if missing:
+        return Cell(NA, f"no template default for {missing[0]}"), io
     t0 = time.perf_counter()
     details: dict[str, Any] = {"scheme": scheme, **{k: v for k, v in kwargs.items()}}
     problems: list[str] = []
@@ -676,9 +684,11 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "* **builds**: the model builds and runs; the calibration batches call every decoder block; the",
         "  template's Q, gate/up and exclusion patterns each match a module and the LM head is excluded.",
         "* **int4** `int4_wo_32`; **fp8+kv** `fp8` + `kv_cache_scheme=\"fp8\"` (the K/V patterns must put an",
-        "  output quantizer on some layer); **mxfp4**; **awq**, **gptq** (`int4_wo_32`) and **smoothquant**",
-        f"  (`int8`) with the template's default algorithm config; calibration on {N_BATCHES} random batches of",
-        f"  {SEQ_LEN} tokens, with random images for a model whose forward takes the inputs of an",
+        "  output quantizer on some layer); **mxfp4**; **awq**, **gptq**, **gptaq**, **qronos** (`int4_wo_32`),",
+        "  **smoothquant**, **autosmoothquant** (`int8`) and **rotation** (`int4_wo_32` with `[\"rotation\",",
+        "  \"gptq\"]`) with the template's default algorithm configs (n/a where the template has none: its module",
+        "  docstring says why, e.g. LayerNorm, post-norms or fused experts for rotation); calibration on",
+        f"  {N_BATCHES} random batches of {SEQ_LEN} tokens, with random images for a model whose forward takes the inputs of an",
         "  `INPUT_BUILDERS` entry (the builds cell's note gives the shapes; the same batches give the logits",
         "  compared). A quantization cell fails on an exception (its first line is the reason), when a",
         "  pattern or scaling pair it uses matches no module, or when fused 3-D expert weights stay float.",
