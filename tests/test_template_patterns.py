@@ -267,7 +267,7 @@ def _entries(cfg: Any) -> list[str]:
     return [
         cfg.attn_norm,
         *cfg.attn_inputs,
-        cfg.v_proj,
+        *([cfg.v_proj] if cfg.r2 else []),  # only R2 uses v_proj (Phi-3's V is inside qkv_proj: r2 off)
         cfg.o_proj,
         cfg.mlp_norm,
         *cfg.mlp_inputs,

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from quark.torch import LLMTemplate
 from quark.torch.algorithm import quantizers_off
-from quark.torch.algorithm.rotation import ALGORITHM, OnlineHadamard
+from quark.torch.algorithm.rotation import ALGORITHM, OnlineHadamard, online_rotation
 from quark.torch.quantization.api import ModelQuantizer
 from quark.torch.quantization.config.algo_configs import RotationConfig
 from tests.helpers import tiny_llama, token_batches
@@ -362,3 +362,45 @@ def test_the_warning_sees_4_bit_weights_set_per_layer_type(batches, caplog):
     with caplog.at_level(logging.WARNING, logger="quark.torch.algorithm.rotation"):
         quantizer.quantize_model(llama48(hidden=64), batches[:1], progress=False)
     assert any("round-to-nearest 4-bit" in r.getMessage() for r in caplog.records)
+
+
+def _types_with_rotation_defaults() -> list[str]:
+    from quark.torch.utils.tiny_models import CASES
+
+    return [t for t in LLMTemplate.list_available()
+            if t in CASES and LLMTemplate.get(t).algorithm_configs.get("rotation") is not None]
+
+
+def test_rotation_defaults_exist_for_the_dense_rms_norm_templates():
+    assert _types_with_rotation_defaults() == ["llama", "mistral", "phi3", "qwen2", "qwen3"]
+
+
+@pytest.mark.parametrize("model_type", _types_with_rotation_defaults())
+@pytest.mark.parametrize("r4", [False, True])
+def test_every_rotation_default_keeps_its_architecture_float(model_type, r4):
+    """The template's rotation roles, applied to a tiny model of the architecture: same logits, and
+    every linear reading or writing the residual stream was rotated."""
+    from quark.torch.utils.tiny_models import build_model
+
+    reference, model = build_model(model_type), build_model(model_type)
+    config = copy.deepcopy(LLMTemplate.get(model_type).algorithm_configs["rotation"])
+    config.r4 = r4
+    ALGORITHM.prepare_model(model, config)
+    data = token_batches(2, seq=16)
+    assert _rel(logits(model, data), logits(reference, data)) < 1e-4
+    block, ref_block = model.model.layers[0], reference.model.layers[0]
+    for name in [*config.attn_inputs, *config.mlp_inputs, config.o_proj, config.down_proj]:
+        assert not torch.allclose(block.get_submodule(name).weight, ref_block.get_submodule(name).weight), name
+    assert (online_rotation(block.get_submodule(config.down_proj)) is not None) == r4
+
+
+def test_r2_on_a_fused_qkv_names_the_missing_v_projection():
+    from quark.torch.utils.tiny_models import build_model
+
+    model = build_model("phi3")
+    config = copy.deepcopy(LLMTemplate.get("phi3").algorithm_configs["rotation"])
+    config.r2 = True
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"r2: .*self_attn.v_proj.*set r2=False"):
+        ALGORITHM.prepare_model(model, config)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # planned before changing

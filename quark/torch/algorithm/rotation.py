@@ -400,7 +400,13 @@ class RotationAlgorithm(BlockAlgorithm):
         pairs = []
         for i, block in enumerate(layers):
             prefix = f"{cfg.model_decoder_layers}.{i}" if cfg.model_decoder_layers else str(i)
-            v = _linear(get_submodule(block, cfg.v_proj), f"{prefix}.{cfg.v_proj}")
+            try:
+                v = _linear(get_submodule(block, cfg.v_proj), f"{prefix}.{cfg.v_proj}")
+            except ValueError as exc:
+                raise ValueError(
+                    f"rotation r2: {exc}; R2 rotates V's heads and needs V's own projection "
+                    "(RotationConfig.v_proj): set r2=False for a model whose V is a slice of a fused QKV"
+                ) from None
             o = _linear(get_submodule(block, cfg.o_proj), f"{prefix}.{cfg.o_proj}")
             parent = cfg.v_proj.rpartition(".")[0]
             head_dim = _head_dim(get_submodule(block, parent) if parent else block, model)

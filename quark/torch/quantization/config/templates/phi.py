@@ -8,13 +8,15 @@ has a GELU in between, which does not commute with a scale: no pair. No gate/up 
 
 Phi-3: fused ``self_attn.qkv_proj`` and ``mlp.gate_up_proj``. The fused QKV output scale covers
 q, k and v together, a safe (if loose) bound for the K/V cache scale; no separate Q layer.
-``gate_up_proj -> down_proj`` would scale only the up half of a fused output: no pair. Rotation is
-left out because R2 needs a separate ``v_proj``.
+``gate_up_proj -> down_proj`` would scale only the up half of a fused output: no pair. Rotation: the
+norms are pre-norm RMSNorms, so R1 (the fused ``qkv_proj`` and ``gate_up_proj`` read the rotated
+stream as a whole) and R4 (``down_proj``) apply; R2 is off by default because it rotates V's heads,
+which are a slice of the fused ``qkv_proj`` output here (``r2=True`` names the missing ``v_proj``).
 """
 
 from __future__ import annotations
 
-from ._common import algorithms, pair, template
+from ._common import algorithms, pair, rotation, template
 
 TEMPLATES = [
     template(
@@ -53,6 +55,9 @@ TEMPLATES = [
                 pair("post_attention_layernorm", ["mlp.gate_up_proj"], "mlp"),
             ],
             groups=[["self_attn.qkv_proj"], ["self_attn.o_proj"], ["mlp.gate_up_proj"], ["mlp.down_proj"]],
+            rotation_config=rotation(
+                "model.layers", attn_inputs=["self_attn.qkv_proj"], mlp_inputs=["mlp.gate_up_proj"], r2=False
+            ),
         ),
     ),
 ]
