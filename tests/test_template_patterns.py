@@ -264,15 +264,16 @@ def _entries(cfg: Any) -> list[str]:
         return [e for p in cfg.scaling_layers for e in (p.prev_op, *p.layers)]
     if hasattr(cfg, "inside_layer_modules"):
         return [e for g in cfg.inside_layer_modules for e in g]
-    return [
-        cfg.attn_norm,
-        *cfg.attn_inputs,
-        *([cfg.v_proj] if cfg.r2 else []),  # only R2 uses v_proj (Phi-3's V is inside qkv_proj: r2 off)
-        cfg.o_proj,
-        cfg.mlp_norm,
-        *cfg.mlp_inputs,
-        cfg.down_proj,
-    ]
+    return [*_attention_roles(cfg), cfg.mlp_norm, *cfg.mlp_inputs, *_mlp_outputs(cfg)]
+
+
+def _attention_roles(cfg: RotationConfig) -> list[str]:
+    """Rotation roles every block has (only R2 uses v_proj: Phi-3's V is inside qkv_proj, r2 off)."""
+    return [cfg.attn_norm, *cfg.attn_inputs, *([cfg.v_proj] if cfg.r2 else []), cfg.o_proj, cfg.mlp_norm]
+
+
+def _mlp_outputs(cfg: RotationConfig) -> list[str]:
+    return cfg.mlp_outputs or [cfg.down_proj]
 
 
 def _check_scaling(model_type: str, name: str, cfg: Any, layout: Layout) -> None:
@@ -324,8 +325,11 @@ def _check_rotation(model_type: str, cfg: RotationConfig, layout: Layout) -> Non
     for n in (*cfg.embedding_layers, cfg.lm_head, cfg.final_norm):
         assert n in layout.modules, f"{model_type}: rotation role {n!r} missing in {layout.name}"
     for block in layout.blocks:
-        for n in _entries(cfg):
+        for n in _attention_roles(cfg):
             assert len(_match_rel(block, n)) == 1, f"{model_type}: rotation role {n!r} in {layout.name}"
+        # MLP roles: dense and MoE blocks differ; each block has an input and an output among them
+        for names in (cfg.mlp_inputs, _mlp_outputs(cfg)):
+            assert any(len(_match_rel(block, n)) == 1 for n in names), f"{model_type}: {names} in {layout.name}"
 
 
 # -- exactness of the scaling pairs ---------------------------------------------------------------

@@ -371,27 +371,58 @@ def _types_with_rotation_defaults() -> list[str]:
             if t in CASES and LLMTemplate.get(t).algorithm_configs.get("rotation") is not None]
 
 
-def test_rotation_defaults_exist_for_the_dense_rms_norm_templates():
-    assert _types_with_rotation_defaults() == ["llama", "mistral", "phi3", "qwen2", "qwen3"]
+MOE_ROTATION = ["gpt_oss", "mixtral", "qwen2_moe", "qwen3_moe"]
+
+
+def test_rotation_defaults_exist_for_the_pre_norm_rms_norm_templates():
+    assert _types_with_rotation_defaults() == [
+        "gpt_oss", "llama", "mistral", "mixtral", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"]
+
+
+def _stream_matrices(model: nn.Module, config: RotationConfig) -> dict[str, list[torch.Tensor]]:
+    """Per block role present in the model: copies of the matrices rotation changes."""
+    from quark.torch.algorithm.rotation import StreamModule
+
+    out = {}
+    for i, block in enumerate(model.model.layers):
+        for names, writes in ((config.attn_inputs + config.mlp_inputs, False),
+                              ([config.o_proj, *(config.mlp_outputs or [config.down_proj])], True)):
+            for name in names:
+                try:
+                    module = block.get_submodule(name)
+                except AttributeError:
+                    continue  # a dense block has no router / experts, a MoE block no mlp.down_proj
+                out[f"{i}.{name}"] = [m.clone() for m in StreamModule(module, name, writes).matrices()]
+    return out
 
 
 @pytest.mark.parametrize("model_type", _types_with_rotation_defaults())
 @pytest.mark.parametrize("r4", [False, True])
 def test_every_rotation_default_keeps_its_architecture_float(model_type, r4):
-    """The template's rotation roles, applied to a tiny model of the architecture: same logits, and
-    every linear reading or writing the residual stream was rotated."""
+    """The template's rotation roles, applied to a tiny model of the architecture (MoE ones: a router
+    and fused experts, Qwen2-MoE a shared expert, the Qwen ones a dense first block): same logits, and
+    every matrix reading or writing the residual stream was rotated. R4 on a MoE model is refused
+    before anything changes (no down-projection linear in a MoE block)."""
     from quark.torch.utils.tiny_models import build_model
 
     reference, model = build_model(model_type), build_model(model_type)
     config = copy.deepcopy(LLMTemplate.get(model_type).algorithm_configs["rotation"])
     config.r4 = r4
+    if r4 and model_type in MOE_ROTATION:
+        with pytest.raises(ValueError, match=r"r4: .*set r4=False"):
+            ALGORITHM.prepare_model(model, config)
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+        return
+    before = _stream_matrices(model, config)
+    assert model_type not in MOE_ROTATION or any("experts" in k for k in before)
     ALGORITHM.prepare_model(model, config)
     data = token_batches(2, seq=16)
     assert _rel(logits(model, data), logits(reference, data)) < 1e-4
-    block, ref_block = model.model.layers[0], reference.model.layers[0]
-    for name in [*config.attn_inputs, *config.mlp_inputs, config.o_proj, config.down_proj]:
-        assert not torch.allclose(block.get_submodule(name).weight, ref_block.get_submodule(name).weight), name
-    assert (online_rotation(block.get_submodule(config.down_proj)) is not None) == r4
+    after = _stream_matrices(model, config)
+    unchanged = [k for k in before if any(torch.allclose(a, b) for a, b in zip(before[k], after[k]))]
+    assert unchanged == []
+    rotated_online = [n for n, m in model.named_modules() if online_rotation(m) is not None]
+    assert rotated_online == ([f"model.layers.{i}.{config.down_proj}" for i in range(2)] if r4 else [])
 
 
 def test_r2_on_a_fused_qkv_names_the_missing_v_projection():
@@ -404,3 +435,20 @@ def test_r2_on_a_fused_qkv_names_the_missing_v_projection():
     with pytest.raises(ValueError, match=r"r2: .*self_attn.v_proj.*set r2=False"):
         ALGORITHM.prepare_model(model, config)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # planned before changing
+
+
+def test_moe_roles_are_checked_before_anything_changes():
+    from quark.torch.utils.tiny_models import build_model
+
+    model = build_model("qwen3_moe")  # block 0 dense, block 1 MoE
+    before = [p.detach().clone() for p in model.parameters()]
+    config = copy.deepcopy(LLMTemplate.get("qwen3_moe").algorithm_configs["rotation"])
+    typo = copy.deepcopy(config)
+    typo.mlp_inputs = [*config.mlp_inputs, "mlp.expert"]
+    with pytest.raises(ValueError, match=r"\['mlp.expert'\] match no module in any decoder block"):
+        ALGORITHM.prepare_model(model, typo)
+    dense_only = copy.deepcopy(config)
+    dense_only.mlp_outputs = ["mlp.down_proj"]  # the MoE block writes through its experts
+    with pytest.raises(ValueError, match=r"block model.layers.1 has none of the MLP outputs \['mlp.down_proj'\]"):
+        ALGORITHM.prepare_model(model, dense_only)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -9,7 +9,9 @@ smaller range. Where the rotations go:
   ``Q`` once its weight is folded into the linears it feeds (``rms(x Q) = rms(x)``), so: fold each
   norm's weight into its following linears and set it to 1; embeddings ``E <- E Q``; every linear
   reading the stream (q/k/v, gate/up, lm_head) ``W <- W Q``; every linear writing into it (o_proj,
-  down_proj) ``W <- Qᵀ W`` (and its bias ``b <- b Q``).
+  down_proj) ``W <- Qᵀ W`` (and its bias ``b <- b Q``). In MoE blocks the router's weight and each
+  fused expert's gate/up matrix read the stream, each expert's down matrix (and bias) writes it:
+  routing logits and every expert's output are unchanged, so is the mixture.
 - **R2** (head size, offline): per head, V's output ``v_h <- v_h H`` (v_proj's rows) and o_proj's
   input columns of that head ``W_o[:, h] <- W_o[:, h] H``. Attention probabilities mix rows of V,
   so the rotation passes through them; with grouped K/V heads every head uses the same ``H``.
@@ -37,6 +39,7 @@ import torch.nn as nn
 
 from quark.torch.quantization.config.algo_configs import AlgoConfig, RotationConfig
 from quark.torch.quantization.driver import find_decoder_layers, get_submodule
+from quark.torch.quantization.fused_experts import expert_view, experts_layout
 
 from . import BlockAlgorithm
 from .hadamard import HadamardTransform, construction, random_signs
@@ -132,14 +135,75 @@ def check_rms_norm(norm: nn.Module, path: str, hidden: int) -> None:
 
 
 @torch.no_grad()
-def fold_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
-    """``W <- W diag(w)`` for each linear fed by the norm, then ``w <- 1``."""
+def fold_norm(norm: nn.Module, readers: list[StreamModule]) -> None:
+    """``W <- W diag(w)`` for each matrix reading the norm's output, then ``w <- 1``."""
     weight = getattr(norm, "weight", None)
     if weight is None:
         return
-    for lin in linears:
-        lin.weight.copy_(lin.weight.double() * weight.double().to(lin.weight.device))
+    for reader in readers:
+        for m in reader.matrices():
+            m.copy_(m.double() * weight.double().to(m.device))
     weight.fill_(1.0)
+
+
+# -- what reads / writes the residual stream ----------------------------------------------------------
+class StreamModule:
+    """A block module that reads the residual stream (``x W^T`` per matrix, input features = hidden)
+    or writes into it (output features = hidden): a linear, a router holding a ``[n, hidden]`` weight,
+    or a fused MoE experts module (:mod:`quark.torch.quantization.fused_experts`: every expert's
+    gate/up matrix reads, every down matrix writes)."""
+
+    def __init__(self, module: nn.Module, path: str, writes: bool) -> None:
+        self.module, self.path, self.writes = module, path, writes
+        self.layout = experts_layout(module)
+        if self.layout is None and not isinstance(getattr(module, "weight", None), torch.Tensor):
+            raise ValueError(f"rotation: {path} is a {type(module).__name__}: expected a linear layer, a router with a "
+                             "weight or a fused MoE experts module")
+        if self.layout is None and module.weight.dim() != 2:
+            raise ValueError(f"rotation: {path} has a {module.weight.dim()}-D weight, expected [out, in]")
+
+    def _projections(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per fused projection on our side: its ``[E, out, in]`` view and its ``[E, out]`` bias."""
+        out = []
+        for proj in self.layout.projections:
+            if (proj.role == "down") != self.writes:
+                continue
+            head, _, leaf = proj.path.rpartition(".")
+            owner = self.module.get_submodule(head) if head else self.module
+            w = getattr(owner, leaf)
+            experts = w.shape[0] if w.dim() == 3 else int(self.module.num_experts)
+            bias = getattr(owner, leaf + self.layout.bias_suffix, None) if self.layout.bias_suffix else None
+            out.append((expert_view(w.detach(), experts, proj.transposed), bias))
+        return out
+
+    def matrices(self) -> list[torch.Tensor]:
+        """``[out, in]`` matrices (or ``[E, out, in]`` views of fused experts) on the stream's side."""
+        if self.layout is None:
+            return [self.module.weight.detach()]
+        return [view for view, _ in self._projections()]
+
+    def biases(self) -> list[torch.Tensor]:
+        """Biases added to what this module writes into the stream (``[out]`` or ``[E, out]``)."""
+        if not self.writes:
+            return []
+        if self.layout is None:
+            bias = getattr(self.module, "bias", None)
+            return [bias.detach()] if isinstance(bias, torch.Tensor) else []
+        return [b.detach() for _, b in self._projections() if b is not None]
+
+    def features(self) -> set[int]:
+        """The sizes on the stream's side (must be the hidden size)."""
+        return {m.shape[-2] if self.writes else m.shape[-1] for m in self.matrices()}
+
+    @torch.no_grad()
+    def rotate(self, rot: HadamardTransform) -> None:
+        for m in self.matrices():
+            for e in range(m.shape[0]) if m.dim() == 3 else [None]:
+                w = m if e is None else m[e]
+                (rotate_output_side if self.writes else rotate_input_side)(w, rot)
+        for b in self.biases():
+            for row in (b if b.dim() == 2 else [b]):
+                rotate_output_side(row, rot)
 
 
 # -- online rotation ---------------------------------------------------------------------------------
@@ -354,25 +418,47 @@ class RotationAlgorithm(BlockAlgorithm):
                 raise ValueError(f"rotation r1: {path} has no (rows, {hidden}) weight to rotate")
 
         plan = []
+        mlp_outputs = cfg.mlp_outputs or [cfg.down_proj]
+        found: set[str] = set()
         for i, block in enumerate(layers):
             prefix = f"{cfg.model_decoder_layers}.{i}" if cfg.model_decoder_layers else str(i)
 
             def sub(name: str, block: nn.Module = block, prefix: str = prefix) -> nn.Module:
                 return get_submodule(block, name) if name else block
 
+            def present(names: list[str], writes: bool, block: nn.Module = block, prefix: str = prefix
+                        ) -> list[StreamModule]:
+                """The MLP entries this block has (dense and MoE blocks differ)."""
+                out = []
+                for n in names:
+                    try:
+                        module = get_submodule(block, n)
+                    except ValueError:
+                        continue
+                    found.add(n)
+                    out.append(StreamModule(module, f"{prefix}.{n}", writes))
+                return out
+
             attn_norm, mlp_norm = sub(cfg.attn_norm), sub(cfg.mlp_norm)
-            attn_in = [_linear(sub(n), f"{prefix}.{n}") for n in cfg.attn_inputs]
-            mlp_in = [_linear(sub(n), f"{prefix}.{n}") for n in cfg.mlp_inputs]
-            outs = [_linear(sub(n), f"{prefix}.{n}") for n in (cfg.o_proj, cfg.down_proj)]
+            attn_in = [StreamModule(_linear(sub(n), f"{prefix}.{n}"), f"{prefix}.{n}", False) for n in cfg.attn_inputs]
+            mlp_in, mlp_out = present(cfg.mlp_inputs, False), present(mlp_outputs, True)
+            for what, modules, names in (("inputs", mlp_in, cfg.mlp_inputs), ("outputs", mlp_out, mlp_outputs)):
+                if not modules:
+                    raise ValueError(f"rotation r1: block {prefix} has none of the MLP {what} {names}")
+            outs = [StreamModule(_linear(sub(cfg.o_proj), f"{prefix}.{cfg.o_proj}"), f"{prefix}.{cfg.o_proj}", True),
+                    *mlp_out]
             check_rms_norm(attn_norm, f"{prefix}.{cfg.attn_norm}", hidden)
             check_rms_norm(mlp_norm, f"{prefix}.{cfg.mlp_norm}", hidden)
-            for lin, n in zip(attn_in + mlp_in, cfg.attn_inputs + cfg.mlp_inputs):
-                if lin.in_features != hidden:
-                    raise ValueError(f"rotation r1: {prefix}.{n} reads {lin.in_features} features, not the hidden size {hidden}")
-            for lin, n in zip(outs, (cfg.o_proj, cfg.down_proj)):
-                if lin.out_features != hidden:
-                    raise ValueError(f"rotation r1: {prefix}.{n} writes {lin.out_features} features, not the hidden size {hidden}")
+            for m in attn_in + mlp_in:
+                if m.features() != {hidden}:
+                    raise ValueError(f"rotation r1: {m.path} reads {sorted(m.features())} features, not the hidden size {hidden}")
+            for m in outs:
+                if m.features() != {hidden}:
+                    raise ValueError(f"rotation r1: {m.path} writes {sorted(m.features())} features, not the hidden size {hidden}")
             plan.append((attn_norm, attn_in, mlp_norm, mlp_in, outs))
+        missing = [n for n in [*cfg.mlp_inputs, *mlp_outputs] if n not in found]
+        if missing:
+            raise ValueError(f"rotation r1: {missing} match no module in any decoder block")
         check_rms_norm(final_norm, cfg.final_norm, hidden)
 
         rot = self._rotation(hidden, cfg, seed, "r1")
@@ -384,13 +470,9 @@ class RotationAlgorithm(BlockAlgorithm):
             for attn_norm, attn_in, mlp_norm, mlp_in, outs in plan:
                 fold_norm(attn_norm, attn_in)
                 fold_norm(mlp_norm, mlp_in)
-                for lin in attn_in + mlp_in:
-                    rotate_input_side(lin.weight, rot)
-                for lin in outs:
-                    rotate_output_side(lin.weight, rot)
-                    if lin.bias is not None:
-                        rotate_output_side(lin.bias, rot)
-            fold_norm(final_norm, [lm_head])
+                for m in attn_in + mlp_in + outs:
+                    m.rotate(rot)
+            fold_norm(final_norm, [StreamModule(lm_head, cfg.lm_head, False)])
             rotate_input_side(lm_head.weight, rot)
 
         return apply
@@ -430,7 +512,13 @@ class RotationAlgorithm(BlockAlgorithm):
         downs = []
         for i, block in enumerate(layers):
             prefix = f"{cfg.model_decoder_layers}.{i}" if cfg.model_decoder_layers else str(i)
-            downs.append(_linear(get_submodule(block, cfg.down_proj), f"{prefix}.{cfg.down_proj}"))
+            try:
+                downs.append(_linear(get_submodule(block, cfg.down_proj), f"{prefix}.{cfg.down_proj}"))
+            except ValueError as exc:
+                raise ValueError(
+                    f"rotation r4: {exc}; R4 rotates one down-projection linear per block online (fused MoE "
+                    "experts have none): set r4=False"
+                ) from None
         rots: dict[int, HadamardTransform] = {}
         for lin in downs:
             if lin.in_features not in rots:

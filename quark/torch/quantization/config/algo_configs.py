@@ -156,7 +156,13 @@ class RotationConfig(AlgoConfig):
     """Hadamard rotation (QuaRot, Ashkboos et al. 2024, arXiv:2404.00456; SpinQuant's R1-R4 placement).
 
     Roles are module names: ``embedding_layers`` and ``lm_head`` are model-level paths, the rest are
-    relative to a decoder block.
+    relative to a decoder block. ``mlp_inputs`` (what reads the MLP norm's output) and
+    ``mlp_outputs`` (what writes the MLP's result into the residual stream; empty: ``down_proj``) may
+    name linears, routers (a module with a ``[n, hidden]`` weight applied as ``x W^T``) and fused
+    MoE experts modules (their gate/up projections read the stream, their down projections write it);
+    in models whose blocks differ (dense and MoE blocks), an entry may be missing from some blocks
+    but must be found in at least one, and every block must have an MLP input and an MLP output.
+    ``down_proj`` is R4's layer (one linear per block).
     """
 
     name: ClassVar[str] = "rotation"
@@ -176,6 +182,7 @@ class RotationConfig(AlgoConfig):
     mlp_norm: str = "post_attention_layernorm"
     mlp_inputs: list[str] = field(default_factory=lambda: ["mlp.gate_proj", "mlp.up_proj"])
     down_proj: str = "mlp.down_proj"
+    mlp_outputs: list[str] = field(default_factory=list)
 
 
 ALGO_CONFIG_CLASSES: dict[str, type[AlgoConfig]] = {

@@ -6,6 +6,8 @@ scale; no separate Q layer. The experts are fused parameters ``ffn.experts.mlp.{
 (``w1`` gate, ``v1`` up, ``w2`` down), so ``norm_2`` (which also feeds the router) is no scaling
 site; ``norm_1`` (a LayerNorm without bias) feeds ``Wqkv`` alone. Clipping acts on Wqkv's output, so
 scaling its input stays exact.
+
+No rotation default: DBRX's norms are LayerNorms (mean subtraction), and ``Wqkv`` fuses Q, K and V.
 """
 
 from __future__ import annotations

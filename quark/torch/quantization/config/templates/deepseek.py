@@ -29,6 +29,9 @@ scaling sites name them with patterns that expand to exactly the consumers prese
 The shared experts clamp their gate and up outputs (``swiglu_limit``), which rules out
 ``up -> down``. The ``gate_proj`` names inside the compressor are not MLP gates: the gate/up
 patterns are anchored on ``shared_experts``.
+
+No rotation default: not built for MLA attention (V is a slice of ``kv_b_proj``'s output, so no
+R2) nor the V3.2 / V4 indexer and compressor layers.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ All three use the DeepSeek-MoE layout (dense first blocks, router ``mlp.gate``, 
 ``self_attn.{q,k,v,o}_proj`` (no ``v -> o``). In GLM-5, blocks whose indexer type is ``"shared"``
 reuse the previous block's top-k and have no ``self_attn.indexer``: the indexer-aware norm sites
 then do not apply, which leaves the norm unscaled there rather than scaling it inexactly.
+
+No rotation default: not built for these blocks yet (shared experts next to routers with a score
+correction bias; GLM-4.7-Flash's MLA attention, GLM-MoE-DSA's indexer).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ Each block has either ``mamba.{in_proj, norm, out_proj}`` or ``self_attn.{q,k,v,
 (``input_linear`` is the fused gate+up projection), so it is no scaling site. The gated RMSNorm
 ``mamba.norm`` has one weight per channel of ``out_proj``'s input: an exact site. Grouped K/V heads:
 no ``v -> o``.
+
+No rotation default: the Mamba-2 mixers read the residual stream through their own gated norms.
 """
 
 from __future__ import annotations

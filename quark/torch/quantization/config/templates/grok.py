@@ -6,6 +6,8 @@ block_sparse_moe.gate, block_sparse_moe.experts.M.{w1,w2,w3}, post_moe_norm}`` w
 experts (``w1`` gate, ``w3`` up, ``w2`` down, GELU gating). Sandwich norms: ``post_attn_norm`` and
 ``post_moe_norm`` normalise the sub-block outputs and are no scaling sites. Grouped K/V heads
 (48 query / 8 K/V heads): no ``v -> o``.
+
+No rotation default: not built for Grok-1 (remote code, not testable here).
 """
 
 from __future__ import annotations

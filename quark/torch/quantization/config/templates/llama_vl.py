@@ -13,7 +13,8 @@ blocks (``self_attn``) and cross-attention blocks (``cross_attn``, whose k/v rea
 so only ``cross_attn.q_proj`` follows ``input_layernorm``). Text-only calibration skips the
 cross-attention blocks entirely. ``vision_model`` and ``multi_modal_projector`` are excluded.
 
-Grouped K/V heads in both: no ``v -> o``; no rotation (MoE / cross-attention).
+Grouped K/V heads in both: no ``v -> o``; no rotation (image features enter the
+residual stream unrotated; Mllama's cross-attention blocks).
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ Sparse-attention blocks add a lightning indexer ``self_attn.indexer.{q,k}_proj``
 normed hidden state: the K/V and Q patterns are anchored on ``self_attn.`` so the indexer never
 counts as K/V, and the attention scaling site uses ``self_attn*.[qkv]_proj``, which expands to
 q, k, v plus the indexer projections exactly where the indexer exists.
+
+No rotation default: not built for these blocks yet (MiniMax-M3's image features enter the
+residual stream unrotated).
 """
 
 from __future__ import annotations

@@ -5,11 +5,15 @@ Both keep every routed expert in fused 3-D parameters (``mlp.experts.gate_up_pro
 projections. ``post_attention_layernorm`` feeds the router and the fused experts: no scaling site.
 Grouped K/V heads: no ``v -> o``. Routers: Mixtral ``mlp.gate``, GPT-OSS ``mlp.router`` (with a
 bias). GPT-OSS attention also carries per-head ``sinks`` (a parameter, not a module).
+
+Rotation (R1, R2): pre-norm RMSNorms; the router and every expert's gate/up matrix read the rotated
+stream, every expert's down matrix (and GPT-OSS's down bias) writes it. No R4: it rotates one
+down-projection linear per block online, and the experts are fused.
 """
 
 from __future__ import annotations
 
-from ._common import FUSED_GATE_UP, KV_PROJ, Q_PROJ, algorithms, attn_groups, attn_pairs, template
+from ._common import FUSED_GATE_UP, KV_PROJ, Q_PROJ, algorithms, attn_groups, attn_pairs, rotation, template
 
 TEMPLATES = [
     template(
@@ -18,7 +22,10 @@ TEMPLATES = [
         q=Q_PROJ,
         gate_up=FUSED_GATE_UP,
         exclude=["*mlp.gate"],
-        algorithm_configs=algorithms("model.layers", attn_pairs(), attn_groups()),
+        algorithm_configs=algorithms(
+            "model.layers", attn_pairs(), attn_groups(),
+            rotation("model.layers", mlp_inputs=["mlp.gate", "mlp.experts"], mlp_outputs=["mlp.experts"]),
+        ),
     ),
     template(
         "gpt_oss",
@@ -26,6 +33,9 @@ TEMPLATES = [
         q=Q_PROJ,
         gate_up=FUSED_GATE_UP,
         exclude=["*router*"],
-        algorithm_configs=algorithms("model.layers", attn_pairs(), attn_groups()),
+        algorithm_configs=algorithms(
+            "model.layers", attn_pairs(), attn_groups(),
+            rotation("model.layers", mlp_inputs=["mlp.router", "mlp.experts"], mlp_outputs=["mlp.experts"]),
+        ),
     ),
 ]

@@ -3,6 +3,8 @@
 Multi-head attention, so ``v_proj -> out_proj`` is exact; ReLU is positively homogeneous, so
 ``fc1 -> fc2`` is too. The norm pairs assume ``do_layer_norm_before=True`` (every OPT size except
 350m, which is post-norm: pass ``algo_configs`` for it).
+
+No rotation default: LayerNorm (mean subtraction, bias) rules it out.
 """
 
 from __future__ import annotations

@@ -15,12 +15,19 @@ Module names from transformers 5.24 (``modeling_qwen2_moe.py``, ``modeling_qwen3
   Qwen3.5, then ``out_proj``) with full-attention blocks (``self_attn``, whose ``q_proj`` also
   emits the output gate). Their RMSNorms compute ``norm(x) * (1 + w)``. The gated norm before
   ``linear_attn.out_proj`` has one weight per head dimension shared by all heads: no scaling site.
-* Grouped K/V heads everywhere: no ``v -> o``. No rotation (MoE routers and fused experts).
+* Grouped K/V heads everywhere: no ``v -> o``. Rotation (R1, R2) for Qwen2-MoE and Qwen3-MoE: the
+  router, the fused experts' gate/up and the shared expert's gate/up and sigmoid gate read the
+  rotated stream, the experts' and shared expert's down projections write it (dense
+  ``mlp_only_layers`` blocks use ``mlp.{gate,up,down}_proj``); R4 needs one down-projection linear
+  per block, which MoE blocks do not have. Not for Qwen3-Next / Qwen3.5 (``(1 + w)`` norms and
+  Gated-DeltaNet blocks) nor the VL models (image features enter the residual stream unrotated).
 * Qwen3-VL-MoE and Qwen3.5-MoE are loaded as ``*ForConditionalGeneration``: the text decoder sits at
   ``model.language_model.layers`` and the vision tower ``model.visual`` is excluded.
 """
 
 from __future__ import annotations
+
+from quark.torch.quantization.config.algo_configs import RotationConfig
 
 from ._common import (
     GATE_UP_PROJ,
@@ -33,6 +40,7 @@ from ._common import (
     mlp_groups,
     mlp_pairs,
     pair,
+    rotation,
     template,
 )
 
@@ -61,6 +69,7 @@ def _qwen_moe(
     dense_blocks: bool,
     deltanet: list[str] | None = None,
     exclude: tuple[str, ...] = (),
+    with_rotation: bool = False,
 ) -> dict:
     pairs = attn_pairs()
     attention = attn_groups()
@@ -82,13 +91,25 @@ def _qwen_moe(
         # shared-expert / dense gate and up; the fused experts keep one gate_up_proj tensor
         gate_up=GATE_UP_PROJ,
         exclude=[_ROUTER, *([_SHARED_GATE] if shared_expert else []), *exclude],
-        algorithm_configs=algorithms(decoder_layers, pairs, groups),
+        algorithm_configs=algorithms(
+            decoder_layers, pairs, groups, _rotation(decoder_layers, shared_expert) if with_rotation else None
+        ),
+    )
+
+
+def _rotation(decoder_layers: str, shared_expert: bool) -> RotationConfig:
+    """Rotation roles of a MoE block (and of a dense ``mlp_only_layers`` block)."""
+    shared = ["mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert_gate"]
+    return rotation(
+        decoder_layers,
+        mlp_inputs=["mlp.gate_proj", "mlp.up_proj", "mlp.gate", "mlp.experts", *(shared if shared_expert else [])],
+        mlp_outputs=["mlp.down_proj", "mlp.experts", *(["mlp.shared_expert.down_proj"] if shared_expert else [])],
     )
 
 
 TEMPLATES = [
-    _qwen_moe("qwen2_moe", "model.layers", shared_expert=True, dense_blocks=True),
-    _qwen_moe("qwen3_moe", "model.layers", shared_expert=False, dense_blocks=True),
+    _qwen_moe("qwen2_moe", "model.layers", shared_expert=True, dense_blocks=True, with_rotation=True),
+    _qwen_moe("qwen3_moe", "model.layers", shared_expert=False, dense_blocks=True, with_rotation=True),
     _qwen_moe(
         "qwen3_next", "model.layers", shared_expert=True, dense_blocks=True, deltanet=_DELTANET_QWEN3_NEXT
     ),
