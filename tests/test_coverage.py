@@ -54,9 +54,9 @@ def has_defaults(model_type: str, column: str) -> bool:
     return all(configs.get(a) is not None for a in ([algos] if isinstance(algos, str) else algos))
 
 
-#: quick types whose template has no rotation default (MLA attention, post-norms,
+#: quick types whose template has no rotation default (post-norms,
 #: cross-attention stacks: see each template module's docstring)
-NO_ROTATION = {"gemma3", "mllama", "deepseek_v3"}
+NO_ROTATION = {"gemma3", "mllama"}
 
 
 @pytest.mark.parametrize("model_type", QUICK_TYPES)

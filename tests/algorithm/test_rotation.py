@@ -371,12 +371,13 @@ def _types_with_rotation_defaults() -> list[str]:
             if t in CASES and LLMTemplate.get(t).algorithm_configs.get("rotation") is not None]
 
 
-MOE_ROTATION = ["gpt_oss", "mixtral", "qwen2_moe", "qwen3_moe"]
+MOE_ROTATION = ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "gpt_oss", "mixtral", "qwen2_moe", "qwen3_moe"]
 
 
 def test_rotation_defaults_exist_for_the_pre_norm_rms_norm_templates():
     assert _types_with_rotation_defaults() == [
-        "gpt_oss", "llama", "mistral", "mixtral", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"]
+        "deepseek_v3", "glm4_moe", "glm4_moe_lite", "gpt_oss", "llama", "mistral", "mixtral", "phi3", "qwen2",
+        "qwen2_moe", "qwen3", "qwen3_moe"]
 
 
 def _stream_matrices(model: nn.Module, config: RotationConfig) -> dict[str, list[torch.Tensor]]:

@@ -14,11 +14,18 @@ router ``mlp.gate``, routed experts ``mlp.experts`` and ``mlp.shared_experts.{ga
 In transformers 5 the routed experts are fused 3-D parameters; the DeepSeek remote code (deepseek,
 kimi_k2, deepseek_vl_v2) keeps one ``nn.Linear`` per expert, ``mlp.experts.N.{gate,up,down}_proj``,
 and a ``MoEGate`` router holding a ``weight`` used as a linear map.
+
+Rotation (:func:`moe_rotation`): the router, the fused experts' gate/up, the shared experts' gate/up
+(and a dense block's gate/up) read the rotated residual stream; the experts', shared experts' (and
+dense) down projections write it. With MLA, ``q_a_proj`` and ``kv_a_proj_with_mqa`` read the stream
+(R1); R2 does not apply (V is a slice of ``kv_b_proj``'s per-head output, behind ``kv_a_layernorm``).
 """
 
 from __future__ import annotations
 
-from ._common import mlp_groups, mlp_pairs, pair
+from quark.torch.quantization.config.algo_configs import RotationConfig
+
+from ._common import mlp_groups, mlp_pairs, pair, rotation
 
 ROUTER = "*mlp.gate"
 INDEXER_WEIGHTS = "*indexer.weights_proj"
@@ -80,3 +87,18 @@ def moe_pairs(*, linear_experts: bool = False) -> list:
 def moe_groups(*, linear_experts: bool = False) -> list[list[str]]:
     prefixes = ("mlp", "mlp.shared_experts") + (("mlp.experts.*",) if linear_experts else ())
     return mlp_groups(prefixes)
+
+
+def moe_rotation(decoder_layers: str = "model.layers", *, mla: bool = False) -> RotationConfig:
+    """Rotation roles of a DeepSeek-MoE decoder with fused experts (dense first blocks included);
+    ``mla``: MLA attention with q-LoRA (R1 through ``q_a_proj`` / ``kv_a_proj_with_mqa``, no R2)."""
+    attention = (
+        {"attn_inputs": [f"{_ATTN}.q_a_proj", f"{_ATTN}.kv_a_proj_with_mqa"], "r2": False} if mla else {}
+    )
+    return rotation(
+        decoder_layers,
+        mlp_inputs=["mlp.gate_proj", "mlp.up_proj", "mlp.gate", "mlp.experts",
+                    "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"],
+        mlp_outputs=["mlp.down_proj", "mlp.experts", "mlp.shared_experts.down_proj"],
+        **attention,
+    )

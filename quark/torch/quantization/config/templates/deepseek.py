@@ -30,8 +30,9 @@ The shared experts clamp their gate and up outputs (``swiglu_limit``), which rul
 ``up -> down``. The ``gate_proj`` names inside the compressor are not MLP gates: the gate/up
 patterns are anchored on ``shared_experts``.
 
-No rotation default: not built for MLA attention (V is a slice of ``kv_b_proj``'s output, so no
-R2) nor the V3.2 / V4 indexer and compressor layers.
+Rotation default for DeepSeek-V3 (R1 through MLA and the MoE MLP, no R2: :func:`._mla.moe_rotation`);
+none for V2 (its released checkpoints mix ``q_proj`` and ``q_a_proj`` layouts), V3.2 / V4 (indexer
+and compressor layers not covered), the remote-code and multimodal types.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from ._common import (
     pair,
     template,
 )
-from ._mla import INDEXER_WEIGHTS, ROUTER, mla_groups, mla_pairs, moe_groups, moe_pairs
+from ._mla import INDEXER_WEIGHTS, ROUTER, mla_groups, mla_pairs, moe_groups, moe_pairs, moe_rotation
 
 
 def _mla_model(
@@ -59,6 +60,7 @@ def _mla_model(
     indexer: bool = False,
     linear_experts: bool = False,
     exclude: tuple[str, ...] = (),
+    with_rotation: bool = False,
 ) -> dict:
     return template(
         model_type,
@@ -70,6 +72,7 @@ def _mla_model(
             decoder_layers,
             mla_pairs(no_q_lora=no_q_lora, indexer=indexer) + moe_pairs(linear_experts=linear_experts),
             mla_groups(no_q_lora=no_q_lora, indexer=indexer) + moe_groups(linear_experts=linear_experts),
+            moe_rotation(decoder_layers, mla=True) if with_rotation else None,
         ),
     )
 
@@ -98,7 +101,7 @@ TEMPLATES = [
         ),
     ),
     _mla_model("deepseek_v2", no_q_lora=True),
-    _mla_model("deepseek_v3"),
+    _mla_model("deepseek_v3", with_rotation=True),
     _mla_model("deepseek_v32", indexer=True),
     template(
         "deepseek_v4",

@@ -7,8 +7,8 @@ All three use the DeepSeek-MoE layout (dense first blocks, router ``mlp.gate``, 
 reuse the previous block's top-k and have no ``self_attn.indexer``: the indexer-aware norm sites
 then do not apply, which leaves the norm unscaled there rather than scaling it inexactly.
 
-No rotation default: not built for these blocks yet (shared experts next to routers with a score
-correction bias; GLM-4.7-Flash's MLA attention, GLM-MoE-DSA's indexer).
+Rotation defaults for GLM-4.5 (R1, R2) and GLM-4.7-Flash (MLA: R1 only), :func:`._mla.moe_rotation`;
+none for GLM-5 (the indexer is not covered).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ._common import (
     attn_pairs,
     template,
 )
-from ._mla import INDEXER_WEIGHTS, ROUTER, mla_groups, mla_pairs, moe_groups, moe_pairs
+from ._mla import INDEXER_WEIGHTS, ROUTER, mla_groups, mla_pairs, moe_groups, moe_pairs, moe_rotation
 
 TEMPLATES = [
     template(
@@ -34,7 +34,7 @@ TEMPLATES = [
         gate_up=GATE_UP_PROJ,
         exclude=[ROUTER],
         algorithm_configs=algorithms(
-            "model.layers", attn_pairs() + moe_pairs(), attn_groups() + moe_groups()
+            "model.layers", attn_pairs() + moe_pairs(), attn_groups() + moe_groups(), moe_rotation()
         ),
     ),
     template(
@@ -43,7 +43,9 @@ TEMPLATES = [
         q=Q_MLA,
         gate_up=GATE_UP_PROJ,
         exclude=[ROUTER],
-        algorithm_configs=algorithms("model.layers", mla_pairs() + moe_pairs(), mla_groups() + moe_groups()),
+        algorithm_configs=algorithms(
+            "model.layers", mla_pairs() + moe_pairs(), mla_groups() + moe_groups(), moe_rotation(mla=True)
+        ),
     ),
     template(
         "glm_moe_dsa",
