@@ -453,3 +453,31 @@ def test_moe_roles_are_checked_before_anything_changes():
     with pytest.raises(ValueError, match=r"block model.layers.1 has none of the MLP outputs \['mlp.down_proj'\]"):
         ALGORITHM.prepare_model(model, dense_only)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_rotation_reduces_w8a8_error_of_moe_models(model_type, batches):
+    """Outlier channels on both norms of a MoE model: with the router, the fused experts (per-expert
+    int8 inputs) and the shared expert reading the rotated stream, W8A8's logit error drops (measured:
+    mixtral 0.110 -> 0.065, qwen2_moe 0.131 -> 0.075)."""
+    from quark.torch.utils.tiny_models import build_model
+
+    def outlier_moe() -> nn.Module:
+        model = build_model(model_type)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            for layer in model.model.layers:
+                layer.input_layernorm.weight[:2] *= 40
+                layer.post_attention_layernorm.weight[5:7] *= 40
+        return model
+
+    reference = logits(outlier_moe(), batches)
+    errors = {}
+    for algorithm in (None, ["rotation"]):
+        config = LLMTemplate.get(model_type).get_config("int8", algorithm=algorithm)
+        model = ModelQuantizer(config).quantize_model(outlier_moe(), batches, progress=False)
+        errors[bool(algorithm)] = _rel(logits(model, batches), reference)
+    assert errors[True] < 0.7 * errors[False]
