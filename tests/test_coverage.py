@@ -49,9 +49,7 @@ def test_quick_types_are_registered_and_native():
 
 def has_defaults(model_type: str, column: str) -> bool:
     """Whether the template has a default config for every algorithm of a quantization column."""
-    algos = QUANT_COLUMNS[column][1].get("algorithm") or []
-    configs = LLMTemplate.get(model_type).algorithm_configs
-    return all(configs.get(a) is not None for a in ([algos] if isinstance(algos, str) else algos))
+    return not coverage.missing_defaults(LLMTemplate.get(model_type), column)
 
 
 #: quick types whose template has no rotation default (post-norms,

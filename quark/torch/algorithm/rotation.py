@@ -449,17 +449,16 @@ class RotationAlgorithm(BlockAlgorithm):
                     *mlp_out]
             check_rms_norm(attn_norm, f"{prefix}.{cfg.attn_norm}", hidden)
             check_rms_norm(mlp_norm, f"{prefix}.{cfg.mlp_norm}", hidden)
-            for m in attn_in + mlp_in:
+            for m in attn_in + mlp_in + outs:
                 if m.features() != {hidden}:
-                    raise ValueError(f"rotation r1: {m.path} reads {sorted(m.features())} features, not the hidden size {hidden}")
-            for m in outs:
-                if m.features() != {hidden}:
-                    raise ValueError(f"rotation r1: {m.path} writes {sorted(m.features())} features, not the hidden size {hidden}")
+                    raise ValueError(f"rotation r1: {m.path} {'writes' if m.writes else 'reads'} "
+                                     f"{sorted(m.features())} features, not the hidden size {hidden}")
             plan.append((attn_norm, attn_in, mlp_norm, mlp_in, outs))
         missing = [n for n in [*cfg.mlp_inputs, *mlp_outputs] if n not in found]
         if missing:
             raise ValueError(f"rotation r1: {missing} match no module in any decoder block")
         check_rms_norm(final_norm, cfg.final_norm, hidden)
+        head = StreamModule(lm_head, cfg.lm_head, False)
 
         rot = self._rotation(hidden, cfg, seed, "r1")
 
@@ -472,8 +471,8 @@ class RotationAlgorithm(BlockAlgorithm):
                 fold_norm(mlp_norm, mlp_in)
                 for m in attn_in + mlp_in + outs:
                     m.rotate(rot)
-            fold_norm(final_norm, [StreamModule(lm_head, cfg.lm_head, False)])
-            rotate_input_side(lm_head.weight, rot)
+            fold_norm(final_norm, [head])
+            head.rotate(rot)
 
         return apply
 

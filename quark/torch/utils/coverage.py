@@ -443,6 +443,13 @@ def _fused_reason(model: nn.Module) -> str | None:
     return f"fused experts not quantized: {len(fused)} params ({', '.join(kinds)})"
 
 
+def missing_defaults(template: LLMTemplate, column: str) -> list[str]:
+    """The algorithms of a quantization column the template has no default config for (the column is
+    n/a for it)."""
+    algos = QUANT_COLUMNS[column][1].get("algorithm") or []
+    return [a for a in ([algos] if isinstance(algos, str) else algos) if template.algorithm_configs.get(a) is None]
+
+
 def _quant_cell(model_type: str, column: str, template: LLMTemplate, data: list[dict[str, torch.Tensor]],
                 patterns: list[dict[str, Any]], workdir: Path, load_transformers: bool = True
                 ) -> tuple[Cell, dict[str, Any]]:
@@ -455,9 +462,8 @@ def _quant_cell(model_type: str, column: str, template: LLMTemplate, data: list[
     from quark.torch.quantization.modules import quantized_linears
 
     scheme, kwargs = QUANT_COLUMNS[column]
-    algos = kwargs.get("algorithm") or []
     io: dict[str, Any] = {"export": None, "reimport": None, "transformers": None}
-    missing = [a for a in ([algos] if isinstance(algos, str) else algos) if template.algorithm_configs.get(a) is None]
+    missing = missing_defaults(template, column)
     if missing:
         return Cell(NA, f"no template default for {missing[0]}"), io
     t0 = time.perf_counter()
@@ -687,7 +693,7 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "  output quantizer on some layer); **mxfp4**; **awq**, **gptq**, **gptaq**, **qronos** (`int4_wo_32`),",
         "  **smoothquant**, **autosmoothquant** (`int8`) and **rotation** (`int4_wo_32` with `[\"rotation\",",
         "  \"gptq\"]`) with the template's default algorithm configs (n/a where the template has none: its module",
-        "  docstring says why, e.g. LayerNorm, post-norms or fused experts for rotation); calibration on",
+        "  docstring says why, e.g. LayerNorm, post-norms or image features for rotation); calibration on",
         f"  {N_BATCHES} random batches of {SEQ_LEN} tokens, with random images for a model whose forward takes the inputs of an",
         "  `INPUT_BUILDERS` entry (the builds cell's note gives the shapes; the same batches give the logits",
         "  compared). A quantization cell fails on an exception (its first line is the reason), when a",
