@@ -44,8 +44,11 @@ def rotation_config(**fields) -> RotationConfig:
 
 
 def logits(model: nn.Module, batches: list[dict]) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(**b).logits for b in batches])
+    from quark.torch.utils import coverage
+
+    # coverage.logits reads a multimodal model whose own forward fails on text (transformers 5.24's
+    # Llama4ForConditionalGeneration) through its language model
+    return torch.cat([coverage.logits(model, b) for b in batches])
 
 
 def quantize(model: nn.Module, scheme: str, batches: list[dict], rotation: RotationConfig | None) -> nn.Module:
@@ -242,6 +245,17 @@ def test_bad_roles_are_named():
         ALGORITHM.prepare_model(llama48(), rotation_config(down_proj="mlp.down"))
 
 
+def test_bad_stream_writers_are_refused_untouched():
+    model = llama48()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"stream_writers entry 'model.projector\*' matches no module"):
+        ALGORITHM.prepare_model(model, rotation_config(stream_writers=["model.projector*"]))
+    # a module whose output is not of the hidden size cannot write the stream
+    with pytest.raises(ValueError, match=r"stream writer model.layers.0.self_attn.k_proj writes \[24\] features"):
+        ALGORITHM.prepare_model(model, rotation_config(stream_writers=["model.layers.0.self_attn.k_proj"]))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
 # -- smoothing through an online rotation (R4 then SmoothQuant: smooth, then rotate) -------------------
 def _smooth_then_rotate(batches: list[dict], algorithms: list[str], pairs: list | None = None,
                         model: nn.Module | None = None) -> nn.Module:
@@ -371,21 +385,24 @@ def _types_with_rotation_defaults() -> list[str]:
             if t in CASES and LLMTemplate.get(t).algorithm_configs.get("rotation") is not None]
 
 
-MOE_ROTATION = ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "gpt_oss", "mixtral", "qwen2_moe", "qwen3_moe"]
+MOE_ROTATION = ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "gpt_oss", "kimi_k25", "llama4", "mixtral", "qwen2_moe",
+                "qwen3_moe", "qwen3_vl_moe"]
 
 
 def test_rotation_defaults_exist_for_the_pre_norm_rms_norm_templates():
     assert _types_with_rotation_defaults() == [
-        "deepseek_v3", "glm4_moe", "glm4_moe_lite", "gpt_oss", "llama", "mistral", "mixtral", "phi3", "qwen2",
-        "qwen2_moe", "qwen3", "qwen3_moe"]
+        "deepseek_v3", "glm4_moe", "glm4_moe_lite", "gpt_oss", "kimi_k25", "llama", "llama4", "mistral", "mixtral",
+        "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_vl_moe"]
 
 
 def _stream_matrices(model: nn.Module, config: RotationConfig) -> dict[str, list[torch.Tensor]]:
     """Per block role present in the model: copies of the matrices rotation changes."""
-    from quark.torch.algorithm.rotation import StreamModule
+    from quark.torch.algorithm.rotation import StreamModule, find_stream_writers
 
     out = {}
-    for i, block in enumerate(model.model.layers):
+    for path, module in find_stream_writers(model, config.stream_writers):
+        out[path] = [m.clone() for m in StreamModule(module, path, True).matrices()]
+    for i, block in enumerate(model.get_submodule(config.model_decoder_layers)):
         for names, writes in ((config.attn_inputs + config.mlp_inputs, False),
                               ([config.o_proj, *(config.mlp_outputs or [config.down_proj])], True)):
             for name in names:
@@ -423,7 +440,69 @@ def test_every_rotation_default_keeps_its_architecture_float(model_type, r4):
     unchanged = [k for k in before if any(torch.allclose(a, b) for a, b in zip(before[k], after[k]))]
     assert unchanged == []
     rotated_online = [n for n, m in model.named_modules() if online_rotation(m) is not None]
-    assert rotated_online == ([f"model.layers.{i}.{config.down_proj}" for i in range(2)] if r4 else [])
+    assert rotated_online == ([f"{config.model_decoder_layers}.{i}.{config.down_proj}" for i in range(2)] if r4 else [])
+
+
+@pytest.mark.parametrize("model_type", [t for t in _types_with_rotation_defaults()
+                                        if LLMTemplate.get(t).algorithm_configs["rotation"].stream_writers])
+def test_stream_writers_rotate_like_the_embeddings(model_type):
+    """A multimodal template's stream writers (projector / merger outputs that enter the residual
+    stream) write ``y Q`` after rotation, with the same ``Q`` as the embeddings (``E <- E Q``)."""
+    from quark.torch.algorithm.rotation import find_stream_writers
+    from quark.torch.utils.tiny_models import build_model
+
+    reference, model = build_model(model_type), build_model(model_type)
+    config = copy.deepcopy(LLMTemplate.get(model_type).algorithm_configs["rotation"])
+    ALGORITHM.prepare_model(model, config)
+    embedding = config.embedding_layers[0]
+    E, E_rot = (m.get_submodule(embedding).weight.detach().double() for m in (reference, model))
+    Q = torch.linalg.lstsq(E, E_rot).solution  # E has more rows (tokens) than columns
+    assert torch.allclose(Q @ Q.T, torch.eye(Q.shape[0], dtype=Q.dtype), atol=1e-5)  # float32 weights
+    writers = find_stream_writers(reference, config.stream_writers)
+    assert len(writers) >= 1
+    g = torch.Generator().manual_seed(0)
+    for path, module in writers:
+        x = torch.randn(5, module.in_features, generator=g)
+        with torch.no_grad():
+            y, y_rot = module(x).double(), model.get_submodule(path)(x).double()
+        assert _rel(y_rot, y @ Q) < 1e-5, path
+        assert _rel(y_rot, y) > 0.1, path
+
+
+def _llama4_image_logits(model: nn.Module, ids: torch.Tensor, pixel_values: torch.Tensor,
+                         image_positions: list[int]) -> torch.Tensor:
+    """Logits with an image: ``Llama4ForConditionalGeneration.forward``'s image path (projected image
+    features replace the embeddings at the image tokens; its own forward cannot build its output in
+    transformers 5.24), then its language model."""
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        features = model.get_image_features(pixel_values=pixel_values, return_dict=True).last_hidden_state
+        projected = model.multi_modal_projector(features.reshape(-1, features.shape[-1]))
+        embeds[:, image_positions] = projected.reshape(1, len(image_positions), -1)
+        return model.language_model(inputs_embeds=embeds, use_cache=False).logits.float()
+
+
+def test_llama4_rotation_keeps_image_features():
+    """Image features enter Llama 4's residual stream through ``multi_modal_projector.linear_1``: the
+    template rotates it (``stream_writers``) and the logits of a prompt with an image stay the same;
+    without it the image tokens would enter the rotated stream unrotated."""
+    from quark.torch.utils.tiny_models import build_model
+
+    reference, model, unrotated_images = build_model("llama4"), build_model("llama4"), build_model("llama4")
+    config = copy.deepcopy(LLMTemplate.get("llama4").algorithm_configs["rotation"])
+    assert config.stream_writers == ["multi_modal_projector.linear_1"]
+    g = torch.Generator().manual_seed(0)
+    vision = reference.config.vision_config
+    pixel_values = torch.randn(1, vision.num_channels, vision.image_size, vision.image_size, generator=g)
+    ids = torch.randint(1, reference.config.text_config.vocab_size, (1, 12), generator=g)
+    positions = [1, 2, 3, 4]  # the tiny vision model yields 4 image tokens
+    expected = _llama4_image_logits(reference, ids, pixel_values, positions)
+    ALGORITHM.prepare_model(model, config)
+    assert _rel(_llama4_image_logits(model, ids, pixel_values, positions), expected) < 1e-4
+    config.stream_writers = []
+    ALGORITHM.prepare_model(unrotated_images, config)
+    assert _rel(logits(unrotated_images, [{"input_ids": ids}]), logits(reference, [{"input_ids": ids}])) < 1e-4
+    assert _rel(_llama4_image_logits(unrotated_images, ids, pixel_values, positions), expected) > 1e-2
 
 
 def test_r2_on_a_fused_qkv_names_the_missing_v_projection():

@@ -7,7 +7,8 @@ smaller range. Where the rotations go:
 
 - **R1** (hidden size, offline): the residual stream ``x`` becomes ``x Q``. RMSNorm commutes with
   ``Q`` once its weight is folded into the linears it feeds (``rms(x Q) = rms(x)``), so: fold each
-  norm's weight into its following linears and set it to 1; embeddings ``E <- E Q``; every linear
+  norm's weight into its following linears and set it to 1; embeddings ``E <- E Q`` (and what else
+  writes the stream from outside the blocks, e.g. a multimodal projector: ``W <- Qᵀ W``); every linear
   reading the stream (q/k/v, gate/up, lm_head) ``W <- W Q``; every linear writing into it (o_proj,
   down_proj) ``W <- Qᵀ W`` (and its bias ``b <- b Q``). In MoE blocks the router's weight and each
   fused expert's gate/up matrix read the stream, each expert's down matrix (and bias) writes it:
@@ -31,6 +32,7 @@ the per-block step does nothing. Module roles come from :class:`RotationConfig` 
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from collections.abc import Callable
 
@@ -326,6 +328,23 @@ def untie_embeddings(model: nn.Module, embeddings: list[nn.Module], lm_head: nn.
     return True
 
 
+def find_stream_writers(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Module]]:
+    """The modules ``RotationConfig.stream_writers`` names (paths or fnmatch patterns), in model order."""
+    out: dict[str, nn.Module] = {}
+    for pattern in patterns:
+        if any(c in pattern for c in "*?["):
+            found = {n: m for n, m in model.named_modules() if fnmatch.fnmatchcase(n, pattern)}
+        else:
+            try:
+                found = {pattern: get_submodule(model, pattern)}
+            except ValueError:
+                found = {}
+        if not found:
+            raise ValueError(f"rotation r1: stream_writers entry {pattern!r} matches no module of the model")
+        out.update(found)
+    return list(out.items())
+
+
 def _linear(module: nn.Module, path: str) -> nn.Linear:
     if not isinstance(module, nn.Linear):
         raise ValueError(f"rotation: {path} is a {type(module).__name__}, expected a linear layer")
@@ -417,6 +436,12 @@ class RotationAlgorithm(BlockAlgorithm):
             if weight is None or weight.dim() != 2 or weight.shape[1] != hidden:
                 raise ValueError(f"rotation r1: {path} has no (rows, {hidden}) weight to rotate")
 
+        writers = [StreamModule(m, path, True) for path, m in find_stream_writers(model, cfg.stream_writers)]
+        for w in writers:
+            if w.features() != {hidden}:
+                raise ValueError(f"rotation r1: stream writer {w.path} writes {sorted(w.features())} features, "
+                                 f"not the hidden size {hidden}")
+
         plan = []
         mlp_outputs = cfg.mlp_outputs or [cfg.down_proj]
         found: set[str] = set()
@@ -466,6 +491,8 @@ class RotationAlgorithm(BlockAlgorithm):
             untie_embeddings(model, embeddings, lm_head)
             for emb in embeddings:
                 rotate_input_side(emb.weight, rot)  # token vectors are rows: E <- E Q
+            for w in writers:  # e.g. image features that replace image-token embeddings
+                w.rotate(rot)
             for attn_norm, attn_in, mlp_norm, mlp_in, outs in plan:
                 fold_norm(attn_norm, attn_in)
                 fold_norm(mlp_norm, mlp_in)

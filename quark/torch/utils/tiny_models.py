@@ -174,6 +174,7 @@ CASES: dict[str, list[Case]] = {
             top=dict(
                 vision_config=dict(
                     _VIT,
+                    intermediate_size=128,  # 4 x hidden: the pixel-shuffle MLP reads 4 x hidden channels
                     image_size=56,
                     patch_size=14,
                     vision_output_dim=64,

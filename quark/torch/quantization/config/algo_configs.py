@@ -162,7 +162,11 @@ class RotationConfig(AlgoConfig):
     MoE experts modules (their gate/up projections read the stream, their down projections write it);
     in models whose blocks differ (dense and MoE blocks), an entry may be missing from some blocks
     but must be found in at least one, and every block must have an MLP input and an MLP output.
-    ``down_proj`` is R4's layer (one linear per block).
+    ``down_proj`` is R4's layer (one linear per block). ``stream_writers`` are model-level paths
+    (fnmatch patterns allowed) of modules outside the decoder blocks whose output enters the
+    residual stream besides the embeddings, e.g. a multimodal projector's last linear, whose image
+    features replace image-token embeddings: they are rotated like ``o_proj`` (``W <- Qᵀ W``, bias
+    ``b <- b Q``). Each entry must match at least one module.
     """
 
     name: ClassVar[str] = "rotation"
@@ -183,6 +187,7 @@ class RotationConfig(AlgoConfig):
     mlp_inputs: list[str] = field(default_factory=lambda: ["mlp.gate_proj", "mlp.up_proj"])
     down_proj: str = "mlp.down_proj"
     mlp_outputs: list[str] = field(default_factory=list)
+    stream_writers: list[str] = field(default_factory=list)
 
 
 ALGO_CONFIG_CLASSES: dict[str, type[AlgoConfig]] = {

@@ -23,6 +23,8 @@ dense) down projections write it. With MLA, ``q_a_proj`` and ``kv_a_proj_with_mq
 
 from __future__ import annotations
 
+from typing import Any
+
 from quark.torch.quantization.config.algo_configs import RotationConfig
 
 from ._common import mlp_groups, mlp_pairs, pair, rotation
@@ -89,9 +91,10 @@ def moe_groups(*, linear_experts: bool = False) -> list[list[str]]:
     return mlp_groups(prefixes)
 
 
-def moe_rotation(decoder_layers: str = "model.layers", *, mla: bool = False) -> RotationConfig:
+def moe_rotation(decoder_layers: str = "model.layers", *, mla: bool = False, **roles: Any) -> RotationConfig:
     """Rotation roles of a DeepSeek-MoE decoder with fused experts (dense first blocks included);
-    ``mla``: MLA attention with q-LoRA (R1 through ``q_a_proj`` / ``kv_a_proj_with_mqa``, no R2)."""
+    ``mla``: MLA attention with q-LoRA (R1 through ``q_a_proj`` / ``kv_a_proj_with_mqa``, no R2);
+    ``roles``: other :class:`RotationConfig` fields (a multimodal model's paths)."""
     attention = (
         {"attn_inputs": [f"{_ATTN}.q_a_proj", f"{_ATTN}.kv_a_proj_with_mqa"], "r2": False} if mla else {}
     )
@@ -101,4 +104,5 @@ def moe_rotation(decoder_layers: str = "model.layers", *, mla: bool = False) -> 
                     "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"],
         mlp_outputs=["mlp.down_proj", "mlp.experts", "mlp.shared_experts.down_proj"],
         **attention,
+        **roles,
     )

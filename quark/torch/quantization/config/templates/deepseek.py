@@ -30,9 +30,11 @@ The shared experts clamp their gate and up outputs (``swiglu_limit``), which rul
 ``up -> down``. The ``gate_proj`` names inside the compressor are not MLP gates: the gate/up
 patterns are anchored on ``shared_experts``.
 
-Rotation default for DeepSeek-V3 (R1 through MLA and the MoE MLP, no R2: :func:`._mla.moe_rotation`);
-none for V2 (its released checkpoints mix ``q_proj`` and ``q_a_proj`` layouts), V3.2 / V4 (indexer
-and compressor layers not covered), the remote-code and multimodal types.
+Rotation default for DeepSeek-V3 and Kimi K2.5 (R1 through MLA and the MoE MLP, no R2:
+:func:`._mla.moe_rotation`; Kimi K2.5's image features enter the stream through
+``mm_projector.out_proj``, rotated like the embeddings); none for V2 (its released checkpoints mix
+``q_proj`` and ``q_a_proj`` layouts), V3.2 / V4 (indexer and compressor layers not covered), the
+remote-code types and DeepSeek-VL2.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def _mla_model(
     linear_experts: bool = False,
     exclude: tuple[str, ...] = (),
     with_rotation: bool = False,
+    rotation_roles: dict | None = None,
 ) -> dict:
     return template(
         model_type,
@@ -72,7 +75,7 @@ def _mla_model(
             decoder_layers,
             mla_pairs(no_q_lora=no_q_lora, indexer=indexer) + moe_pairs(linear_experts=linear_experts),
             mla_groups(no_q_lora=no_q_lora, indexer=indexer) + moe_groups(linear_experts=linear_experts),
-            moe_rotation(decoder_layers, mla=True) if with_rotation else None,
+            moe_rotation(decoder_layers, mla=True, **(rotation_roles or {})) if with_rotation else None,
         ),
     )
 
@@ -148,5 +151,11 @@ TEMPLATES = [
         "kimi_k25",
         "model.language_model.layers",
         exclude=("*vision_tower*", "*mm_projector*"),
+        with_rotation=True,
+        rotation_roles={
+            "embedding_layers": ["model.language_model.embed_tokens"],
+            "final_norm": "model.language_model.norm",
+            "stream_writers": ["model.mm_projector.out_proj"],  # image features replace token embeddings
+        },
     ),
 ]

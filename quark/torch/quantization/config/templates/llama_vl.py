@@ -13,8 +13,14 @@ blocks (``self_attn``) and cross-attention blocks (``cross_attn``, whose k/v rea
 so only ``cross_attn.q_proj`` follows ``input_layernorm``). Text-only calibration skips the
 cross-attention blocks entirely. ``vision_model`` and ``multi_modal_projector`` are excluded.
 
-Grouped K/V heads in both: no ``v -> o``; no rotation (image features enter the
-residual stream unrotated; Mllama's cross-attention blocks).
+Grouped K/V heads in both: no ``v -> o``.
+
+Rotation (R1, R2) for Llama 4: pre-norm RMSNorms; the router, the fused experts' and the shared
+expert's gate/up (or a dense block's gate/up) read the rotated stream, their down projections write
+it (the router's scores scale the experts' inputs per token, which commutes with the rotation); the
+image features replace image-token embeddings, so ``multi_modal_projector.linear_1`` is rotated like
+the embeddings (``stream_writers``). None for Mllama: its cross-attention blocks have no
+``self_attn`` and read the vision states through ``cross_attn.k/v_proj``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from ._common import (
     mlp_groups,
     mlp_pairs,
     pair,
+    rotation,
     template,
 )
 
@@ -46,6 +53,18 @@ TEMPLATES = [
             + mlp_pairs("post_attention_layernorm", mlp="feed_forward")
             + mlp_pairs(None, mlp="feed_forward.shared_expert"),
             attn_groups() + mlp_groups(("feed_forward", "feed_forward.shared_expert")),
+            rotation(
+                "language_model.model.layers",
+                embedding_layers=["language_model.model.embed_tokens"],
+                lm_head="language_model.lm_head",
+                final_norm="language_model.model.norm",
+                mlp_inputs=["feed_forward.gate_proj", "feed_forward.up_proj", "feed_forward.router",
+                            "feed_forward.experts", "feed_forward.shared_expert.gate_proj",
+                            "feed_forward.shared_expert.up_proj"],
+                down_proj="feed_forward.down_proj",
+                mlp_outputs=["feed_forward.down_proj", "feed_forward.experts", "feed_forward.shared_expert.down_proj"],
+                stream_writers=["multi_modal_projector.linear_1"],
+            ),
         ),
     ),
     template(

@@ -19,13 +19,17 @@ Module names from transformers 5.24 (``modeling_qwen2_moe.py``, ``modeling_qwen3
   router, the fused experts' gate/up and the shared expert's gate/up and sigmoid gate read the
   rotated stream, the experts' and shared expert's down projections write it (dense
   ``mlp_only_layers`` blocks use ``mlp.{gate,up,down}_proj``); R4 needs one down-projection linear
-  per block, which MoE blocks do not have. Not for Qwen3-Next / Qwen3.5 (``(1 + w)`` norms and
-  Gated-DeltaNet blocks) nor the VL models (image features enter the residual stream unrotated).
+  per block, which MoE blocks do not have. Qwen3-VL-MoE as Qwen3-MoE, with the vision merger's and
+  the DeepStack mergers' last linears (their outputs enter the residual stream) rotated like the
+  embeddings (``stream_writers``). Not for Qwen3-Next / Qwen3.5 (``(1 + w)`` norms and
+  Gated-DeltaNet blocks).
 * Qwen3-VL-MoE and Qwen3.5-MoE are loaded as ``*ForConditionalGeneration``: the text decoder sits at
   ``model.language_model.layers`` and the vision tower ``model.visual`` is excluded.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from quark.torch.quantization.config.algo_configs import RotationConfig
 
@@ -70,6 +74,7 @@ def _qwen_moe(
     deltanet: list[str] | None = None,
     exclude: tuple[str, ...] = (),
     with_rotation: bool = False,
+    rotation_roles: dict | None = None,
 ) -> dict:
     pairs = attn_pairs()
     attention = attn_groups()
@@ -92,19 +97,31 @@ def _qwen_moe(
         gate_up=GATE_UP_PROJ,
         exclude=[_ROUTER, *([_SHARED_GATE] if shared_expert else []), *exclude],
         algorithm_configs=algorithms(
-            decoder_layers, pairs, groups, _rotation(decoder_layers, shared_expert) if with_rotation else None
+            decoder_layers, pairs, groups,
+            _rotation(decoder_layers, shared_expert, **(rotation_roles or {})) if with_rotation else None,
         ),
     )
 
 
-def _rotation(decoder_layers: str, shared_expert: bool) -> RotationConfig:
-    """Rotation roles of a MoE block (and of a dense ``mlp_only_layers`` block)."""
+def _rotation(decoder_layers: str, shared_expert: bool, **roles: Any) -> RotationConfig:
+    """Rotation roles of a MoE block (and of a dense ``mlp_only_layers`` block); ``roles``: other
+    :class:`RotationConfig` fields (a multimodal model's paths)."""
     shared = ["mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert_gate"]
     return rotation(
         decoder_layers,
         mlp_inputs=["mlp.gate_proj", "mlp.up_proj", "mlp.gate", "mlp.experts", *(shared if shared_expert else [])],
         mlp_outputs=["mlp.down_proj", "mlp.experts", *(["mlp.shared_expert.down_proj"] if shared_expert else [])],
+        **roles,
     )
+
+
+#: Qwen3-VL: the vision merger's output replaces the image-token embeddings and each DeepStack
+#: merger's output is added to the hidden states of an early block: both write the residual stream
+_VL_ROTATION_ROLES = {
+    "embedding_layers": ["model.language_model.embed_tokens"],
+    "final_norm": "model.language_model.norm",
+    "stream_writers": ["model.visual.merger.linear_fc2", "model.visual.deepstack_merger_list.*.linear_fc2"],
+}
 
 
 TEMPLATES = [
@@ -114,7 +131,8 @@ TEMPLATES = [
         "qwen3_next", "model.layers", shared_expert=True, dense_blocks=True, deltanet=_DELTANET_QWEN3_NEXT
     ),
     _qwen_moe(
-        "qwen3_vl_moe", "model.language_model.layers", shared_expert=False, dense_blocks=True, exclude=_VISION
+        "qwen3_vl_moe", "model.language_model.layers", shared_expert=False, dense_blocks=True, exclude=_VISION,
+        with_rotation=True, rotation_roles=_VL_ROTATION_ROLES,
     ),
     _qwen_moe(
         "qwen3_5_moe",
