@@ -505,6 +505,40 @@ def test_llama4_rotation_keeps_image_features():
     assert _rel(_llama4_image_logits(unrotated_images, ids, pixel_values, positions), expected) > 1e-2
 
 
+def test_qwen3_vl_rotation_keeps_image_features():
+    """Qwen3-VL-MoE's image features enter the stream twice: the merger's output replaces the image
+    tokens' embeddings and the DeepStack mergers' outputs are added to early blocks' hidden states.
+    With the template default (both rotated) the logits of a prompt with an image (the model's own
+    forward, M-RoPE included) stay the same; rotating the merger alone is not enough."""
+    from quark.torch.utils.tiny_models import build_model
+
+    def tiny() -> nn.Module:
+        model = build_model("qwen3_vl_moe")
+        model.config.image_token_id, model.config.vision_start_token_id = 5, 4  # inside the tiny vocabulary
+        return model
+
+    reference, model, merger_only = tiny(), tiny(), tiny()
+    vision = reference.config.vision_config
+    g = torch.Generator().manual_seed(0)
+    grid = torch.tensor([[1, 4, 4]])  # one image of 4 x 4 patches -> 4 tokens after the 2 x 2 merge
+    pixel_values = torch.randn(16, 3 * vision.temporal_patch_size * vision.patch_size ** 2, generator=g)
+    ids = torch.randint(10, reference.config.text_config.vocab_size, (1, 12), generator=g)
+    ids[0, 1], ids[0, 2:6] = 4, 5
+
+    def image_logits(m: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return m(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grid,
+                     mm_token_type_ids=(ids == 5).int(), use_cache=False).logits.float()
+
+    expected = image_logits(reference)
+    config = copy.deepcopy(LLMTemplate.get("qwen3_vl_moe").algorithm_configs["rotation"])
+    ALGORITHM.prepare_model(model, config)
+    assert _rel(image_logits(model), expected) < 1e-4
+    config.stream_writers = ["model.visual.merger.linear_fc2"]
+    ALGORITHM.prepare_model(merger_only, config)
+    assert _rel(image_logits(merger_only), expected) > 0.1
+
+
 def test_r2_on_a_fused_qkv_names_the_missing_v_projection():
     from quark.torch.utils.tiny_models import build_model
 
