@@ -10,7 +10,9 @@ the shared protocol (32 x 512 tokens of wikitext-2 valid unless told otherwise);
     python bench/profile_algorithm.py --scheme uint4_wo_64 --algorithm awq --blocks 4 --threads 2
 
 Writes ``bench/results/profile_<scheme>_<algorithm>.json`` (stages, top functions, GEMM GFLOPS).
-Profiling adds a little overhead per Python call; compare runs made the same way.
+Stages nest (AWQ's capture pass runs one of the driver's block forwards; the solver holds the column
+loop): they do not add up to the total. Profiling adds a little overhead per Python call; compare
+runs made the same way.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.scheme} / {args.algorithm}: {args.blocks} blocks in {seconds:.1f} s "
           f"({seconds / args.blocks:.2f} s per block, about {result['estimated_full_model_s']:.0f} s for all "
           f"{total_blocks}); {result['threads']} threads, GEMM {gflops} GFLOPS")
-    print("\n| stage | seconds | calls |\n| --- | ---: | ---: |")
+    print("\n(stages nest: they do not add up to the total)\n| stage | seconds | calls |\n| --- | ---: | ---: |")
     for s in result["stages"]:
         print(f"| {s['stage']} | {s['seconds']:.2f} | {s['calls']} |")
     print("\n| function (own time) | seconds | calls |\n| --- | ---: | ---: |")
