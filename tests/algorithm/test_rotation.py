@@ -539,6 +539,38 @@ def test_qwen3_vl_rotation_keeps_image_features():
     assert _rel(image_logits(merger_only), expected) > 0.1
 
 
+def test_kimi_k25_rotation_keeps_image_features():
+    """Kimi K2.5's image features replace the image tokens' embeddings through ``mm_projector``: with
+    the template default (``mm_projector.out_proj`` rotated) the logits of a prompt with an image (the
+    model's own forward) stay the same, without it they do not."""
+    from quark.torch.utils.tiny_models import build_model
+
+    def tiny() -> nn.Module:
+        model = build_model("kimi_k25")
+        model.config.image_token_id, model.config.video_token_id = 5, 6  # inside the tiny vocabulary
+        return model
+
+    reference, model, unrotated_images = tiny(), tiny(), tiny()
+    patch = reference.config.vision_config.patch_size
+    g = torch.Generator().manual_seed(0)
+    grid = torch.tensor([[1, 4, 4]])  # 4 x 4 patches -> 4 tokens after the 2 x 2 merge
+    pixel_values = torch.randn(16, 3, patch, patch, generator=g)
+    ids = torch.randint(10, reference.config.text_config.vocab_size, (1, 12), generator=g)
+    ids[0, 2:6] = 5
+
+    def image_logits(m: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return m(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grid, use_cache=False).logits.float()
+
+    expected = image_logits(reference)
+    config = copy.deepcopy(LLMTemplate.get("kimi_k25").algorithm_configs["rotation"])
+    ALGORITHM.prepare_model(model, config)
+    assert _rel(image_logits(model), expected) < 1e-4
+    config.stream_writers = []
+    ALGORITHM.prepare_model(unrotated_images, config)
+    assert _rel(image_logits(unrotated_images), expected) > 0.1
+
+
 def test_r2_on_a_fused_qkv_names_the_missing_v_projection():
     from quark.torch.utils.tiny_models import build_model
 

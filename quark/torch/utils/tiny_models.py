@@ -163,7 +163,8 @@ CASES: dict[str, list[Case]] = {
         Case(
             "Kimi_K25ForConditionalGeneration",
             text=_MLA,
-            top=dict(vision_config=dict(_VIT, pos_emb_height=8, pos_emb_width=8)),
+            # the projector's pre-norm is over one vision patch's features (the vision hidden size)
+            top=dict(vision_config=dict(_VIT, pos_emb_height=8, pos_emb_width=8), projection_hidden_size=32),
         )
     ],
     "llama": [Case("LlamaForCausalLM")],
