@@ -131,6 +131,18 @@ def get_algorithm(name: str) -> BlockAlgorithm:
     return module.ALGORITHM
 
 
+def match_modules(root: nn.Module, pattern: str) -> dict[str, nn.Module]:
+    """Submodules of ``root`` named by ``pattern``, by name: an fnmatch pattern (it holds one of
+    ``*?[``) is matched against every submodule name, anything else is one exact path. Empty when
+    nothing matches."""
+    if any(c in pattern for c in "*?["):
+        return {n: m for n, m in root.named_modules() if fnmatch.fnmatchcase(n, pattern)}
+    try:
+        return {pattern: root.get_submodule(pattern)}
+    except AttributeError:
+        return {}
+
+
 @contextlib.contextmanager
 def switched_off(quantizers: Iterable[TensorQuantizer]) -> Iterator[None]:
     """Context manager: ``quantizers`` are the identity (mode ``off``) while entered; their modes

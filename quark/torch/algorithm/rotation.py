@@ -32,7 +32,6 @@ the per-block step does nothing. Module roles come from :class:`RotationConfig` 
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from collections.abc import Callable
 
@@ -43,7 +42,7 @@ from quark.torch.quantization.config.algo_configs import AlgoConfig, RotationCon
 from quark.torch.quantization.driver import find_decoder_layers, get_submodule
 from quark.torch.quantization.fused_experts import expert_view, experts_layout
 
-from . import BlockAlgorithm
+from . import BlockAlgorithm, match_modules
 from .hadamard import HadamardTransform, construction, random_signs
 
 logger = logging.getLogger(__name__)
@@ -329,16 +328,10 @@ def untie_embeddings(model: nn.Module, embeddings: list[nn.Module], lm_head: nn.
 
 
 def find_stream_writers(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Module]]:
-    """The modules ``RotationConfig.stream_writers`` names (paths or fnmatch patterns), in model order."""
+    """The modules ``RotationConfig.stream_writers`` names (paths or fnmatch patterns), entry by entry."""
     out: dict[str, nn.Module] = {}
     for pattern in patterns:
-        if any(c in pattern for c in "*?["):
-            found = {n: m for n, m in model.named_modules() if fnmatch.fnmatchcase(n, pattern)}
-        else:
-            try:
-                found = {pattern: get_submodule(model, pattern)}
-            except ValueError:
-                found = {}
+        found = match_modules(model, pattern)
         if not found:
             raise ValueError(f"rotation r1: stream_writers entry {pattern!r} matches no module of the model")
         out.update(found)
@@ -436,11 +429,14 @@ class RotationAlgorithm(BlockAlgorithm):
             if weight is None or weight.dim() != 2 or weight.shape[1] != hidden:
                 raise ValueError(f"rotation r1: {path} has no (rows, {hidden}) weight to rotate")
 
+        def check_width(modules: list[StreamModule], role: str = "") -> None:
+            for m in modules:
+                if m.features() != {hidden}:
+                    raise ValueError(f"rotation r1: {role}{m.path} {'writes' if m.writes else 'reads'} "
+                                     f"{sorted(m.features())} features, not the hidden size {hidden}")
+
         writers = [StreamModule(m, path, True) for path, m in find_stream_writers(model, cfg.stream_writers)]
-        for w in writers:
-            if w.features() != {hidden}:
-                raise ValueError(f"rotation r1: stream writer {w.path} writes {sorted(w.features())} features, "
-                                 f"not the hidden size {hidden}")
+        check_width(writers, "stream writer ")
 
         plan = []
         mlp_outputs = cfg.mlp_outputs or [cfg.down_proj]
@@ -474,10 +470,7 @@ class RotationAlgorithm(BlockAlgorithm):
                     *mlp_out]
             check_rms_norm(attn_norm, f"{prefix}.{cfg.attn_norm}", hidden)
             check_rms_norm(mlp_norm, f"{prefix}.{cfg.mlp_norm}", hidden)
-            for m in attn_in + mlp_in + outs:
-                if m.features() != {hidden}:
-                    raise ValueError(f"rotation r1: {m.path} {'writes' if m.writes else 'reads'} "
-                                     f"{sorted(m.features())} features, not the hidden size {hidden}")
+            check_width(attn_in + mlp_in + outs)
             plan.append((attn_norm, attn_in, mlp_norm, mlp_in, outs))
         missing = [n for n in [*cfg.mlp_inputs, *mlp_outputs] if n not in found]
         if missing:

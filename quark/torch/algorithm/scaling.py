@@ -30,7 +30,6 @@ SmoothQuant, which does not search, uses every token.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -47,7 +46,7 @@ from quark.torch.quantization.driver import BlockInputs, find_decoder_layers, ru
 from quark.torch.quantization.tensor_quantize import compute_qparams, fake_quantize
 from quark.torch.quantization.tensor_quantizer import TensorQuantizer
 
-from . import BlockContext, quantizers_off
+from . import BlockContext, match_modules, quantizers_off
 from .rotation import online_rotation
 
 logger = logging.getLogger(__name__)
@@ -84,10 +83,6 @@ class Site:
         return f"{self.pair.prev_op} -> {', '.join(self.layers)}"
 
 
-def _is_pattern(name: str) -> bool:
-    return any(c in name for c in "*?[")
-
-
 def _find(block: nn.Module, name: str) -> nn.Module | None:
     try:
         return block.get_submodule(name)
@@ -96,11 +91,7 @@ def _find(block: nn.Module, name: str) -> nn.Module | None:
 
 
 def _match_linears(block: nn.Module, pattern: str) -> dict[str, nn.Linear]:
-    if _is_pattern(pattern):
-        found = {n: m for n, m in block.named_modules() if fnmatch.fnmatchcase(n, pattern)}
-    else:
-        m = _find(block, pattern)
-        found = {} if m is None else {pattern: m}
+    found = match_modules(block, pattern)
     for n, m in found.items():
         if not isinstance(m, nn.Linear):
             raise TypeError(
