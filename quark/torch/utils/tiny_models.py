@@ -164,7 +164,8 @@ CASES: dict[str, list[Case]] = {
             "Kimi_K25ForConditionalGeneration",
             text=_MLA,
             # the projector's pre-norm is over one vision patch's features (the vision hidden size)
-            top=dict(vision_config=dict(_VIT, pos_emb_height=8, pos_emb_width=8), projection_hidden_size=32),
+            top=dict(vision_config=dict(_VIT, pos_emb_height=8, pos_emb_width=8),
+                     projection_hidden_size=_VIT["hidden_size"]),
         )
     ],
     "llama": [Case("LlamaForCausalLM")],
@@ -175,7 +176,8 @@ CASES: dict[str, list[Case]] = {
             top=dict(
                 vision_config=dict(
                     _VIT,
-                    intermediate_size=128,  # 4 x hidden: the pixel-shuffle MLP reads 4 x hidden channels
+                    # the pixel-shuffle MLP reads 4 x hidden channels (shuffle ratio 0.5)
+                    intermediate_size=4 * _VIT["hidden_size"],
                     image_size=56,
                     patch_size=14,
                     vision_output_dim=64,

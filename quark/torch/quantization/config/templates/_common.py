@@ -168,6 +168,18 @@ def rotation(decoder_layers: str, **roles: Any) -> RotationConfig:
     return RotationConfig(model_decoder_layers=decoder_layers, **roles)
 
 
+def multimodal_rotation_roles(text_model: str, stream_writers: list[str], lm_head: str = "lm_head") -> dict[str, Any]:
+    """Model-level rotation roles of a ``*ForConditionalGeneration`` whose text model (``embed_tokens``,
+    ``norm``) sits at ``text_model``; ``stream_writers`` are the vision modules whose outputs enter
+    the residual stream."""
+    return {
+        "embedding_layers": [f"{text_model}.embed_tokens"],
+        "final_norm": f"{text_model}.norm",
+        "lm_head": lm_head,
+        "stream_writers": stream_writers,
+    }
+
+
 def algorithms(
     decoder_layers: str,
     pairs: list[ScalingPair] | None = None,

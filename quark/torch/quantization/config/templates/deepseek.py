@@ -48,6 +48,7 @@ from ._common import (
     algorithms,
     attn_groups,
     attn_pairs,
+    multimodal_rotation_roles,
     pair,
     template,
 )
@@ -152,10 +153,7 @@ TEMPLATES = [
         "model.language_model.layers",
         exclude=("*vision_tower*", "*mm_projector*"),
         with_rotation=True,
-        rotation_roles={
-            "embedding_layers": ["model.language_model.embed_tokens"],
-            "final_norm": "model.language_model.norm",
-            "stream_writers": ["model.mm_projector.out_proj"],  # image features replace token embeddings
-        },
+        # image features replace token embeddings
+        rotation_roles=multimodal_rotation_roles("model.language_model", ["model.mm_projector.out_proj"]),
     ),
 ]

@@ -35,6 +35,7 @@ from ._common import (
     merge_groups,
     mlp_groups,
     mlp_pairs,
+    multimodal_rotation_roles,
     pair,
     rotation,
     template,
@@ -55,15 +56,14 @@ TEMPLATES = [
             attn_groups() + mlp_groups(("feed_forward", "feed_forward.shared_expert")),
             rotation(
                 "language_model.model.layers",
-                embedding_layers=["language_model.model.embed_tokens"],
-                lm_head="language_model.lm_head",
-                final_norm="language_model.model.norm",
                 mlp_inputs=["feed_forward.gate_proj", "feed_forward.up_proj", "feed_forward.router",
                             "feed_forward.experts", "feed_forward.shared_expert.gate_proj",
                             "feed_forward.shared_expert.up_proj"],
                 down_proj="feed_forward.down_proj",
                 mlp_outputs=["feed_forward.down_proj", "feed_forward.experts", "feed_forward.shared_expert.down_proj"],
-                stream_writers=["multi_modal_projector.linear_1"],
+                **multimodal_rotation_roles(
+                    "language_model.model", ["multi_modal_projector.linear_1"], lm_head="language_model.lm_head"
+                ),
             ),
         ),
     ),

@@ -43,6 +43,7 @@ from ._common import (
     merge_groups,
     mlp_groups,
     mlp_pairs,
+    multimodal_rotation_roles,
     pair,
     rotation,
     template,
@@ -117,11 +118,9 @@ def _rotation(decoder_layers: str, shared_expert: bool, **roles: Any) -> Rotatio
 
 #: Qwen3-VL: the vision merger's output replaces the image-token embeddings and each DeepStack
 #: merger's output is added to the hidden states of an early block: both write the residual stream
-_VL_ROTATION_ROLES = {
-    "embedding_layers": ["model.language_model.embed_tokens"],
-    "final_norm": "model.language_model.norm",
-    "stream_writers": ["model.visual.merger.linear_fc2", "model.visual.deepstack_merger_list.*.linear_fc2"],
-}
+_VL_ROTATION_ROLES = multimodal_rotation_roles(
+    "model.language_model", ["model.visual.merger.linear_fc2", "model.visual.deepstack_merger_list.*.linear_fc2"]
+)
 
 
 TEMPLATES = [
