@@ -5,6 +5,7 @@ model with outlier channels, and unsupported norms / sizes are refused before an
 
 import copy
 import logging
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -469,6 +470,18 @@ def test_stream_writers_rotate_like_the_embeddings(model_type):
         assert _rel(y_rot, y) > 0.1, path
 
 
+def _default_and_partial_rotation(build: Callable[[], nn.Module], model_type: str, partial_writers: list[str]
+                                  ) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """Three copies of a tiny model from ``build``: untouched, rotated with the template's default, and
+    rotated with the default but only ``partial_writers`` as its stream writers."""
+    reference, rotated, partial = build(), build(), build()
+    config = copy.deepcopy(LLMTemplate.get(model_type).algorithm_configs["rotation"])
+    ALGORITHM.prepare_model(rotated, config)
+    config.stream_writers = partial_writers
+    ALGORITHM.prepare_model(partial, config)
+    return reference, rotated, partial
+
+
 def _llama4_image_logits(model: nn.Module, ids: torch.Tensor, pixel_values: torch.Tensor,
                          image_positions: list[int]) -> torch.Tensor:
     """Logits with an image: ``Llama4ForConditionalGeneration.forward``'s image path (projected image
@@ -488,19 +501,15 @@ def test_llama4_rotation_keeps_image_features():
     without it the image tokens would enter the rotated stream unrotated."""
     from quark.torch.utils.tiny_models import build_model
 
-    reference, model, unrotated_images = build_model("llama4"), build_model("llama4"), build_model("llama4")
-    config = copy.deepcopy(LLMTemplate.get("llama4").algorithm_configs["rotation"])
-    assert config.stream_writers == ["multi_modal_projector.linear_1"]
+    assert LLMTemplate.get("llama4").algorithm_configs["rotation"].stream_writers == ["multi_modal_projector.linear_1"]
+    reference, model, unrotated_images = _default_and_partial_rotation(lambda: build_model("llama4"), "llama4", [])
     g = torch.Generator().manual_seed(0)
     vision = reference.config.vision_config
     pixel_values = torch.randn(1, vision.num_channels, vision.image_size, vision.image_size, generator=g)
     ids = torch.randint(1, reference.config.text_config.vocab_size, (1, 12), generator=g)
     positions = [1, 2, 3, 4]  # the tiny vision model yields 4 image tokens
     expected = _llama4_image_logits(reference, ids, pixel_values, positions)
-    ALGORITHM.prepare_model(model, config)
     assert _rel(_llama4_image_logits(model, ids, pixel_values, positions), expected) < 1e-4
-    config.stream_writers = []
-    ALGORITHM.prepare_model(unrotated_images, config)
     assert _rel(logits(unrotated_images, [{"input_ids": ids}]), logits(reference, [{"input_ids": ids}])) < 1e-4
     assert _rel(_llama4_image_logits(unrotated_images, ids, pixel_values, positions), expected) > 1e-2
 
@@ -517,7 +526,7 @@ def test_qwen3_vl_rotation_keeps_image_features():
         model.config.image_token_id, model.config.vision_start_token_id = 5, 4  # inside the tiny vocabulary
         return model
 
-    reference, model, merger_only = tiny(), tiny(), tiny()
+    reference, model, merger_only = _default_and_partial_rotation(tiny, "qwen3_vl_moe", ["model.visual.merger.linear_fc2"])
     vision = reference.config.vision_config
     g = torch.Generator().manual_seed(0)
     grid = torch.tensor([[1, 4, 4]])  # one image of 4 x 4 patches -> 4 tokens after the 2 x 2 merge
@@ -531,11 +540,7 @@ def test_qwen3_vl_rotation_keeps_image_features():
                      mm_token_type_ids=(ids == 5).int(), use_cache=False).logits.float()
 
     expected = image_logits(reference)
-    config = copy.deepcopy(LLMTemplate.get("qwen3_vl_moe").algorithm_configs["rotation"])
-    ALGORITHM.prepare_model(model, config)
     assert _rel(image_logits(model), expected) < 1e-4
-    config.stream_writers = ["model.visual.merger.linear_fc2"]
-    ALGORITHM.prepare_model(merger_only, config)
     assert _rel(image_logits(merger_only), expected) > 0.1
 
 
@@ -550,7 +555,7 @@ def test_kimi_k25_rotation_keeps_image_features():
         model.config.image_token_id, model.config.video_token_id = 5, 6  # inside the tiny vocabulary
         return model
 
-    reference, model, unrotated_images = tiny(), tiny(), tiny()
+    reference, model, unrotated_images = _default_and_partial_rotation(tiny, "kimi_k25", [])
     patch = reference.config.vision_config.patch_size
     g = torch.Generator().manual_seed(0)
     grid = torch.tensor([[1, 4, 4]])  # 4 x 4 patches -> 4 tokens after the 2 x 2 merge
@@ -563,11 +568,7 @@ def test_kimi_k25_rotation_keeps_image_features():
             return m(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grid, use_cache=False).logits.float()
 
     expected = image_logits(reference)
-    config = copy.deepcopy(LLMTemplate.get("kimi_k25").algorithm_configs["rotation"])
-    ALGORITHM.prepare_model(model, config)
     assert _rel(image_logits(model), expected) < 1e-4
-    config.stream_writers = []
-    ALGORITHM.prepare_model(unrotated_images, config)
     assert _rel(image_logits(unrotated_images), expected) > 0.1
 
 
