@@ -47,6 +47,7 @@ STAGES = [
     ("rotation: prepare model", "algorithm/rotation.py", "prepare_model"),
     ("release freed memory", "utils/memory.py", "release_free_memory"),
     ("torch linear (all callers)", "~", "<built-in method torch._C._nn.linear>"),
+    ("oneDNN float32 linear (quark.torch.utils.linear)", "~", "<built-in method torch._ops.mkldnn._linear_pointwise>"),
     ("torch scaled_dot_product_attention", "~", "<built-in method torch._C._nn.scaled_dot_product_attention>"),
 ]
 

@@ -526,6 +526,19 @@ def test_wide_hessians_are_accumulated_by_panels_and_exactly_symmetric(features)
         assert torch.equal(H.value, H.value.T)
 
 
+def test_a_cross_term_after_panels_sees_the_mirrored_lower_triangle():
+    """Panels fill only the upper triangle until the value is read; a full (cross-term) product
+    arriving after them must first complete the lower one."""
+    g = torch.Generator().manual_seed(6)
+    n = Gram.PANEL_MIN_FEATURES + 1
+    x, a, b = (torch.randn(Gram.FLUSH_TOKENS, n, generator=g) for _ in range(3))
+    G = Gram()
+    G.add_batch(x)  # one full flush: panels
+    G.add_batch(a, b)
+    expected = 2 / (2 * Gram.FLUSH_TOKENS) * (x.double().T @ x.double() + a.double().T @ b.double())
+    torch.testing.assert_close(G.value.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_no_replay_after_a_weight_changed_since_gptq(batches, monkeypatch):
     """An algorithm running after GPTQ that changes a weight of the block (here: a spy that scales
     one) makes GPTQ's output pass compute the block instead of replaying stale outputs."""

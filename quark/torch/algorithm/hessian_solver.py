@@ -68,12 +68,21 @@ class Gram:
         self._a: torch.Tensor | None = None  # the gathering buffers [FLUSH_TOKENS, features]
         self._b: torch.Tensor | None = None  # (cross terms only)
         self._fill = 0
+        self._lower_stale = False  # panels accumulated into the upper triangle only, not mirrored yet
 
     @property
     def value(self) -> torch.Tensor | None:
         self._flush()
+        self._mirror()
         self._a = self._b = None  # the buffers are only needed while batches arrive
         return self._value
+
+    def _mirror(self) -> None:
+        """Copy the upper triangle onto the lower one (exactly: a Hessian must be symmetric)."""
+        if self._lower_stale:
+            upper = self._value.triu(1)
+            self._value.triu_().add_(upper.T)
+            self._lower_stale = False
 
     def add_batch(self, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
         a = a.reshape(-1, a.shape[-1])
@@ -105,7 +114,7 @@ class Gram:
             self._accumulate(self._a[:m], None if self._b is None else self._b[:m])
 
     #: a symmetric Gram this wide or wider is accumulated as 3 row panels of its upper triangle
-    #: (2/3 of the products of the full square), then its lower triangle is mirrored
+    #: (2/3 of the products of the full square); its lower triangle is mirrored once, when read
     PANEL_MIN_FEATURES = 384
 
     def _accumulate(self, a: torch.Tensor, b: torch.Tensor | None) -> None:
@@ -114,16 +123,14 @@ class Gram:
             self._value = torch.zeros(n, n if b is None else b.shape[1], dtype=torch.float32, device=a.device)
         total = self.tokens + m
         value, alpha = self._value.mul_(self.tokens / total), 2.0 / total
-        if b is not None:
-            value.addmm_(a.T, b, alpha=alpha)
-        elif n < self.PANEL_MIN_FEATURES:
-            value.addmm_(a.T, a, alpha=alpha)
+        if b is not None or n < self.PANEL_MIN_FEATURES:
+            self._mirror()  # a full product updates both triangles: they must be complete first
+            value.addmm_(a.T, a if b is None else b, alpha=alpha)
         else:
             edges = [0, n // 3, 2 * n // 3, n]
             for lo, hi in zip(edges, edges[1:]):
                 value[lo:hi, lo:].addmm_(a[:, lo:hi].T, a[:, lo:], alpha=alpha)
-            upper = value.triu(1)
-            value.triu_().add_(upper.T)  # the lower triangle mirrors the upper one exactly
+            self._lower_stale = True
         self.tokens = total
 
 

@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from quark.torch.quantization.config.algo_configs import ScalingPair, _ScalingConfig
 from quark.torch.quantization.config.config import first_stage
@@ -45,6 +44,7 @@ from quark.torch.quantization.config.type import QSchemeType
 from quark.torch.quantization.driver import BlockInputs, find_decoder_layers, run_block
 from quark.torch.quantization.tensor_quantize import compute_qparams, fake_quantize
 from quark.torch.quantization.tensor_quantizer import TensorQuantizer
+from quark.torch.utils.linear import linear
 
 from . import BlockContext, match_modules, quantizers_off
 from .rotation import online_rotation
@@ -437,7 +437,7 @@ class ScaleEvaluator:
                 step = max(1, x.shape[0] // max(1, max_layer_tokens or SEARCH_TOKENS))
                 x = x[::step].to(layer.weight.dtype)
                 self.layer_inputs[name] = x
-                self.layer_targets[name] = F.linear(x, layer.weight, layer.bias)
+                self.layer_targets[name] = linear(x, layer.weight, layer.bias)
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> ScaleEvaluator:
@@ -479,7 +479,7 @@ class ScaleEvaluator:
                 for name, layer in self.site.layers.items():
                     x = self.layer_inputs[name]
                     fn = self.act[name]
-                    out = F.linear(fn(x) if fn is not None else x, layer.weight, layer.bias)
+                    out = linear(fn(x) if fn is not None else x, layer.weight, layer.bias)
                     sq, ab, n = self._accumulate(out, self.layer_targets[name], sq, ab, n)
         if self.loss == "mae":
             return ab / n

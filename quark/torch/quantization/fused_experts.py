@@ -42,6 +42,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quark.torch.utils.linear import linear
+
 from .config.config import QLayerConfig, TensorSpec
 from .observers import Observer
 from .tensor_quantize import QParams, compute_qparams, dequantize, fake_quantize, quantize
@@ -462,7 +464,7 @@ class FusedProjection(nn.Module):
         if self.input_quantizer is not None:
             x = self.input_quantizer(x, e)
         we = _expert_matrix(w, self.num_experts, e)
-        y = x @ we if self.proj.transposed else F.linear(x, we)
+        y = x @ we if self.proj.transposed else linear(x, we)
         if bias is not None:
             y = y + bias[e]
         if self.output_quantizer is not None:
@@ -638,7 +640,7 @@ class QuantFusedExperts(nn.Module):
             if proj.alias in self.fused_quant:
                 return self.fused_quant[proj.alias].apply(inp, weights[proj.path], e, bias)
             we = _expert_matrix(weights[proj.path], int(self.num_experts), e)
-            y = inp @ we if proj.transposed else F.linear(inp, we)
+            y = inp @ we if proj.transposed else linear(inp, we)
             return y if bias is None else y + bias[e]
 
         act = operator.attrgetter(lay.act)(self) if hasattr(self, lay.act.split(".")[0]) else None

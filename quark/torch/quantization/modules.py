@@ -24,9 +24,9 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from quark.torch.export.layouts import WeightLayout, activation_placeholders
+from quark.torch.utils.linear import linear
 
 from .config.config import QLayerConfig
 from .tensor_quantize import QParams, compute_qparams, dequantize, quantize
@@ -144,7 +144,7 @@ class QuantLinear(nn.Linear):
         self._sync_second_stage()
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        y = F.linear(x, self.quantized_weight(), self.bias)
+        y = linear(x, self.quantized_weight(), self.bias)
         if self.output_quantizer is not None:
             y = self.output_quantizer(y)
         return y
