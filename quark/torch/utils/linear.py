@@ -2,11 +2,12 @@
 
 PyTorch's CPU build runs float32 ``F.linear`` through MKL's SGEMM. oneDNN (also in every x86 build,
 the kernel behind bfloat16 linears and inductor's CPU linears) has its own JIT-compiled AVX-512
-float32 kernels; on the AMD EPYC (Zen 4) machines this project develops on they are 1.15-1.55x
-MKL's rate for the calibration shapes (512 x 576 -> 1536: 1.25-1.5x; the 49152-wide vocabulary
-projection 1.57x), while for small products (under a few million multiply-adds) MKL's lower call
-overhead wins. Calibration and the algorithms' block passes are dominated by these products, so
-they use this function instead of ``F.linear``.
+float32 kernels; on the AMD EPYC (Zen 4) machines this project develops on they run isolated
+products of the calibration shapes at 1.15-1.9x MKL's rate (512 x 576 -> 1536: 1.25-1.5x; the
+49152-wide vocabulary projection 1.57x), while for small products (under a few million
+multiply-adds) MKL's lower call overhead wins. Whole runs gain less and unevenly (evaluation about
+15%, GPTAQ about 5%, GPTQ and AWQ within the machine's noise; ``docs/benchmarks.md``), since Gram
+matrices, attention and element-wise work are unchanged.
 
 oneDNN's op has no autograd, so it is used only where no gradient is wanted; otherwise (and for
 other devices, dtypes, small products, or with ``QUARK_ONEDNN_LINEAR=0`` in the environment) this
