@@ -41,6 +41,13 @@ def test_strided_weight_rows_stay_on_f_linear():
     assert torch.equal(lin.linear(x, w), F.linear(x, w))
 
 
+def test_strided_bias_stays_on_f_linear():
+    """oneDNN reads a strided bias (``b[::2]``) as a contiguous one: the outputs would be wrong."""
+    x, w, b = torch.randn(1200, 576), torch.randn(1200, 576), torch.randn(2400)[::2]
+    assert not lin._onednn_applies(x, w, b)
+    assert torch.equal(lin.linear(x, w, b), F.linear(x, w, b))
+
+
 def test_small_products_and_other_dtypes_are_f_linear_exactly():
     g = torch.Generator().manual_seed(1)
     x, w, b = torch.randn(8, 64, generator=g), torch.randn(32, 64, generator=g), torch.randn(32, generator=g)

@@ -43,7 +43,10 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         return False
     if weight.device.type != "cpu" or weight.dim() != 2 or x.dim() < 2 or x.shape[-1] != weight.shape[1]:
         return False
-    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
+    if x.is_sparse or weight.is_sparse:
+        return False
+    # oneDNN reads a strided bias (b[::2]) as if it were contiguous: wrong outputs
+    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu" or not bias.is_contiguous()):
         return False
     # a weight with strided rows (w[::2]) takes oneDNN's reference path: seconds instead of milliseconds
     if not (weight.is_contiguous() or weight.t().is_contiguous()) or x.stride(-1) != 1:
@@ -51,7 +54,7 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
                                     (bias is not None and bias.requires_grad)):
         return False
-    return x.numel() * weight.shape[0] >= MIN_MACS and not x.is_sparse and not weight.is_sparse
+    return x.numel() * weight.shape[0] >= MIN_MACS
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
