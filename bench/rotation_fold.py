@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from quark.torch import LLMTemplate  # noqa: E402
 from quark.torch.algorithm.hadamard import hadamard_matrix  # noqa: E402
 from quark.torch.algorithm.rotation import ALGORITHM as ROTATION  # noqa: E402
-from quark.torch.algorithm.rotation import fold_norm  # noqa: E402
+from quark.torch.algorithm.rotation import StreamModule, fold_norm  # noqa: E402
 from quark.torch.evaluation import calibration_dataloader, evaluate_shared_protocol  # noqa: E402
 from quark.torch.quantization.config.config import first_stage  # noqa: E402
 from quark.torch.quantization.driver import find_decoder_layers, get_submodule  # noqa: E402
@@ -74,7 +74,7 @@ def rtn_variant(variant: str, scheme: str, channel: int, windows: int) -> float:
         inputs = []
         for norm, linears in reading(layer):
             if variant in ("fold", "fold, column kept"):
-                fold_norm(norm, linears)
+                fold_norm(norm, [StreamModule(lin, type(lin).__name__, False) for lin in linears])
             inputs += linears
         for lin in inputs + [get_submodule(layer, ROLES.o_proj), get_submodule(layer, ROLES.down_proj)]:
             w = lin.weight.detach().clone()

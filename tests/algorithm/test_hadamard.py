@@ -130,3 +130,23 @@ def test_returned_matrix_is_a_copy():
     h = hadamard_matrix(12)
     h.zero_()
     assert torch.equal(hadamard_matrix(12).abs(), torch.ones(12, 12, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("n", [12, 48, 64, 576, 1536])
+def test_the_mean_preserving_transform_is_orthogonal_keeps_the_ones_direction_and_stays_flat(n):
+    """``Q G`` (Hadamard with random signs, then the Householder reflection sending ``u Q`` back to
+    ``u``): orthogonal, ``u (Q G) = u``, and its entries stay within 4 / sqrt(n) (measured 2.5-3.9)."""
+    from quark.torch.algorithm.hadamard import MeanPreservingTransform
+
+    base = HadamardTransform(n, random_signs(n, 0))
+    t = MeanPreservingTransform(base)
+    m = t.matrix()
+    eye = torch.eye(n, dtype=torch.float64)
+    assert torch.allclose(m @ m.T, eye, atol=1e-12)
+    u = torch.full((n,), n ** -0.5, dtype=torch.float64)
+    assert torch.allclose(u @ m, u, atol=1e-12) and torch.allclose(m @ u, u, atol=1e-12)
+    assert not torch.allclose(u @ base.matrix(), u, atol=1e-3)  # the Hadamard alone moves u
+    assert m.abs().max() * n**0.5 < 4.0
+    x = torch.randn(3, 5, n, dtype=torch.float64)
+    assert torch.allclose(t(x), x @ m, atol=1e-12)
+    assert t(x.float()).dtype == torch.float32

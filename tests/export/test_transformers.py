@@ -293,3 +293,34 @@ def test_fused_moe_slots_refuse_forward_before_loading():
     with pytest.raises(RuntimeError, match="not loaded yet"):
         experts(torch.zeros(1, 4, device="meta"), torch.zeros(1, 1, dtype=torch.long, device="meta"),
                 torch.ones(1, 1, device="meta"))
+
+
+def test_a_rotated_layer_norm_model_reloads_with_its_architecture(batches, tmp_path):
+    """OPT (LayerNorms with biases, a bias-free lm_head) rotated with R1/R2/R4 and quantized W8A8:
+    the norms stay LayerNorms (the final one keeps a rotated bias), so transformers' own OPT class
+    loads the export and gives the quantized model's logits exactly."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from quark.torch.utils.tiny_models import build_model
+
+    model = build_model("opt")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5 if name.endswith("weight") else torch.randn(p.shape, generator=g) * 0.3)
+    template = LLMTemplate.get("opt")
+    rotation = copy.deepcopy(template.algorithm_configs["rotation"])
+    rotation.r4 = True
+    config = template.get_config("int8", algorithm=["rotation", "smoothquant"], algo_configs={"rotation": rotation})
+    ModelQuantizer(config).quantize_model(model, batches, progress=False)
+    assert model.model.decoder.final_layer_norm.bias.abs().max() > 0.1  # kept: lm_head has no bias
+    with torch.no_grad():
+        ref = model(**batches[0]).logits
+    export_safetensors(model, tmp_path / "out")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert type(loaded.model.decoder.final_layer_norm) is torch.nn.LayerNorm
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batches[0]).logits, ref, rtol=0, atol=0)

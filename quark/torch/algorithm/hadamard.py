@@ -299,3 +299,44 @@ class HadamardTransform(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n={self.n}, factors={self.sizes}, random={self.signs is not None}"
+
+
+class MeanPreservingTransform(nn.Module):
+    """``x -> x Q G``: a :class:`HadamardTransform` ``Q`` followed by the Householder reflection ``G``
+    that sends ``u Q`` back to ``u``, the unit all-ones direction ``u = 1 / sqrt(n)``.
+
+    The product is orthogonal and maps ``u`` to itself, hence also the mean-zero subspace ``u⊥`` to
+    itself: a residual stream whose vectors have zero mean keeps zero mean after the rotation, which
+    is what lets a LayerNorm (mean subtraction) commute with it (see :mod:`.rotation`). ``G = I - 2
+    w wᵀ / wᵀw`` with ``w = u Q - u`` is a rank-one change of the identity, so the transform stays
+    fast. With random signs in ``Q`` (``D H / sqrt(n)``), ``u Q`` has spread-out entries and ``Q G``
+    stays nearly as flat as ``Q`` (largest entry about ``3-4 / sqrt(n)`` for n = 64 ... 1536); without
+    them ``u Q`` is concentrated (``H 1`` is one row's worth) and a few entries grow to ``sqrt(n) / 2``
+    times a Hadamard entry, so callers should pass a transform with signs.
+    """
+
+    def __init__(self, base: HadamardTransform) -> None:
+        super().__init__()
+        self.base = base
+        self.n = base.n
+        u = torch.full((1, base.n), base.n ** -0.5, dtype=torch.float64, device=base.factor0.device)
+        w = (base(u) - u)[0]
+        # u Q == u already: G is the identity
+        self.register_buffer("w", w if w.norm() > 1e-9 else None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.w is None:
+            return y
+        compute = y.dtype if y.dtype in (torch.float32, torch.float64) else torch.float32
+        w = self.w.to(y.device, compute)
+        z = y.to(compute)
+        z = z - (z @ w).mul_(2.0 / float(w @ w)).unsqueeze(-1) * w
+        return z.to(x.dtype)
+
+    def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The dense orthogonal ``Q G`` (for tests and small sizes)."""
+        return self(torch.eye(self.n, dtype=torch.float64, device=self.base.factor0.device)).to(dtype)
+
+    def extra_repr(self) -> str:
+        return "keeps the all-ones direction"

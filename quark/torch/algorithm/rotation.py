@@ -13,6 +13,17 @@ smaller range. Where the rotations go:
   down_proj) ``W <- Qᵀ W`` (and its bias ``b <- b Q``). In MoE blocks the router's weight and each
   fused expert's gate/up matrix read the stream, each expert's down matrix (and bias) writes it:
   routing logits and every expert's output are unchanged, so is the mixture.
+- **LayerNorm streams** (OPT, Phi-1/2, Cohere, DBRX, OLMo): a LayerNorm subtracts the mean first,
+  ``LN(x) = norm(x M)`` with the centring projection ``M = I - u uᵀ`` (``u`` the unit all-ones
+  vector), and a Hadamard ``Q`` does not commute with ``M``. An orthogonal ``Q`` with ``Q u = u``
+  does (it maps ``u`` and ``u⊥`` to themselves), so ``LN(x Q) = LN(x) Q`` once the norm's weight and
+  bias are folded away: R1 is then ``Q G`` with ``G`` the Householder reflection that sends ``u Q``
+  back to ``u`` (:class:`.MeanPreservingTransform`). SliceGPT (Ashkboos et al. 2024, arXiv:2401.15024)
+  reaches the same end by centring every write into the stream and replacing the LayerNorms by
+  RMSNorms; keeping ``u`` fixed instead leaves the stream's mean in place and the norms LayerNorms,
+  so the checkpoint keeps its architecture. A norm's bias folds into its readers' biases (``c <- c
+  + W b``) or, where a reader has none (OPT's lm_head), stays in the norm as ``(b / w) Q``. RMSNorm
+  and LayerNorm streams cannot be mixed.
 - **R2** (head size, offline): per head, V's output ``v_h <- v_h H`` (v_proj's rows) and o_proj's
   input columns of that head ``W_o[:, h] <- W_o[:, h] H``. Attention probabilities mix rows of V,
   so the rotation passes through them; with grouped K/V heads every head uses the same ``H``.
@@ -43,7 +54,7 @@ from quark.torch.quantization.driver import find_decoder_layers, get_submodule
 from quark.torch.quantization.fused_experts import expert_view, experts_layout
 
 from . import BlockAlgorithm, match_modules
-from .hadamard import HadamardTransform, construction, random_signs
+from .hadamard import HadamardTransform, MeanPreservingTransform, construction, random_signs
 
 logger = logging.getLogger(__name__)
 
@@ -105,46 +116,104 @@ def rotate_heads_input(linear: nn.Linear, rot: HadamardTransform) -> None:
 
 
 # -- norms ------------------------------------------------------------------------------------------
+def _tensor_attr(module: nn.Module, name: str) -> torch.Tensor | None:
+    value = getattr(module, name, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
 @torch.no_grad()
-def check_rms_norm(norm: nn.Module, path: str, hidden: int) -> None:
-    """Refuse anything but ``y = x / rms(x) * weight`` over the last dimension: rotation needs a
-    norm that commutes with an orthogonal map once its weight is folded away. Checked on a probe
-    input, so any class that computes an RMSNorm passes and a LayerNorm (mean subtraction), a bias
-    or a ``(1 + weight)`` scale does not."""
+def norm_kind(norm: nn.Module, path: str, hidden: int) -> str:
+    """``"rms"`` for ``y = x / rms(x) * weight (+ bias)``, ``"layer"`` for a LayerNorm ``y = (x - mean(x))
+    / std(x) * weight (+ bias)`` (weight and bias optional), over the last dimension; anything else
+    is refused. Checked on a probe input, so any class computing one of the two passes (Llama's,
+    Cohere's and OLMo's norms, ``nn.LayerNorm``) and a ``(1 + weight)`` scale (Gemma) or a group
+    norm does not: rotation needs a norm that commutes with an orthogonal map once its weight and
+    bias are folded into the following linears."""
     name = type(norm).__name__
-    if isinstance(norm, (nn.LayerNorm, nn.GroupNorm)) or getattr(norm, "bias", None) is not None:
-        raise ValueError(
-            f"rotation: {path} is a {name} (mean subtraction or bias); only RMSNorm-style norms "
-            "(y = x / rms(x) * weight) can be folded into the following linears"
-        )
-    weight = getattr(norm, "weight", None)
-    device = weight.device if weight is not None else None
-    dtype = weight.dtype if weight is not None else torch.float32
+    if isinstance(norm, nn.GroupNorm):
+        raise ValueError(f"rotation: {path} is a GroupNorm (it normalises dimension 1, not the hidden size); it "
+                         "cannot be folded into the following linears")
+    weight, bias = _tensor_attr(norm, "weight"), _tensor_attr(norm, "bias")
+    like = weight if weight is not None else bias
+    device = like.device if like is not None else None
+    dtype = like.dtype if like is not None else torch.float32
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(4, hidden, generator=g) * 4 + 3).to(device=device, dtype=dtype)
-    y = norm(x).double()
-    expected = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True))
-    if weight is not None:
-        expected = expected * weight.double()
+    try:
+        y = norm(x).double()
+    except Exception as exc:  # noqa: BLE001 - any failure means "not a norm over the hidden size"
+        raise ValueError(f"rotation: {path} ({name}) failed on a [4, {hidden}] probe input: {exc}") from None
+    xd = x.double()
+    centered = xd - xd.mean(-1, keepdim=True)
     tol = 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
-    if y.shape != expected.shape or (y - expected).norm() > tol * expected.norm():
+    for kind, base in (("rms", xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True))),
+                       ("layer", centered * torch.rsqrt(centered.pow(2).mean(-1, keepdim=True)))):
+        expected = base
+        if weight is not None:
+            expected = expected * weight.double()
+        if bias is not None:
+            expected = expected + bias.double()
+        if y.shape == expected.shape and (y - expected).norm() <= tol * expected.norm():
+            return kind
+    raise ValueError(
+        f"rotation: {path} ({name}) computes neither an RMSNorm (x / rms(x) * weight) nor a LayerNorm "
+        "((x - mean) / std * weight + bias) over the hidden size (a (1 + weight) scale or another "
+        "normalisation?); it cannot be folded into the following linears"
+    )
+
+
+def _bias_kept_in_norm(norm: nn.Module, readers: list[StreamModule], path: str) -> bool:
+    """Where a norm's nonzero bias ``b`` goes. Into its readers' biases (``c <- c + W b``, returns
+    False) when every reader has one; otherwise it stays in the norm, divided by the norm's weight
+    (which folds into the readers) and rotated with the stream (returns True): OPT's final
+    LayerNorm feeds a bias-free lm_head. Refused when the weight is 0 where the bias is not."""
+    bias = _tensor_attr(norm, "bias")
+    if bias is None or not bool((bias != 0).any()):
+        return False
+    if all(b is not None for reader in readers for _, b in reader.pairs()):
+        return False
+    weight = _tensor_attr(norm, "weight")
+    if weight is not None and bool(((weight == 0) & (bias != 0)).any()):
+        lacking = next(r.path for r in readers if any(b is None for _, b in r.pairs()))
         raise ValueError(
-            f"rotation: {path} ({name}) does not compute y = x / rms(x) * weight over the hidden size "
-            "(a LayerNorm, a (1 + weight) scale or another normalisation?); it cannot be folded into the "
-            "following linears"
+            f"rotation r1: {path} has a nonzero bias where its weight is 0, and {lacking} (reading it) has no bias "
+            "to take it"
         )
+    return True
+
+
+def _per_matrix(m: torch.Tensor, b: torch.Tensor | None = None):
+    """``(matrix [out, in], bias [out] or None)`` per expert of an ``[E, out, in]`` view, or the pair itself."""
+    if m.dim() == 3:
+        return [(m[e], None if b is None else b[e]) for e in range(m.shape[0])]
+    return [(m, b)]
 
 
 @torch.no_grad()
-def fold_norm(norm: nn.Module, readers: list[StreamModule]) -> None:
-    """``W <- W diag(w)`` for each matrix reading the norm's output, then ``w <- 1``."""
-    weight = getattr(norm, "weight", None)
-    if weight is None:
-        return
+def fold_norm(norm: nn.Module, readers: list[StreamModule], keep_bias: bool = False) -> None:
+    """Fold a norm's weight ``w`` and bias ``b`` into the matrices reading its output: ``W <- W
+    diag(w)``, ``w <- 1``; the bias into the readers' biases (``c <- c + W b``, ``b <- 0``), or with
+    ``keep_bias`` (see :func:`_bias_kept_in_norm`) ``b <- b / w`` in the norm, to be rotated with the
+    stream. Afterwards the norm is a plain normalisation (plus that bias)."""
+    weight, bias = _tensor_attr(norm, "weight"), _tensor_attr(norm, "bias")
+    shift = bias is not None and bool((bias != 0).any()) and not keep_bias
     for reader in readers:
-        for m in reader.matrices():
-            m.copy_(m.double() * weight.double().to(m.device))
-    weight.fill_(1.0)
+        for pair in reader.pairs():
+            for m, b in _per_matrix(*pair):
+                for i in range(0, m.shape[0], _CHUNK):
+                    rows = m[i : i + _CHUNK]
+                    if shift:
+                        b[i : i + _CHUNK].add_((rows.double() @ bias.double().to(m.device)).to(b.dtype))
+                    if weight is not None:
+                        rows.copy_(rows.double() * weight.double().to(m.device))
+    if bias is not None:
+        if keep_bias and weight is not None:
+            w = weight.double()
+            bias.copy_(torch.where(bias != 0, bias.double() / torch.where(w == 0, 1.0, w), 0.0))
+        elif not keep_bias:
+            bias.zero_()
+    if weight is not None:
+        weight.fill_(1.0)
 
 
 # -- what reads / writes the residual stream ----------------------------------------------------------
@@ -177,20 +246,23 @@ class StreamModule:
             out.append((expert_view(w.detach(), experts, proj.transposed), bias))
         return out
 
+    def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """``([out, in] matrix or [E, out, in] view, its [out] / [E, out] bias or None)`` per matrix on the
+        stream's side."""
+        if self.layout is None:
+            return [(self.module.weight.detach(), None if _tensor_attr(self.module, "bias") is None
+                     else self.module.bias.detach())]
+        return [(view, None if b is None else b.detach()) for view, b in self._projections()]
+
     def matrices(self) -> list[torch.Tensor]:
         """``[out, in]`` matrices (or ``[E, out, in]`` views of fused experts) on the stream's side."""
-        if self.layout is None:
-            return [self.module.weight.detach()]
-        return [view for view, _ in self._projections()]
+        return [m for m, _ in self.pairs()]
 
     def biases(self) -> list[torch.Tensor]:
         """Biases added to what this module writes into the stream (``[out]`` or ``[E, out]``)."""
         if not self.writes:
             return []
-        if self.layout is None:
-            bias = getattr(self.module, "bias", None)
-            return [bias.detach()] if isinstance(bias, torch.Tensor) else []
-        return [b.detach() for _, b in self._projections() if b is not None]
+        return [b for _, b in self.pairs() if b is not None]
 
     def features(self) -> set[int]:
         """The sizes on the stream's side (must be the hidden size)."""
@@ -205,7 +277,6 @@ class StreamModule:
         for b in self.biases():
             for row in (b if b.dim() == 2 else [b]):
                 rotate_output_side(row, rot)
-
 
 # -- online rotation ---------------------------------------------------------------------------------
 class OnlineHadamard(nn.Module):
@@ -409,13 +480,20 @@ class RotationAlgorithm(BlockAlgorithm):
             step()
 
     @staticmethod
-    def _rotation(n: int, cfg: RotationConfig, seed: int, role: str) -> HadamardTransform:
+    def _rotation(n: int, cfg: RotationConfig, seed: int, role: str,
+                  keep_mean: bool = False) -> HadamardTransform | MeanPreservingTransform:
+        """The Hadamard transform of order ``n``; ``keep_mean``: one that maps the all-ones direction to
+        itself (a LayerNorm stream), built from a transform with random signs (without them the
+        reflection that keeps the mean makes a few entries large; see :class:`.MeanPreservingTransform`)."""
         try:
             how = construction(n)
         except ValueError as exc:
             raise ValueError(f"rotation {role}: {exc}; disable {role} for this model") from None
-        logger.info("rotation %s: order %d = %s%s", role, n, how, ", random signs" if cfg.random else "")
-        return HadamardTransform(n, random_signs(n, seed) if cfg.random else None)
+        signs = cfg.random or keep_mean
+        logger.info("rotation %s: order %d = %s%s%s", role, n, how, ", random signs" if signs else "",
+                    ", reflected to keep the mean (LayerNorm stream)" if keep_mean else "")
+        rot = HadamardTransform(n, random_signs(n, seed) if signs else None)
+        return MeanPreservingTransform(rot) if keep_mean else rot
 
     def _plan_r1(self, model: nn.Module, layers: nn.ModuleList, cfg: RotationConfig, seed: int) -> Callable[[], None]:
         embeddings = [get_submodule(model, p) for p in cfg.embedding_layers]
@@ -438,7 +516,8 @@ class RotationAlgorithm(BlockAlgorithm):
         writers = [StreamModule(m, path, True) for path, m in find_stream_writers(model, cfg.stream_writers)]
         check_width(writers, "stream writer ")
 
-        plan = []
+        plan: list[tuple[list[StreamModule], list[StreamModule]]] = []  # per block: readers, writers
+        norms: list[tuple[nn.Module, str, list[StreamModule]]] = []  # (norm, path, its readers)
         mlp_outputs = cfg.mlp_outputs or [cfg.down_proj]
         found: set[str] = set()
         for i, block in enumerate(layers):
@@ -468,17 +547,30 @@ class RotationAlgorithm(BlockAlgorithm):
                     raise ValueError(f"rotation r1: block {prefix} has none of the MLP {what} {names}")
             outs = [StreamModule(_linear(sub(cfg.o_proj), f"{prefix}.{cfg.o_proj}"), f"{prefix}.{cfg.o_proj}", True),
                     *mlp_out]
-            check_rms_norm(attn_norm, f"{prefix}.{cfg.attn_norm}", hidden)
-            check_rms_norm(mlp_norm, f"{prefix}.{cfg.mlp_norm}", hidden)
             check_width(attn_in + mlp_in + outs)
-            plan.append((attn_norm, attn_in, mlp_norm, mlp_in, outs))
+            # a parallel block (Phi, Cohere) reads attention and MLP through one norm: fold it once
+            readers: dict[int, tuple[nn.Module, str, list[StreamModule]]] = {}
+            for norm, name, ins in ((attn_norm, cfg.attn_norm, attn_in), (mlp_norm, cfg.mlp_norm, mlp_in)):
+                readers.setdefault(id(norm), (norm, f"{prefix}.{name}", []))[2].extend(ins)
+            norms.extend(readers.values())
+            plan.append((attn_in + mlp_in, outs))
         missing = [n for n in [*cfg.mlp_inputs, *mlp_outputs] if n not in found]
         if missing:
             raise ValueError(f"rotation r1: {missing} match no module in any decoder block")
-        check_rms_norm(final_norm, cfg.final_norm, hidden)
         head = StreamModule(lm_head, cfg.lm_head, False)
-
-        rot = self._rotation(hidden, cfg, seed, "r1")
+        norms.append((final_norm, cfg.final_norm, [head]))
+        kinds = {path: norm_kind(norm, path, hidden) for norm, path, _ in norms}
+        kept = [_bias_kept_in_norm(norm, ins, path) for norm, path, ins in norms]
+        keep_mean = "layer" in kinds.values()
+        if keep_mean and "rms" in kinds.values():
+            layer = next(p for p, k in kinds.items() if k == "layer")
+            rms = next(p for p, k in kinds.items() if k == "rms")
+            raise ValueError(
+                f"rotation r1: the residual stream is read through LayerNorms and RMSNorms ({layer} is a LayerNorm, "
+                f"{rms} an RMSNorm); R1 needs one kind: a LayerNorm stream is rotated by a Q that keeps the "
+                "all-ones direction, which an RMSNorm does not commute with"
+            )
+        rot = self._rotation(hidden, cfg, seed, "r1", keep_mean=keep_mean)
 
         def apply() -> None:
             untie_embeddings(model, embeddings, lm_head)
@@ -486,12 +578,13 @@ class RotationAlgorithm(BlockAlgorithm):
                 rotate_input_side(emb.weight, rot)  # token vectors are rows: E <- E Q
             for w in writers:  # e.g. image features that replace image-token embeddings
                 w.rotate(rot)
-            for attn_norm, attn_in, mlp_norm, mlp_in, outs in plan:
-                fold_norm(attn_norm, attn_in)
-                fold_norm(mlp_norm, mlp_in)
-                for m in attn_in + mlp_in + outs:
+            for (norm, _, ins), keep in zip(norms, kept):
+                fold_norm(norm, ins, keep)
+                if keep:  # the bias is added to the normalised (rotated) stream
+                    rotate_output_side(norm.bias.detach(), rot)
+            for ins, outs in plan:
+                for m in ins + outs:
                     m.rotate(rot)
-            fold_norm(final_norm, [head])
             head.rotate(rot)
 
         return apply

@@ -2,12 +2,14 @@
 
 ``input_layernorm`` (a LayerNorm with a weight and no bias) feeds q, k, v *and* gate, up, so they
 form one scaling site whose error is measured on the whole block (``inspect=""``). Command-R+
-uses grouped K/V heads, so no ``v -> o`` pair; LayerNorm (mean-subtracting) rules out rotation.
+uses grouped K/V heads, so no ``v -> o`` pair. Rotation: R1 by a rotation that keeps the all-ones direction (LayerNorm,
+see :mod:`quark.torch.algorithm.rotation`), ``input_layernorm`` folded once into attention and MLP;
+R2 and R4 as in Llama.
 """
 
 from __future__ import annotations
 
-from ._common import GATE_UP_PROJ, KV_PROJ, Q_PROJ, algorithms, pair, template
+from ._common import GATE_UP_PROJ, KV_PROJ, Q_PROJ, algorithms, pair, rotation, template
 
 _QKV = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
 
@@ -29,6 +31,7 @@ TEMPLATES = [
                 ["self_attn.o_proj"],
                 ["mlp.down_proj"],
             ],
+            rotation_config=rotation("model.layers", attn_norm="input_layernorm", mlp_norm="input_layernorm"),
         ),
     ),
 ]

@@ -7,12 +7,15 @@ scale; no separate Q layer. The experts are fused parameters ``ffn.experts.mlp.{
 site; ``norm_1`` (a LayerNorm without bias) feeds ``Wqkv`` alone. Clipping acts on Wqkv's output, so
 scaling its input stays exact.
 
-No rotation default: DBRX's norms are LayerNorms (mean subtraction), and ``Wqkv`` fuses Q, K and V.
+Rotation: R1 by a rotation that keeps the all-ones direction (LayerNorms without bias, see
+:mod:`quark.torch.algorithm.rotation`):
+``Wqkv``, the router and the experts' ``w1``/``v1`` read the rotated stream, ``out_proj`` and the experts'
+``w2`` write it. No R2 (V is a slice of the fused ``Wqkv``), no R4 (no down-projection linear).
 """
 
 from __future__ import annotations
 
-from ._common import algorithms, pair, template
+from ._common import algorithms, pair, rotation, template
 
 _ATTN = "norm_attn_norm.attn"
 
@@ -27,6 +30,18 @@ TEMPLATES = [
             "transformer.blocks",
             [pair("norm_attn_norm.norm_1", [f"{_ATTN}.Wqkv"], _ATTN)],
             [[f"{_ATTN}.Wqkv"], [f"{_ATTN}.out_proj"]],
+            rotation(
+                "transformer.blocks",
+                embedding_layers=["transformer.wte"],
+                final_norm="transformer.norm_f",
+                attn_norm="norm_attn_norm.norm_1",
+                attn_inputs=[f"{_ATTN}.Wqkv"],
+                o_proj=f"{_ATTN}.out_proj",
+                mlp_norm="norm_attn_norm.norm_2",
+                mlp_inputs=["ffn.router.layer", "ffn.experts"],
+                mlp_outputs=["ffn.experts"],
+                r2=False,
+            ),
         ),
     ),
 ]

@@ -10,9 +10,12 @@ AMD-AIG-AIMA/Instella: ``pre_attention_layernorm`` / ``pre_feedforward_layernorm
 K/V heads, where v's output is narrower than o's input. Rotation (QuaRot/SpinQuant R1/R2) applies:
 every norm is a pre-norm RMSNorm whose weight can be fused into the following linears.
 
-OLMo (v1) normalises with a parameter-free LayerNorm, so its norms cannot take a scale and there is no
-rotation; its optional ``clip_qkv`` clamps v's output (OLMo-1.7), so ``v -> o`` is not exact either.
-Only ``up_proj -> down_proj`` remains as a scaling site.
+OLMo (v1) normalises with a parameter-free LayerNorm, so its norms cannot take a scale; its optional
+``clip_qkv`` clamps v's output (OLMo-1.7), so ``v -> o`` is not exact either. Only ``up_proj ->
+down_proj`` remains as a scaling site. Rotation: R1 by a rotation that keeps the all-ones direction (LayerNorm, see
+:mod:`quark.torch.algorithm.rotation`); R2 is off by default because ``clip_qkv`` clamps v's output
+elementwise, which a rotation of v's heads does not commute with (``r2=True`` is exact for checkpoints
+with ``clip_qkv: null``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ._common import (
     llama_like,
     mlp_groups,
     mlp_pairs,
+    rotation,
     template,
 )
 
@@ -50,6 +54,7 @@ TEMPLATES = [
             "model.layers",
             pairs=mlp_pairs(norm=None),
             groups=attn_groups() + mlp_groups(),
+            rotation_config=rotation("model.layers", r2=False),
         ),
     ),
 ]

@@ -4,7 +4,11 @@
 Phi: one LayerNorm (``input_layernorm``) feeds attention and MLP in parallel, so q, k, v and
 ``mlp.fc1`` form one scaling site measured on the whole block (``inspect=""``). Multi-head
 attention (no grouped K/V in the released models), so ``v_proj -> dense`` is exact. ``fc1 -> fc2``
-has a GELU in between, which does not commute with a scale: no pair. No gate/up layers.
+has a GELU in between, which does not commute with a scale: no pair. No gate/up layers. Rotation:
+R1 by a rotation that keeps the all-ones direction (LayerNorms; their biases fold into q/k/v/fc1's and
+lm_head's biases),
+the one ``input_layernorm`` folded once into attention and MLP; R2 on ``v_proj -> dense``; R4 on
+``fc2``.
 
 Phi-3: fused ``self_attn.qkv_proj`` and ``mlp.gate_up_proj``. The fused QKV output scale covers
 q, k and v together, a safe (if loose) bound for the K/V cache scale; no separate Q layer.
@@ -40,6 +44,15 @@ TEMPLATES = [
                 ["self_attn.dense"],
                 ["mlp.fc2"],
             ],
+            rotation_config=rotation(
+                "model.layers",
+                final_norm="model.final_layernorm",
+                attn_norm="input_layernorm",
+                o_proj="self_attn.dense",
+                mlp_norm="input_layernorm",
+                mlp_inputs=["mlp.fc1"],
+                down_proj="mlp.fc2",
+            ),
         ),
     ),
     template(
