@@ -616,11 +616,36 @@ def test_r2_on_a_fused_qkv_names_the_missing_v_projection():
 
     model = build_model("phi3")
     config = copy.deepcopy(LLMTemplate.get("phi3").algorithm_configs["rotation"])
-    config.r2 = True
+    config.v_proj, config.fused_qkv = "self_attn.v_proj", False
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with pytest.raises(ValueError, match=r"r2: .*self_attn.v_proj.*set r2=False"):
+    with pytest.raises(ValueError, match=r"r2: .*self_attn.v_proj.*fused_qkv=True.*set r2=False"):
+        ALGORITHM.prepare_model(model, config)
+    config.v_proj, config.fused_qkv = "self_attn.qkv_proj", True
+    config.o_proj = "mlp.down_proj"  # 128 inputs: no rows left for the keys and values, refused
+    with pytest.raises(ValueError, match=r"r2: model.layers.0.self_attn.qkv_proj has 128 outputs, not 128 query"):
         ALGORITHM.prepare_model(model, config)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # planned before changing
+
+
+def test_r2_on_a_fused_qkv_rotates_only_the_value_rows(batches):
+    """Phi-3's ``qkv_proj`` (rows ``[q; k; v]``): R2 rotates each value head's rows and o_proj's
+    matching columns; the query and key rows (RoPE follows them) are untouched; logits unchanged."""
+    from quark.torch.utils.tiny_models import build_model
+
+    reference, model = build_model("phi3"), build_model("phi3")
+    config = copy.deepcopy(LLMTemplate.get("phi3").algorithm_configs["rotation"])
+    config.r1 = False
+    ALGORITHM.prepare_model(model, config)
+    assert _rel(logits(model, batches), logits(reference, batches)) < 1e-4
+    attention = reference.model.layers[0].self_attn
+    q_width = attention.config.num_attention_heads * attention.head_dim
+    kv_width = attention.config.num_key_value_heads * attention.head_dim
+    before, after = reference.model.layers[0].self_attn.qkv_proj.weight, model.model.layers[0].self_attn.qkv_proj.weight
+    assert torch.equal(after[: q_width + kv_width], before[: q_width + kv_width])
+    h = ALGORITHM._rotation(attention.head_dim, config, config.seed + 1, "r2").matrix(torch.float64)
+    v_before = before[q_width + kv_width :].double().view(-1, attention.head_dim, before.shape[1])
+    expected = torch.einsum("hdi,de->hei", v_before, h).reshape(kv_width, -1)
+    assert torch.allclose(after[q_width + kv_width :].double(), expected, atol=1e-6)
 
 
 def test_moe_roles_are_checked_before_anything_changes():

@@ -24,8 +24,9 @@ smaller range. Where the rotations go:
   so the checkpoint keeps its architecture. A norm's bias folds into its readers' biases (``c <- c
   + W b``) or, where a reader has none (OPT's lm_head), stays in the norm as ``(b / w) Q``. RMSNorm
   and LayerNorm streams cannot be mixed.
-- **R2** (head size, offline): per head, V's output ``v_h <- v_h H`` (v_proj's rows) and o_proj's
-  input columns of that head ``W_o[:, h] <- W_o[:, h] H``. Attention probabilities mix rows of V,
+- **R2** (head size, offline): per head, V's output ``v_h <- v_h H`` (v_proj's rows, or the value
+  rows of a fused ``[q; k; v]`` projection with ``fused_qkv``) and o_proj's input columns of that
+  head ``W_o[:, h] <- W_o[:, h] H``. Attention probabilities mix rows of V,
   so the rotation passes through them; with grouped K/V heads every head uses the same ``H``.
 - **R4** (intermediate size, online): down_proj's input is rotated at run time by a forward
   pre-hook (so down_proj's input quantizer sees the rotated activations) and its weight
@@ -90,17 +91,18 @@ def rotate_output_side(weight: torch.Tensor, rot: HadamardTransform) -> None:
 
 
 @torch.no_grad()
-def rotate_heads_output(linear: nn.Linear, rot: HadamardTransform) -> None:
-    """Per head of size ``rot.n``: ``out_h <- out_h H`` (rows of the weight, and the bias)."""
+def rotate_heads_output(linear: nn.Linear, rot: HadamardTransform, rows: slice = slice(None)) -> None:
+    """Per head of size ``rot.n``: ``out_h <- out_h H`` (rows of the weight, and the bias), for the
+    heads in ``rows`` of the output (all of them by default; V's rows of a fused QKV projection)."""
     rot = _transform(rot, linear.weight)
-    w = linear.weight
+    w = linear.weight[rows]
     heads = w.shape[0] // rot.n
     view = w.view(heads, rot.n, w.shape[1])
     for j in range(0, w.shape[1], _CHUNK):
         block = view[:, :, j : j + _CHUNK]
         block.copy_(rot(block.double().transpose(1, 2)).transpose(1, 2))
     if linear.bias is not None:
-        b = linear.bias.view(heads, rot.n)
+        b = linear.bias[rows].view(heads, rot.n)
         b.copy_(rot(b.double()))
 
 
@@ -598,24 +600,34 @@ class RotationAlgorithm(BlockAlgorithm):
                 v = _linear(get_submodule(block, cfg.v_proj), f"{prefix}.{cfg.v_proj}")
             except ValueError as exc:
                 raise ValueError(
-                    f"rotation r2: {exc}; R2 rotates V's heads and needs V's own projection "
-                    "(RotationConfig.v_proj): set r2=False for a model whose V is a slice of a fused QKV"
+                    f"rotation r2: {exc}; R2 rotates V's heads and needs V's projection (RotationConfig.v_proj; "
+                    "with fused_qkv=True a fused [q; k; v] projection): set r2=False if the model has neither"
                 ) from None
             o = _linear(get_submodule(block, cfg.o_proj), f"{prefix}.{cfg.o_proj}")
             parent = cfg.v_proj.rpartition(".")[0]
             head_dim = _head_dim(get_submodule(block, parent) if parent else block, model)
-            if v.out_features % head_dim or o.in_features % head_dim:
+            rows = slice(None)
+            if cfg.fused_qkv:  # [q; k; v]: q as wide as o_proj's input, k and v equally wide
+                kv = (v.out_features - o.in_features) // 2
+                if kv <= 0 or v.out_features != o.in_features + 2 * kv:
+                    raise ValueError(
+                        f"rotation r2: {prefix}.{cfg.v_proj} has {v.out_features} outputs, not {o.in_features} query "
+                        f"features ({cfg.o_proj}'s inputs) plus two equal key and value parts (fused_qkv=True)"
+                    )
+                rows = slice(o.in_features + kv, v.out_features)
+            width = v.out_features if rows.start is None else rows.stop - rows.start
+            if width % head_dim or o.in_features % head_dim:
                 raise ValueError(
-                    f"rotation r2: {prefix}: head size {head_dim} does not divide {cfg.v_proj}'s outputs "
-                    f"({v.out_features}) and {cfg.o_proj}'s inputs ({o.in_features})"
+                    f"rotation r2: {prefix}: head size {head_dim} does not divide {cfg.v_proj}'s value outputs "
+                    f"({width}) and {cfg.o_proj}'s inputs ({o.in_features})"
                 )
             if head_dim not in rots:
                 rots[head_dim] = self._rotation(head_dim, cfg, seed, "r2")
-            pairs.append((v, o, rots[head_dim]))
+            pairs.append((v, rows, o, rots[head_dim]))
 
         def apply() -> None:
-            for v, o, rot in pairs:
-                rotate_heads_output(v, rot)
+            for v, rows, o, rot in pairs:
+                rotate_heads_output(v, rot, rows)
                 rotate_heads_input(o, rot)
 
         return apply

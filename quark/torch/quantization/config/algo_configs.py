@@ -182,6 +182,9 @@ class RotationConfig(AlgoConfig):
     attn_norm: str = "input_layernorm"
     attn_inputs: list[str] = field(default_factory=lambda: ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])
     v_proj: str = "self_attn.v_proj"
+    #: ``v_proj`` is a fused ``[q; k; v]`` projection (output rows: the query heads, as many features as
+    #: o_proj's input, then the key heads, then as many value features): R2 rotates its value rows
+    fused_qkv: bool = False
     o_proj: str = "self_attn.o_proj"
     mlp_norm: str = "post_attention_layernorm"
     mlp_inputs: list[str] = field(default_factory=lambda: ["mlp.gate_proj", "mlp.up_proj"])

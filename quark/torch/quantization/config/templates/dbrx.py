@@ -10,7 +10,9 @@ scaling its input stays exact.
 Rotation: R1 by a rotation that keeps the all-ones direction (LayerNorms without bias, see
 :mod:`quark.torch.algorithm.rotation`):
 ``Wqkv``, the router and the experts' ``w1``/``v1`` read the rotated stream, ``out_proj`` and the experts'
-``w2`` write it. No R2 (V is a slice of the fused ``Wqkv``), no R4 (no down-projection linear).
+``w2`` write it. No R2: ``clip_qkv`` (8 in the released checkpoints) clamps ``Wqkv``'s output elementwise,
+which a rotation of V's heads does not commute with (``r2=True, fused_qkv=True, v_proj=Wqkv`` is exact
+without it). No R4 (no down-projection linear).
 """
 
 from __future__ import annotations

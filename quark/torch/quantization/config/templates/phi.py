@@ -14,8 +14,8 @@ Phi-3: fused ``self_attn.qkv_proj`` and ``mlp.gate_up_proj``. The fused QKV outp
 q, k and v together, a safe (if loose) bound for the K/V cache scale; no separate Q layer.
 ``gate_up_proj -> down_proj`` would scale only the up half of a fused output: no pair. Rotation: the
 norms are pre-norm RMSNorms, so R1 (the fused ``qkv_proj`` and ``gate_up_proj`` read the rotated
-stream as a whole) and R4 (``down_proj``) apply; R2 is off by default because it rotates V's heads,
-which are a slice of the fused ``qkv_proj`` output here (``r2=True`` names the missing ``v_proj``).
+stream as a whole), R2 on the value rows of ``qkv_proj`` (``fused_qkv``: rows ``[q; k; v]``, as
+``Phi3Attention`` splits them) and ``o_proj``, and R4 (``down_proj``) apply.
 """
 
 from __future__ import annotations
@@ -69,7 +69,11 @@ TEMPLATES = [
             ],
             groups=[["self_attn.qkv_proj"], ["self_attn.o_proj"], ["mlp.gate_up_proj"], ["mlp.down_proj"]],
             rotation_config=rotation(
-                "model.layers", attn_inputs=["self_attn.qkv_proj"], mlp_inputs=["mlp.gate_up_proj"], r2=False
+                "model.layers",
+                attn_inputs=["self_attn.qkv_proj"],
+                mlp_inputs=["mlp.gate_up_proj"],
+                v_proj="self_attn.qkv_proj",
+                fused_qkv=True,
             ),
         ),
     ),
