@@ -268,8 +268,13 @@ def _entries(cfg: Any) -> list[str]:
 
 
 def _attention_roles(cfg: RotationConfig) -> list[str]:
-    """Rotation roles every block has (only R2 uses v_proj: Phi-3's V is inside qkv_proj, r2 off)."""
-    return [cfg.attn_norm, *cfg.attn_inputs, *([cfg.v_proj] if cfg.r2 else []), cfg.o_proj, cfg.mlp_norm]
+    """Rotation roles every block has (only R2 uses v_proj)."""
+    return [cfg.attn_norm, *([cfg.v_proj] if cfg.r2 else []), cfg.o_proj, cfg.mlp_norm]
+
+
+def _has(block: dict, entry: str) -> bool:
+    """The block has the role (``a|b``: one of the alternatives)."""
+    return any(len(_match_rel(block, n)) == 1 for n in entry.split("|"))
 
 
 def _mlp_outputs(cfg: RotationConfig) -> list[str]:
@@ -327,9 +332,12 @@ def _check_rotation(model_type: str, cfg: RotationConfig, layout: Layout) -> Non
     for block in layout.blocks:
         for n in _attention_roles(cfg):
             assert len(_match_rel(block, n)) == 1, f"{model_type}: rotation role {n!r} in {layout.name}"
-        # MLP roles: dense and MoE blocks differ; each block has an input and an output among them
-        for names in (cfg.mlp_inputs, _mlp_outputs(cfg)):
-            assert any(len(_match_rel(block, n)) == 1 for n in names), f"{model_type}: {names} in {layout.name}"
+        # stream readers and writers: blocks differ (dense / MoE, own / shared indexer); each block has an
+        # attention input, an MLP input and an MLP output among them
+        for names in (cfg.attn_inputs, cfg.mlp_inputs, _mlp_outputs(cfg)):
+            assert any(_has(block, n) for n in names), f"{model_type}: {names} in {layout.name}"
+    for n in (*cfg.attn_inputs, *cfg.mlp_inputs, *_mlp_outputs(cfg)):
+        assert any(_has(block, n) for block in layout.blocks), f"{model_type}: rotation role {n!r} in no block of {layout.name}"
 
 
 # -- exactness of the scaling pairs ---------------------------------------------------------------

@@ -424,15 +424,15 @@ def _types_with_rotation_defaults() -> list[str]:
             if t in CASES and LLMTemplate.get(t).algorithm_configs.get("rotation") is not None]
 
 
-MOE_ROTATION = ["dbrx", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "gpt_oss", "kimi_k25", "llama4", "mixtral", "qwen2_moe",
+MOE_ROTATION = ["dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "glm4_moe", "glm4_moe_lite", "gpt_oss", "kimi_k25", "llama4", "mixtral", "qwen2_moe",
                 "qwen3_moe", "qwen3_vl_moe"]
 
 
 def test_rotation_defaults_exist_for_the_pre_norm_templates():
     assert _types_with_rotation_defaults() == [
-        "cohere", "dbrx", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "gpt_oss", "kimi_k25", "llama", "llama4",
-        "mistral", "mixtral", "olmo", "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
-        "qwen3_vl_moe"]
+        "cohere", "dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa",
+        "gpt_oss", "kimi_k25", "llama", "llama4", "mistral", "mixtral", "olmo", "opt", "phi", "phi3", "qwen2",
+        "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_vl_moe"]
 
 
 def _stream_matrices(model: nn.Module, config: RotationConfig) -> dict[str, list[torch.Tensor]]:
@@ -445,7 +445,7 @@ def _stream_matrices(model: nn.Module, config: RotationConfig) -> dict[str, list
     for i, block in enumerate(model.get_submodule(config.model_decoder_layers)):
         for names, writes in ((config.attn_inputs + config.mlp_inputs, False),
                               ([config.o_proj, *(config.mlp_outputs or [config.down_proj])], True)):
-            for name in names:
+            for name in (n for entry in names for n in entry.split("|")):  # "a|b": alternatives
                 try:
                     module = block.get_submodule(name)
                 except AttributeError:
@@ -454,16 +454,23 @@ def _stream_matrices(model: nn.Module, config: RotationConfig) -> dict[str, list
     return out
 
 
-@pytest.mark.parametrize("model_type", _types_with_rotation_defaults())
+def _variants_with_rotation_defaults() -> list[tuple[str, int]]:
+    from quark.torch.utils.tiny_models import CASES
+
+    return [(t, i) for t in _types_with_rotation_defaults() for i in range(len(CASES[t]))]
+
+
+@pytest.mark.parametrize(("model_type", "variant"), _variants_with_rotation_defaults())
 @pytest.mark.parametrize("r4", [False, True])
-def test_every_rotation_default_keeps_its_architecture_float(model_type, r4):
-    """The template's rotation roles, applied to a tiny model of the architecture (MoE ones: a router
-    and fused experts, Qwen2-MoE a shared expert, the Qwen ones a dense first block): same logits, and
+def test_every_rotation_default_keeps_its_architecture_float(model_type, variant, r4):
+    """The template's rotation roles, applied to a tiny model of every variant of the architecture
+    (MoE ones: a router and fused experts, Qwen2-MoE a shared expert, the Qwen ones a dense first
+    block; DeepSeek-V2 with and without q-LoRA, GLM-5 a block sharing its indexer): same logits, and
     every matrix reading or writing the residual stream was rotated. R4 on a MoE model is refused
     before anything changes (no down-projection linear in a MoE block)."""
     from quark.torch.utils.tiny_models import build_model
 
-    reference, model = build_model(model_type), build_model(model_type)
+    reference, model = build_model(model_type, variant), build_model(model_type, variant)
     config = copy.deepcopy(LLMTemplate.get(model_type).algorithm_configs["rotation"])
     config.r4 = r4
     if r4 and model_type in MOE_ROTATION:

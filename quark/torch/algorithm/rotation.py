@@ -530,23 +530,27 @@ class RotationAlgorithm(BlockAlgorithm):
 
             def present(names: list[str], writes: bool, block: nn.Module = block, prefix: str = prefix
                         ) -> list[StreamModule]:
-                """The MLP entries this block has (dense and MoE blocks differ)."""
+                """The entries this block has (dense and MoE blocks, or blocks with and without an indexer,
+                differ)."""
                 out = []
-                for n in names:
-                    try:
-                        module = get_submodule(block, n)
-                    except ValueError:
-                        continue
-                    found.add(n)
-                    out.append(StreamModule(module, f"{prefix}.{n}", writes))
+                for entry in names:
+                    for n in entry.split("|"):  # alternatives: the first one the block has
+                        try:
+                            module = get_submodule(block, n)
+                        except ValueError:
+                            continue
+                        found.add(entry)
+                        out.append(StreamModule(module, f"{prefix}.{n}", writes))
+                        break
                 return out
 
             attn_norm, mlp_norm = sub(cfg.attn_norm), sub(cfg.mlp_norm)
-            attn_in = [StreamModule(_linear(sub(n), f"{prefix}.{n}"), f"{prefix}.{n}", False) for n in cfg.attn_inputs]
+            attn_in = present(cfg.attn_inputs, False)
             mlp_in, mlp_out = present(cfg.mlp_inputs, False), present(mlp_outputs, True)
-            for what, modules, names in (("inputs", mlp_in, cfg.mlp_inputs), ("outputs", mlp_out, mlp_outputs)):
+            for what, modules, names in (("attention inputs", attn_in, cfg.attn_inputs),
+                                         ("MLP inputs", mlp_in, cfg.mlp_inputs), ("MLP outputs", mlp_out, mlp_outputs)):
                 if not modules:
-                    raise ValueError(f"rotation r1: block {prefix} has none of the MLP {what} {names}")
+                    raise ValueError(f"rotation r1: block {prefix} has none of the {what} {names}")
             outs = [StreamModule(_linear(sub(cfg.o_proj), f"{prefix}.{cfg.o_proj}"), f"{prefix}.{cfg.o_proj}", True),
                     *mlp_out]
             check_width(attn_in + mlp_in + outs)
@@ -556,7 +560,7 @@ class RotationAlgorithm(BlockAlgorithm):
                 readers.setdefault(id(norm), (norm, f"{prefix}.{name}", []))[2].extend(ins)
             norms.extend(readers.values())
             plan.append((attn_in + mlp_in, outs))
-        missing = [n for n in [*cfg.mlp_inputs, *mlp_outputs] if n not in found]
+        missing = [n for n in [*cfg.attn_inputs, *cfg.mlp_inputs, *mlp_outputs] if n not in found]
         if missing:
             raise ValueError(f"rotation r1: {missing} match no module in any decoder block")
         head = StreamModule(lm_head, cfg.lm_head, False)

@@ -160,8 +160,10 @@ class RotationConfig(AlgoConfig):
     ``mlp_outputs`` (what writes the MLP's result into the residual stream; empty: ``down_proj``) may
     name linears, routers (a module with a ``[n, hidden]`` weight applied as ``x W^T``) and fused
     MoE experts modules (their gate/up projections read the stream, their down projections write it);
-    in models whose blocks differ (dense and MoE blocks), an entry may be missing from some blocks
-    but must be found in at least one, and every block must have an MLP input and an MLP output.
+    in models whose blocks differ (dense and MoE blocks, blocks with and without an indexer), an
+    entry of ``attn_inputs``, ``mlp_inputs`` or ``mlp_outputs`` may be missing from some blocks but must
+    be found in at least one, and every block must have one of each; an entry ``a|b`` names
+    alternatives (the first one a block has), e.g. ``q_proj`` or ``q_a_proj`` by checkpoint.
     ``down_proj`` is R4's layer (one linear per block). ``stream_writers`` are model-level paths
     (fnmatch patterns allowed) of modules outside the decoder blocks whose output enters the
     residual stream besides the embeddings, e.g. a multimodal projector's last linear, whose image

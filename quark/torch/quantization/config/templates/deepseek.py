@@ -30,11 +30,11 @@ The shared experts clamp their gate and up outputs (``swiglu_limit``), which rul
 ``up -> down``. The ``gate_proj`` names inside the compressor are not MLP gates: the gate/up
 patterns are anchored on ``shared_experts``.
 
-Rotation default for DeepSeek-V3 and Kimi K2.5 (R1 through MLA and the MoE MLP, no R2:
-:func:`._mla.moe_rotation`; Kimi K2.5's image features enter the stream through
-``mm_projector.out_proj``, rotated like the embeddings); none for V2 (its released checkpoints mix
-``q_proj`` and ``q_a_proj`` layouts), V3.2 / V4 (indexer and compressor layers not covered), the
-remote-code types and DeepSeek-VL2.
+Rotation defaults for DeepSeek-V2 (``q_proj`` or ``q_a_proj``, whichever a block has), V3, V3.2 (the
+indexer's ``wk`` and ``weights_proj`` read the stream too) and Kimi K2.5 (R1 through MLA and the MoE
+MLP, no R2: :func:`._mla.moe_rotation`; Kimi K2.5's image features enter the stream through
+``mm_projector.out_proj``, rotated like the embeddings); none for V4 (its hyper-connections mix
+several residual streams; compressor layers), the remote-code types and DeepSeek-VL2.
 """
 
 from __future__ import annotations
@@ -76,7 +76,9 @@ def _mla_model(
             decoder_layers,
             mla_pairs(no_q_lora=no_q_lora, indexer=indexer) + moe_pairs(linear_experts=linear_experts),
             mla_groups(no_q_lora=no_q_lora, indexer=indexer) + moe_groups(linear_experts=linear_experts),
-            moe_rotation(decoder_layers, mla=True, **(rotation_roles or {})) if with_rotation else None,
+            moe_rotation(decoder_layers, mla=True, no_q_lora=no_q_lora, indexer=indexer, **(rotation_roles or {}))
+            if with_rotation
+            else None,
         ),
     )
 
@@ -104,9 +106,9 @@ TEMPLATES = [
             attn_groups() + moe_groups(linear_experts=True),
         ),
     ),
-    _mla_model("deepseek_v2", no_q_lora=True),
+    _mla_model("deepseek_v2", no_q_lora=True, with_rotation=True),
     _mla_model("deepseek_v3", with_rotation=True),
-    _mla_model("deepseek_v32", indexer=True),
+    _mla_model("deepseek_v32", indexer=True, with_rotation=True),
     template(
         "deepseek_v4",
         kv=[f"*{_V4_ATTN}.kv_proj"],

@@ -7,8 +7,9 @@ All three use the DeepSeek-MoE layout (dense first blocks, router ``mlp.gate``, 
 reuse the previous block's top-k and have no ``self_attn.indexer``: the indexer-aware norm sites
 then do not apply, which leaves the norm unscaled there rather than scaling it inexactly.
 
-Rotation defaults for GLM-4.5 (R1, R2) and GLM-4.7-Flash (MLA: R1 only), :func:`._mla.moe_rotation`;
-none for GLM-5 (the indexer is not covered).
+Rotation defaults for GLM-4.5 (R1, R2), GLM-4.7-Flash and GLM-5 (MLA: R1 only; GLM-5's indexer key
+and weight projections read the rotated stream where a block has its own indexer),
+:func:`._mla.moe_rotation`.
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ TEMPLATES = [
         gate_up=GATE_UP_PROJ,
         exclude=[ROUTER, INDEXER_WEIGHTS],
         algorithm_configs=algorithms(
-            "model.layers", mla_pairs(indexer=True) + moe_pairs(), mla_groups(indexer=True) + moe_groups()
+            "model.layers",
+            mla_pairs(indexer=True) + moe_pairs(),
+            mla_groups(indexer=True) + moe_groups(),
+            moe_rotation(mla=True, indexer=True),
         ),
     ),
 ]
