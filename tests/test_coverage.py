@@ -52,9 +52,9 @@ def has_defaults(model_type: str, column: str) -> bool:
     return not coverage.missing_defaults(LLMTemplate.get(model_type), column)
 
 
-#: quick types whose template has no rotation default (post-norms,
-#: cross-attention stacks: see each template module's docstring)
-NO_ROTATION = {"gemma3", "mllama"}
+#: quick types whose template has no rotation default (Gemma 3's post-norms: see its template module's
+#: docstring)
+NO_ROTATION = {"gemma3"}
 
 
 @pytest.mark.parametrize("model_type", QUICK_TYPES)
@@ -157,8 +157,8 @@ def test_mllama_calibrates_every_block_on_images():
     builds = coverage.cell(r, "builds")
     assert builds.details == {"inputs": MLLAMA_INPUTS, "blocks": 3, "uncalled_blocks": []}
     assert builds.note.startswith("calibrated and compared on tiled images with a cross-attention mask: input_ids")
-    assert [c for c in COLUMNS if coverage.cell(r, c).status != "pass"] == ["rotation"]  # no template default
-    assert set(coverage.cell(r, "export").details) == set(QUANT_COLUMNS) - {"rotation"}
+    assert [c for c in COLUMNS if coverage.cell(r, c).status != "pass"] == []  # rotation too, on images
+    assert set(coverage.cell(r, "export").details) == set(QUANT_COLUMNS)
 
 
 def test_text_only_batches_leave_the_cross_attention_block_uncalled(monkeypatch):

@@ -424,15 +424,16 @@ def _types_with_rotation_defaults() -> list[str]:
             if t in CASES and LLMTemplate.get(t).algorithm_configs.get("rotation") is not None]
 
 
-MOE_ROTATION = ["dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "glm4_moe", "glm4_moe_lite", "gpt_oss", "kimi_k25", "llama4", "mixtral", "qwen2_moe",
+MOE_ROTATION = ["dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "glm4_moe", "granitemoehybrid",
+                "minimax_m2", "glm4_moe_lite", "gpt_oss", "kimi_k25", "llama4", "mixtral", "qwen2_moe",
                 "qwen3_moe", "qwen3_vl_moe"]
 
 
 def test_rotation_defaults_exist_for_the_pre_norm_templates():
     assert _types_with_rotation_defaults() == [
         "cohere", "dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa",
-        "gpt_oss", "kimi_k25", "llama", "llama4", "mistral", "mixtral", "olmo", "opt", "phi", "phi3", "qwen2",
-        "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_vl_moe"]
+        "gpt_oss", "granitemoehybrid", "kimi_k25", "llama", "llama4", "minimax_m2", "mistral", "mixtral", "mllama",
+        "olmo", "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_vl_moe"]
 
 
 def _stream_matrices(model: nn.Module, config: RotationConfig) -> dict[str, list[torch.Tensor]]:
@@ -487,7 +488,8 @@ def test_every_rotation_default_keeps_its_architecture_float(model_type, variant
     unchanged = [k for k in before if any(torch.allclose(a, b) for a, b in zip(before[k], after[k]))]
     assert unchanged == []
     rotated_online = [n for n, m in model.named_modules() if online_rotation(m) is not None]
-    assert rotated_online == ([f"{config.model_decoder_layers}.{i}.{config.down_proj}" for i in range(2)] if r4 else [])
+    blocks = len(model.get_submodule(config.model_decoder_layers))
+    assert rotated_online == ([f"{config.model_decoder_layers}.{i}.{config.down_proj}" for i in range(blocks)] if r4 else [])
 
 
 @pytest.mark.parametrize("model_type", [t for t in _types_with_rotation_defaults()
@@ -774,3 +776,26 @@ def test_rotation_reduces_w8a8_error_of_layer_norm_models(model_type, batches):
         errors[bool(algorithm)] = _activation_errors(model, batches, names)
     for n in names:
         assert errors[True][n] < 0.45 * errors[False][n], (n, errors)
+
+
+def test_mllama_rotation_keeps_cross_attention_with_images():
+    """Mllama's cross-attention blocks run only with images: with tiled images, the rotated model's
+    logits equal the original's (cross_attn.q_proj reads the rotated stream, cross_attn.o_proj writes
+    it, R2 rotates the vision values' heads), and they differ from the text-only logits (the
+    cross-attention blocks really ran)."""
+    from quark.torch.utils import coverage
+    from quark.torch.utils.tiny_models import build_model
+
+    reference, model = build_model("mllama"), build_model("mllama")
+    config = copy.deepcopy(LLMTemplate.get("mllama").algorithm_configs["rotation"])
+    ALGORITHM.prepare_model(model, config)
+    cross = model.model.language_model.layers[1].cross_attn
+    assert not torch.equal(cross.q_proj.weight, reference.model.language_model.layers[1].cross_attn.q_proj.weight)
+    assert not torch.equal(cross.v_proj.weight, reference.model.language_model.layers[1].cross_attn.v_proj.weight)
+    assert torch.equal(cross.k_proj.weight, reference.model.language_model.layers[1].cross_attn.k_proj.weight)
+    with_images = coverage.batches(2, seq=16, model=reference)
+    assert "pixel_values" in with_images[0]
+    rotated, original = logits(model, with_images), logits(reference, with_images)
+    assert _rel(rotated, original) < 1e-4
+    text_only = [{"input_ids": b["input_ids"]} for b in with_images]
+    assert _rel(logits(reference, text_only), original) > 1e-3

@@ -231,6 +231,9 @@ class StreamModule:
         if self.layout is None and not isinstance(getattr(module, "weight", None), torch.Tensor):
             raise ValueError(f"rotation: {path} is a {type(module).__name__}: expected a linear layer, a router with a "
                              "weight or a fused MoE experts module")
+        if writes and self.layout is not None and self.layout.post_norm:
+            raise ValueError(f"rotation: {path} normalises each expert's output ({self.layout.post_norm}), which does "
+                             "not commute with a rotation of the stream")
         if self.layout is None and module.weight.dim() != 2:
             raise ValueError(f"rotation: {path} has a {module.weight.dim()}-D weight, expected [out, in]")
 
@@ -417,6 +420,20 @@ def _linear(module: nn.Module, path: str) -> nn.Linear:
     return module
 
 
+def resolve_role(block: nn.Module, entry: str, prefix: str, role: str) -> tuple[str, nn.Linear]:
+    """The linear a block-level role names: ``entry`` is a path, or ``a|b`` alternatives of which the
+    first the block has is taken (a hybrid model's blocks write the stream through ``self_attn.o_proj``
+    or ``mamba.out_proj``)."""
+    names = entry.split("|")
+    for n in names:
+        try:
+            module = get_submodule(block, n)
+        except ValueError:
+            continue
+        return n, _linear(module, f"{prefix}.{n}")
+    raise ValueError(f"rotation {role}: block {prefix} has no {' or '.join(repr(n) for n in names)}")
+
+
 #: R4's random signs are drawn with ``RotationConfig.seed + R4_SEED_OFFSET`` (R1: +0, R2: +1)
 R4_SEED_OFFSET = 2
 
@@ -551,8 +568,8 @@ class RotationAlgorithm(BlockAlgorithm):
                                          ("MLP inputs", mlp_in, cfg.mlp_inputs), ("MLP outputs", mlp_out, mlp_outputs)):
                 if not modules:
                     raise ValueError(f"rotation r1: block {prefix} has none of the {what} {names}")
-            outs = [StreamModule(_linear(sub(cfg.o_proj), f"{prefix}.{cfg.o_proj}"), f"{prefix}.{cfg.o_proj}", True),
-                    *mlp_out]
+            o_name, o_proj = resolve_role(block, cfg.o_proj, prefix, "r1")
+            outs = [StreamModule(o_proj, f"{prefix}.{o_name}", True), *mlp_out]
             check_width(attn_in + mlp_in + outs)
             # a parallel block (Phi, Cohere) reads attention and MLP through one norm: fold it once
             readers: dict[int, tuple[nn.Module, str, list[StreamModule]]] = {}
@@ -601,29 +618,30 @@ class RotationAlgorithm(BlockAlgorithm):
         for i, block in enumerate(layers):
             prefix = f"{cfg.model_decoder_layers}.{i}" if cfg.model_decoder_layers else str(i)
             try:
-                v = _linear(get_submodule(block, cfg.v_proj), f"{prefix}.{cfg.v_proj}")
+                v_name, v = resolve_role(block, cfg.v_proj, prefix, "r2")
             except ValueError as exc:
                 raise ValueError(
-                    f"rotation r2: {exc}; R2 rotates V's heads and needs V's projection (RotationConfig.v_proj; "
-                    "with fused_qkv=True a fused [q; k; v] projection): set r2=False if the model has neither"
+                    f"{exc}; R2 rotates V's heads and needs V's projection (RotationConfig.v_proj; with "
+                    "fused_qkv=True a fused [q; k; v] projection) in every block: set r2=False if the model has "
+                    "neither"
                 ) from None
-            o = _linear(get_submodule(block, cfg.o_proj), f"{prefix}.{cfg.o_proj}")
-            parent = cfg.v_proj.rpartition(".")[0]
+            o_name, o = resolve_role(block, cfg.o_proj, prefix, "r2")
+            parent = v_name.rpartition(".")[0]
             head_dim = _head_dim(get_submodule(block, parent) if parent else block, model)
             rows = slice(None)
             if cfg.fused_qkv:  # [q; k; v]: q as wide as o_proj's input, k and v equally wide
                 kv = (v.out_features - o.in_features) // 2
                 if kv <= 0 or v.out_features != o.in_features + 2 * kv:
                     raise ValueError(
-                        f"rotation r2: {prefix}.{cfg.v_proj} has {v.out_features} outputs, not {o.in_features} query "
-                        f"features ({cfg.o_proj}'s inputs) plus two equal key and value parts (fused_qkv=True)"
+                        f"rotation r2: {prefix}.{v_name} has {v.out_features} outputs, not {o.in_features} query "
+                        f"features ({o_name}'s inputs) plus two equal key and value parts (fused_qkv=True)"
                     )
                 rows = slice(o.in_features + kv, v.out_features)
             width = v.out_features if rows.start is None else rows.stop - rows.start
             if width % head_dim or o.in_features % head_dim:
                 raise ValueError(
-                    f"rotation r2: {prefix}: head size {head_dim} does not divide {cfg.v_proj}'s value outputs "
-                    f"({width}) and {cfg.o_proj}'s inputs ({o.in_features})"
+                    f"rotation r2: {prefix}: head size {head_dim} does not divide {v_name}'s value outputs "
+                    f"({width}) and {o_name}'s inputs ({o.in_features})"
                 )
             if head_dim not in rots:
                 rots[head_dim] = self._rotation(head_dim, cfg, seed, "r2")

@@ -7,12 +7,25 @@ Each block has either ``mamba.{in_proj, norm, out_proj}`` or ``self_attn.{q,k,v,
 ``mamba.norm`` has one weight per channel of ``out_proj``'s input: an exact site. Grouped K/V heads:
 no ``v -> o``.
 
-No rotation default: the Mamba-2 mixers read the residual stream through their own gated norms.
+Rotation (R1): ``input_layernorm`` feeds q/k/v or ``mamba.in_proj``, and ``self_attn.o_proj`` or
+``mamba.out_proj`` writes the stream (the gated norm ``mamba.norm`` acts inside the mixer, before
+``out_proj``); the router, the fused experts' input side and ``shared_mlp.input_linear`` read it,
+the experts' down side and ``shared_mlp.output_linear`` write it. No R2 (Mamba blocks have no V), no R4.
 """
 
 from __future__ import annotations
 
-from ._common import KV_PROJ, Q_PROJ, algorithms, attn_groups, attn_pairs, merge_groups, pair, template
+from ._common import (
+    KV_PROJ,
+    Q_PROJ,
+    algorithms,
+    attn_groups,
+    attn_pairs,
+    merge_groups,
+    pair,
+    rotation,
+    template,
+)
 
 TEMPLATES = [
     template(
@@ -30,6 +43,14 @@ TEMPLATES = [
             ],
             merge_groups(attn_groups(), [["mamba.in_proj"], ["mamba.out_proj"]])
             + [["shared_mlp.input_linear"], ["shared_mlp.output_linear"]],
+            rotation(
+                "model.layers",
+                attn_inputs=["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mamba.in_proj"],
+                o_proj="self_attn.o_proj|mamba.out_proj",
+                mlp_inputs=["block_sparse_moe.router", "block_sparse_moe.experts", "shared_mlp.input_linear"],
+                mlp_outputs=["block_sparse_moe.experts", "shared_mlp.output_linear"],
+                r2=False,
+            ),
         ),
     ),
 ]

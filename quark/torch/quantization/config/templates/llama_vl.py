@@ -19,8 +19,11 @@ Rotation (R1, R2) for Llama 4: pre-norm RMSNorms; the router, the fused experts'
 expert's gate/up (or a dense block's gate/up) read the rotated stream, their down projections write
 it (the router's scores scale the experts' inputs per token, which commutes with the rotation); the
 image features replace image-token embeddings, so ``multi_modal_projector.linear_1`` is rotated like
-the embeddings (``stream_writers``). None for Mllama: its cross-attention blocks have no
-``self_attn`` and read the vision states through ``cross_attn.k/v_proj``.
+the embeddings (``stream_writers``). Rotation (R1, R2) for Mllama: self-attention blocks as Llama's;
+in cross-attention blocks only ``cross_attn.q_proj`` reads the stream (k/v read the vision states,
+which are not rotated), ``cross_attn.o_proj`` writes it, and R2 rotates ``cross_attn.v_proj``'s heads
+(the vision keys/values mixed by the attention) with ``cross_attn.o_proj``'s inputs; the tanh gates
+are scalars.
 """
 
 from __future__ import annotations
@@ -79,6 +82,14 @@ TEMPLATES = [
             + [pair("input_layernorm", ["cross_attn.q_proj"], "cross_attn")]
             + mlp_pairs("post_attention_layernorm"),
             merge_groups(attn_groups(), attn_groups("cross_attn")) + mlp_groups(),
+            rotation(
+                "model.language_model.layers",
+                embedding_layers=["model.language_model.embed_tokens"],
+                final_norm="model.language_model.norm",
+                attn_inputs=["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "cross_attn.q_proj"],
+                v_proj="self_attn.v_proj|cross_attn.v_proj",
+                o_proj="self_attn.o_proj|cross_attn.o_proj",
+            ),
         ),
     ),
 ]

@@ -20,13 +20,25 @@ normed hidden state: the K/V and Q patterns are anchored on ``self_attn.`` so th
 counts as K/V, and the attention scaling site uses ``self_attn*.[qkv]_proj``, which expands to
 q, k, v plus the indexer projections exactly where the indexer exists.
 
-No rotation default: not built for these blocks yet (MiniMax-M3's image features enter the
-residual stream unrotated).
+Rotation (R1, R2) for MiniMax-M2's transformers layout: the router ``mlp.gate`` and the fused experts
+read the stream, the experts' down side writes it (the q/k RMSNorms act on the projections' outputs,
+which R1 leaves unchanged); the remote layout (``block_sparse_moe.experts.N``) is refused by name
+(pass ``algo_configs``). None for MiniMax-M3 (``(1 + w)`` norms; its image features enter the stream).
 """
 
 from __future__ import annotations
 
-from ._common import FUSED_GATE_UP, KV_PROJ, Q_PROJ, algorithms, attn_groups, attn_pairs, pair, template
+from ._common import (
+    FUSED_GATE_UP,
+    KV_PROJ,
+    Q_PROJ,
+    algorithms,
+    attn_groups,
+    attn_pairs,
+    pair,
+    rotation,
+    template,
+)
 
 _MOE = "block_sparse_moe"
 _EXPERT = f"{_MOE}.experts.*"
@@ -45,6 +57,7 @@ TEMPLATES = [
                 pair("post_attention_layernorm", [f"{_MOE}.gate", f"{_EXPERT}.w1", f"{_EXPERT}.w3"], _MOE),
             ],
             attn_groups() + [[f"{_EXPERT}.w3", f"{_EXPERT}.w1"], [f"{_EXPERT}.w2"]],
+            rotation("model.layers", mlp_inputs=["mlp.gate", "mlp.experts"], mlp_outputs=["mlp.experts"]),
         ),
     ),
     template(
