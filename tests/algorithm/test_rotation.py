@@ -189,12 +189,38 @@ class _LayerNorm(nn.LayerNorm):
 class _OnePlusRMSNorm(nn.Module):
     """Gemma-style: y = x / rms(x) * (1 + weight)."""
 
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+
+class _L1Norm(nn.Module):
+    """y = x / mean|x| * weight: no rotation commutes with it."""
+
     def __init__(self, n: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.full((n,), 0.3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+        return x / x.abs().mean(-1, keepdim=True) * self.weight
+
+
+def test_one_plus_weight_norms_fold_to_a_zero_weight(batches):
+    """Gemma-style ``(1 + w)`` RMSNorms (random ``w``) everywhere: the scale ``1 + w`` folds into the
+    readers, ``w`` becomes 0, the logits stay."""
+    reference = llama48()
+    g = torch.Generator().manual_seed(5)
+    for owner, name in [(layer, n) for layer in reference.model.layers
+                        for n in ("input_layernorm", "post_attention_layernorm")] + [(reference.model, "norm")]:
+        setattr(owner, name, _OnePlusRMSNorm(torch.rand(48, generator=g) - 0.5))
+    model = copy.deepcopy(reference)
+    ALGORITHM.prepare_model(model, rotation_config(r4=True))
+    assert _rel(logits(model, batches), logits(reference, batches)) < 1e-4
+    norms = [m for m in model.modules() if isinstance(m, _OnePlusRMSNorm)]
+    assert len(norms) == 5 and all(torch.equal(n.weight, torch.zeros(48)) for n in norms)
 
 
 @pytest.mark.parametrize(
@@ -203,7 +229,7 @@ class _OnePlusRMSNorm(nn.Module):
         (lambda: nn.LayerNorm(48), r"LayerNorms and RMSNorms \(model.layers.1.post_attention_layernorm is a LayerNorm, "
                                    r"model.layers.0.input_layernorm an RMSNorm\)"),
         (lambda: _LayerNorm(48, bias=False), r"post_attention_layernorm is a LayerNorm"),
-        (lambda: _OnePlusRMSNorm(48), r"post_attention_layernorm \(_OnePlusRMSNorm\) computes neither"),
+        (lambda: _L1Norm(48), r"post_attention_layernorm \(_L1Norm\) computes neither"),
         (lambda: nn.GroupNorm(1, 48), r"post_attention_layernorm is a GroupNorm"),
     ],
 )
@@ -425,7 +451,7 @@ def _types_with_rotation_defaults() -> list[str]:
 
 
 MOE_ROTATION = ["dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "glm4_moe", "granitemoehybrid",
-                "minimax_m2", "glm4_moe_lite", "gpt_oss", "kimi_k25", "llama4", "mixtral", "qwen2_moe",
+                "minimax_m2", "qwen3_next", "glm4_moe_lite", "gpt_oss", "kimi_k25", "llama4", "mixtral", "qwen2_moe",
                 "qwen3_moe", "qwen3_vl_moe"]
 
 
@@ -433,7 +459,7 @@ def test_rotation_defaults_exist_for_the_pre_norm_templates():
     assert _types_with_rotation_defaults() == [
         "cohere", "dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa",
         "gpt_oss", "granitemoehybrid", "kimi_k25", "llama", "llama4", "minimax_m2", "mistral", "mixtral", "mllama",
-        "olmo", "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_vl_moe"]
+        "olmo", "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_vl_moe"]
 
 
 def _stream_matrices(model: nn.Module, config: RotationConfig) -> dict[str, list[torch.Tensor]]:
@@ -799,3 +825,33 @@ def test_mllama_rotation_keeps_cross_attention_with_images():
     assert _rel(rotated, original) < 1e-4
     text_only = [{"input_ids": b["input_ids"]} for b in with_images]
     assert _rel(logits(reference, text_only), original) > 1e-3
+
+
+def test_a_rotation_that_changes_the_float_model_is_refused():
+    """Gemma 2's post-norms scale each branch's output before it joins the stream, which no rotation
+    commutes with: a hand-written RotationConfig that leaves them out (its roles are otherwise
+    complete) makes the quantizer's float check fail with the reason, instead of quantizing a model
+    that computes something else. The same roles on a copy whose post-norm weights are 0 (a uniform
+    scale of 1, which does commute) pass."""
+    from quark.torch.quantization.config.algo_configs import RotationConfig
+    from quark.torch.utils.tiny_models import build_model
+
+    roles = RotationConfig(model_decoder_layers="model.layers", attn_norm="input_layernorm",
+                           mlp_norm="pre_feedforward_layernorm", r2=False)
+    batches = token_batches(2, seq=16)
+
+    def quantize_gemma2(post_norm_weight: float | None) -> nn.Module:
+        model = build_model("gemma2")
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.copy_(torch.rand(p.shape, generator=g) - 0.5 if post_norm_weight is None or "post_" not in name
+                            else torch.full_like(p, post_norm_weight))
+        config = LLMTemplate.get("gemma2").get_config("int8", algorithm="rotation", algo_configs={"rotation": roles})
+        return ModelQuantizer(config).quantize_model(model, batches, progress=False)
+
+    with pytest.raises(ValueError, match=r"rotation changed the float model's function: its logits on a calibration "
+                                         r"batch moved by .*post-norm"):
+        quantize_gemma2(None)
+    quantize_gemma2(0.0)

@@ -92,6 +92,9 @@ class BlockAlgorithm:
     #: whether ``apply`` corrects each layer's weight error against its calibration inputs (a
     #: GPTQ-style solver) rather than rounding to nearest
     corrects_weight_error: bool = False
+    #: whether ``prepare_model`` must leave the float model's function unchanged (checked by the
+    #: quantizer on a calibration batch, :mod:`.float_check`)
+    keeps_float_function: bool = False
 
     def prepare_model(self, model: nn.Module, config: AlgoConfig) -> None:
         """Model-level transform run once before calibration (default: nothing)."""

@@ -7,7 +7,8 @@ smaller range. Where the rotations go:
 
 - **R1** (hidden size, offline): the residual stream ``x`` becomes ``x Q``. RMSNorm commutes with
   ``Q`` once its weight is folded into the linears it feeds (``rms(x Q) = rms(x)``), so: fold each
-  norm's weight into its following linears and set it to 1; embeddings ``E <- E Q`` (and what else
+  norm's weight into its following linears and set it to 1 (a Gemma-style ``(1 + weight)`` scale
+  folds the same way, leaving ``weight = 0``); embeddings ``E <- E Q`` (and what else
   writes the stream from outside the blocks, e.g. a multimodal projector: ``W <- Qᵀ W``); every linear
   reading the stream (q/k/v, gate/up, lm_head) ``W <- W Q``; every linear writing into it (o_proj,
   down_proj) ``W <- Qᵀ W`` (and its bias ``b <- b Q``). In MoE blocks the router's weight and each
@@ -37,6 +38,11 @@ smaller range. Where the rotations go:
 ``Q = D H / sqrt(n)`` with ``H`` a Hadamard matrix (:mod:`.hadamard`) and ``D`` = I, or a seeded
 random ±1 diagonal when ``random=True``. All weight updates are computed in float64 and written
 back in place, so the Parameters shared with the quantized modules stay the same objects.
+
+A norm applied to a branch's output before it joins the stream (Gemma 2/3's post-norms) does not
+commute with ``Q`` and cannot be folded anywhere: such models get no rotation. Whatever the roles,
+the quantizer checks the float logits on a calibration batch before and after the rotation
+(:mod:`.float_check`) and refuses a rotation that changed them.
 
 Rotation is model-level (:meth:`RotationAlgorithm.prepare_model`, run once before calibration);
 the per-block step does nothing. Module roles come from :class:`RotationConfig` (template data).
@@ -124,13 +130,14 @@ def _tensor_attr(module: nn.Module, name: str) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def norm_kind(norm: nn.Module, path: str, hidden: int) -> str:
-    """``"rms"`` for ``y = x / rms(x) * weight (+ bias)``, ``"layer"`` for a LayerNorm ``y = (x - mean(x))
-    / std(x) * weight (+ bias)`` (weight and bias optional), over the last dimension; anything else
-    is refused. Checked on a probe input, so any class computing one of the two passes (Llama's,
-    Cohere's and OLMo's norms, ``nn.LayerNorm``) and a ``(1 + weight)`` scale (Gemma) or a group
-    norm does not: rotation needs a norm that commutes with an orthogonal map once its weight and
-    bias are folded into the following linears."""
+def norm_kind(norm: nn.Module, path: str, hidden: int) -> tuple[str, float]:
+    """``("rms", offset)`` for ``y = x / rms(x) * (offset + weight) (+ bias)``, ``("layer", offset)`` for
+    a LayerNorm ``y = (x - mean(x)) / std(x) * (offset + weight) (+ bias)``, over the last dimension,
+    with ``offset`` 0 or 1 (Gemma-style norms scale by ``1 + weight``); weight and bias optional.
+    Anything else is refused. Checked on a probe input, so any class computing one of these passes
+    (Llama's, Gemma's, Cohere's and OLMo's norms, ``nn.LayerNorm``) and a group norm does not:
+    rotation needs a norm that commutes with an orthogonal map once its scale and bias are folded
+    into the following linears."""
     name = type(norm).__name__
     if isinstance(norm, nn.GroupNorm):
         raise ValueError(f"rotation: {path} is a GroupNorm (it normalises dimension 1, not the hidden size); it "
@@ -150,21 +157,22 @@ def norm_kind(norm: nn.Module, path: str, hidden: int) -> str:
     tol = 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
     for kind, base in (("rms", xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True))),
                        ("layer", centered * torch.rsqrt(centered.pow(2).mean(-1, keepdim=True)))):
-        expected = base
-        if weight is not None:
-            expected = expected * weight.double()
-        if bias is not None:
-            expected = expected + bias.double()
-        if y.shape == expected.shape and (y - expected).norm() <= tol * expected.norm():
-            return kind
+        for offset in (0.0, 1.0) if weight is not None else (0.0,):
+            expected = base
+            if weight is not None:
+                expected = expected * (offset + weight.double())
+            if bias is not None:
+                expected = expected + bias.double()
+            if y.shape == expected.shape and (y - expected).norm() <= tol * expected.norm():
+                return kind, offset
     raise ValueError(
         f"rotation: {path} ({name}) computes neither an RMSNorm (x / rms(x) * weight) nor a LayerNorm "
-        "((x - mean) / std * weight + bias) over the hidden size (a (1 + weight) scale or another "
+        "((x - mean) / std * weight + bias) over the hidden size, with weight or (1 + weight) (another "
         "normalisation?); it cannot be folded into the following linears"
     )
 
 
-def _bias_kept_in_norm(norm: nn.Module, readers: list[StreamModule], path: str) -> bool:
+def _bias_kept_in_norm(norm: nn.Module, readers: list[StreamModule], path: str, offset: float = 0.0) -> bool:
     """Where a norm's nonzero bias ``b`` goes. Into its readers' biases (``c <- c + W b``, returns
     False) when every reader has one; otherwise it stays in the norm, divided by the norm's weight
     (which folds into the readers) and rotated with the stream (returns True): OPT's final
@@ -175,7 +183,7 @@ def _bias_kept_in_norm(norm: nn.Module, readers: list[StreamModule], path: str) 
     if all(b is not None for reader in readers for _, b in reader.pairs()):
         return False
     weight = _tensor_attr(norm, "weight")
-    if weight is not None and bool(((weight == 0) & (bias != 0)).any()):
+    if weight is not None and bool(((weight + offset == 0) & (bias != 0)).any()):
         lacking = next(r.path for r in readers if any(b is None for _, b in r.pairs()))
         raise ValueError(
             f"rotation r1: {path} has a nonzero bias where its weight is 0, and {lacking} (reading it) has no bias "
@@ -192,11 +200,12 @@ def _per_matrix(m: torch.Tensor, b: torch.Tensor | None = None):
 
 
 @torch.no_grad()
-def fold_norm(norm: nn.Module, readers: list[StreamModule], keep_bias: bool = False) -> None:
-    """Fold a norm's weight ``w`` and bias ``b`` into the matrices reading its output: ``W <- W
-    diag(w)``, ``w <- 1``; the bias into the readers' biases (``c <- c + W b``, ``b <- 0``), or with
-    ``keep_bias`` (see :func:`_bias_kept_in_norm`) ``b <- b / w`` in the norm, to be rotated with the
-    stream. Afterwards the norm is a plain normalisation (plus that bias)."""
+def fold_norm(norm: nn.Module, readers: list[StreamModule], keep_bias: bool = False, offset: float = 0.0) -> None:
+    """Fold a norm's scale ``s = offset + w`` (``offset`` 1 for a ``(1 + weight)`` norm) and bias ``b``
+    into the matrices reading its output: ``W <- W diag(s)``, then ``w <- 1 - offset`` (a scale of 1);
+    the bias into the readers' biases (``c <- c + W b``, ``b <- 0``), or with ``keep_bias`` (see
+    :func:`_bias_kept_in_norm`) ``b <- b / s`` in the norm, to be rotated with the stream. Afterwards
+    the norm is a plain normalisation (plus that bias)."""
     weight, bias = _tensor_attr(norm, "weight"), _tensor_attr(norm, "bias")
     shift = bias is not None and bool((bias != 0).any()) and not keep_bias
     for reader in readers:
@@ -207,15 +216,15 @@ def fold_norm(norm: nn.Module, readers: list[StreamModule], keep_bias: bool = Fa
                     if shift:
                         b[i : i + _CHUNK].add_((rows.double() @ bias.double().to(m.device)).to(b.dtype))
                     if weight is not None:
-                        rows.copy_(rows.double() * weight.double().to(m.device))
+                        rows.copy_(rows.double() * (offset + weight.double().to(m.device)))
     if bias is not None:
         if keep_bias and weight is not None:
-            w = weight.double()
+            w = offset + weight.double()
             bias.copy_(torch.where(bias != 0, bias.double() / torch.where(w == 0, 1.0, w), 0.0))
         elif not keep_bias:
             bias.zero_()
     if weight is not None:
-        weight.fill_(1.0)
+        weight.fill_(1.0 - offset)
 
 
 # -- what reads / writes the residual stream ----------------------------------------------------------
@@ -470,6 +479,7 @@ def restore_online_rotations(model: nn.Module, quant_config: object) -> list[str
 
 class RotationAlgorithm(BlockAlgorithm):
     name = "rotation"
+    keeps_float_function = True
 
     def prepare_model(self, model: nn.Module, config: RotationConfig) -> None:
         """Rotate the model's weights in place (R1, R2, R4 as configured); float outputs unchanged."""
@@ -582,8 +592,10 @@ class RotationAlgorithm(BlockAlgorithm):
             raise ValueError(f"rotation r1: {missing} match no module in any decoder block")
         head = StreamModule(lm_head, cfg.lm_head, False)
         norms.append((final_norm, cfg.final_norm, [head]))
-        kinds = {path: norm_kind(norm, path, hidden) for norm, path, _ in norms}
-        kept = [_bias_kept_in_norm(norm, ins, path) for norm, path, ins in norms]
+        found_kinds = {path: norm_kind(norm, path, hidden) for norm, path, _ in norms}
+        kinds = {path: kind for path, (kind, _) in found_kinds.items()}
+        offsets = [found_kinds[path][1] for _, path, _ in norms]
+        kept = [_bias_kept_in_norm(norm, ins, path, off) for (norm, path, ins), off in zip(norms, offsets)]
         keep_mean = "layer" in kinds.values()
         if keep_mean and "rms" in kinds.values():
             layer = next(p for p, k in kinds.items() if k == "layer")
@@ -601,8 +613,8 @@ class RotationAlgorithm(BlockAlgorithm):
                 rotate_input_side(emb.weight, rot)  # token vectors are rows: E <- E Q
             for w in writers:  # e.g. image features that replace image-token embeddings
                 w.rotate(rot)
-            for (norm, _, ins), keep in zip(norms, kept):
-                fold_norm(norm, ins, keep)
+            for (norm, _, ins), keep, off in zip(norms, kept, offsets):
+                fold_norm(norm, ins, keep, off)
                 if keep:  # the bias is added to the normalised (rotated) stream
                     rotate_output_side(norm.bias.detach(), rot)
             for ins, outs in plan:

@@ -335,12 +335,17 @@ class ModelQuantizer:
 
     def _calibrate_blocks(self, model: nn.Module, path: str, layers: nn.ModuleList, batches: list,
                           device: torch.device | None, progress: bool) -> None:
-        from quark.torch.algorithm import BlockContext, get_algorithm, quantizers_off
+        from quark.torch.algorithm import BlockContext, float_check, get_algorithm, quantizers_off
         from quark.torch.algorithm.rotation import warn_if_round_to_nearest_follows
 
         algorithms = [(get_algorithm(a.name), a) for a in self.config.algo_config or []]
+        probe = float_check.probe_batch(batches[0]) if batches else None
         for algo, algo_cfg in algorithms:
+            before = float_check.float_logits(model, probe) if algo.keeps_float_function and probe is not None else None
             algo.prepare_model(model, algo_cfg)
+            if before is not None:
+                float_check.check_unchanged(before, float_check.float_logits(model, probe),
+                                            float_check.tolerance(model), algo.name)
         warn_if_round_to_nearest_follows(algorithms, self._min_weight_bits())
         experts = fused_experts_modules(layers)
         if algorithms and experts:

@@ -21,8 +21,10 @@ Module names from transformers 5.24 (``modeling_qwen2_moe.py``, ``modeling_qwen3
   ``mlp_only_layers`` blocks use ``mlp.{gate,up,down}_proj``); R4 needs one down-projection linear
   per block, which MoE blocks do not have. Qwen3-VL-MoE as Qwen3-MoE, with the vision merger's and
   the DeepStack mergers' last linears (their outputs enter the residual stream) rotated like the
-  embeddings (``stream_writers``). Not for Qwen3-Next / Qwen3.5 (``(1 + w)`` norms and
-  Gated-DeltaNet blocks).
+  embeddings (``stream_writers``). Qwen3-Next (R1): the ``(1 + w)`` norms fold like RMSNorms; the
+  Gated-DeltaNet blocks read the stream through ``in_proj_qkvz``/``in_proj_ba`` and write it
+  through ``linear_attn.out_proj`` (no R2: those blocks have no V). Not for Qwen3.5 yet (its image
+  features are not mapped to stream writers).
 * Qwen3-VL-MoE and Qwen3.5-MoE are loaded as ``*ForConditionalGeneration``: the text decoder sits at
   ``model.language_model.layers`` and the vision tower ``model.visual`` is excluded.
 """
@@ -99,15 +101,25 @@ def _qwen_moe(
         exclude=[_ROUTER, *([_SHARED_GATE] if shared_expert else []), *exclude],
         algorithm_configs=algorithms(
             decoder_layers, pairs, groups,
-            _rotation(decoder_layers, shared_expert, **(rotation_roles or {})) if with_rotation else None,
+            _rotation(decoder_layers, shared_expert, deltanet, **(rotation_roles or {})) if with_rotation else None,
         ),
     )
 
 
-def _rotation(decoder_layers: str, shared_expert: bool, **roles: Any) -> RotationConfig:
-    """Rotation roles of a MoE block (and of a dense ``mlp_only_layers`` block); ``roles``: other
-    :class:`RotationConfig` fields (a multimodal model's paths)."""
+def _rotation(decoder_layers: str, shared_expert: bool, deltanet: list[str] | None = None, **roles: Any
+              ) -> RotationConfig:
+    """Rotation roles of a MoE block (and of a dense ``mlp_only_layers`` block); ``deltanet``: the
+    Gated-DeltaNet blocks' input projections (they read the stream, ``linear_attn.out_proj`` writes it;
+    no R2, those blocks have no V); ``roles``: other :class:`RotationConfig` fields (a multimodal
+    model's paths)."""
     shared = ["mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert_gate"]
+    if deltanet:
+        roles = {
+            "attn_inputs": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", *deltanet],
+            "o_proj": "self_attn.o_proj|linear_attn.out_proj",
+            "r2": False,
+            **roles,
+        }
     return rotation(
         decoder_layers,
         mlp_inputs=["mlp.gate_proj", "mlp.up_proj", "mlp.gate", "mlp.experts", *(shared if shared_expert else [])],
@@ -127,7 +139,8 @@ TEMPLATES = [
     _qwen_moe("qwen2_moe", "model.layers", shared_expert=True, dense_blocks=True, with_rotation=True),
     _qwen_moe("qwen3_moe", "model.layers", shared_expert=False, dense_blocks=True, with_rotation=True),
     _qwen_moe(
-        "qwen3_next", "model.layers", shared_expert=True, dense_blocks=True, deltanet=_DELTANET_QWEN3_NEXT
+        "qwen3_next", "model.layers", shared_expert=True, dense_blocks=True, deltanet=_DELTANET_QWEN3_NEXT,
+        with_rotation=True,
     ),
     _qwen_moe(
         "qwen3_vl_moe", "model.language_model.layers", shared_expert=False, dense_blocks=True, exclude=_VISION,
