@@ -451,15 +451,16 @@ def _types_with_rotation_defaults() -> list[str]:
 
 
 MOE_ROTATION = ["dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "glm4_moe", "granitemoehybrid",
-                "minimax_m2", "qwen3_next", "glm4_moe_lite", "gpt_oss", "kimi_k25", "llama4", "mixtral", "qwen2_moe",
+                "minimax_m2", "minimax_m3_vl", "qwen3_5_moe", "qwen3_next", "glm4_moe_lite", "gpt_oss", "kimi_k25", "llama4", "mixtral", "qwen2_moe",
                 "qwen3_moe", "qwen3_vl_moe"]
 
 
 def test_rotation_defaults_exist_for_the_pre_norm_templates():
     assert _types_with_rotation_defaults() == [
         "cohere", "dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa",
-        "gpt_oss", "granitemoehybrid", "kimi_k25", "llama", "llama4", "minimax_m2", "mistral", "mixtral", "mllama",
-        "olmo", "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_vl_moe"]
+        "gpt_oss", "granitemoehybrid", "kimi_k25", "llama", "llama4", "minimax_m2", "minimax_m3_vl", "mistral",
+        "mixtral", "mllama", "olmo", "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_next",
+        "qwen3_vl_moe", "qwen3_5_moe"]
 
 
 def _stream_matrices(model: nn.Module, config: RotationConfig) -> dict[str, list[torch.Tensor]]:

@@ -23,7 +23,11 @@ q, k, v plus the indexer projections exactly where the indexer exists.
 Rotation (R1, R2) for MiniMax-M2's transformers layout: the router ``mlp.gate`` and the fused experts
 read the stream, the experts' down side writes it (the q/k RMSNorms act on the projections' outputs,
 which R1 leaves unchanged); the remote layout (``block_sparse_moe.experts.N``) is refused by name
-(pass ``algo_configs``). None for MiniMax-M3 (``(1 + w)`` norms; its image features enter the stream).
+(pass ``algo_configs``). MiniMax-M3 (R1, R2): its ``(1 + w)`` norms fold like RMSNorms; q/k/v and, in
+sparse-attention blocks, the indexer's q/k projections read the stream; dense blocks' ``gate_up_proj``
+or the router, the fused experts and the shared experts' ``gate_up_proj`` read it, the down
+projections write it; both projector outputs (``linear_2``, ``merge_linear_2``) replace image-token
+embeddings and are rotated like them.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from ._common import (
     algorithms,
     attn_groups,
     attn_pairs,
+    multimodal_rotation_roles,
     pair,
     rotation,
     template,
@@ -77,6 +82,17 @@ TEMPLATES = [
                 ["mlp.gate_up_proj", "mlp.shared_experts.gate_up_proj"],
                 ["mlp.down_proj", "mlp.shared_experts.down_proj"],
             ],
+            rotation(
+                "model.language_model.layers",
+                attn_inputs=["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.indexer.q_proj",
+                             "self_attn.indexer.k_proj"],
+                mlp_inputs=["mlp.gate_up_proj", "mlp.gate", "mlp.experts", "mlp.shared_experts.gate_up_proj"],
+                mlp_outputs=["mlp.down_proj", "mlp.experts", "mlp.shared_experts.down_proj"],
+                **multimodal_rotation_roles(
+                    "model.language_model",
+                    ["model.multi_modal_projector.linear_2", "model.multi_modal_projector.merge_linear_2"],
+                ),
+            ),
         ),
     ),
 ]

@@ -23,8 +23,9 @@ Module names from transformers 5.24 (``modeling_qwen2_moe.py``, ``modeling_qwen3
   the DeepStack mergers' last linears (their outputs enter the residual stream) rotated like the
   embeddings (``stream_writers``). Qwen3-Next (R1): the ``(1 + w)`` norms fold like RMSNorms; the
   Gated-DeltaNet blocks read the stream through ``in_proj_qkvz``/``in_proj_ba`` and write it
-  through ``linear_attn.out_proj`` (no R2: those blocks have no V). Not for Qwen3.5 yet (its image
-  features are not mapped to stream writers).
+  through ``linear_attn.out_proj`` (no R2: those blocks have no V). Qwen3.5-MoE likewise (its
+  DeltaNet inputs ``in_proj_{qkv,z,b,a}``), with the vision merger's last linear rotated like the
+  embeddings (no DeepStack mergers).
 * Qwen3-VL-MoE and Qwen3.5-MoE are loaded as ``*ForConditionalGeneration``: the text decoder sits at
   ``model.language_model.layers`` and the vision tower ``model.visual`` is excluded.
 """
@@ -101,13 +102,15 @@ def _qwen_moe(
         exclude=[_ROUTER, *([_SHARED_GATE] if shared_expert else []), *exclude],
         algorithm_configs=algorithms(
             decoder_layers, pairs, groups,
-            _rotation(decoder_layers, shared_expert, deltanet, **(rotation_roles or {})) if with_rotation else None,
+            _rotation(decoder_layers, shared_expert, dense_blocks, deltanet, **(rotation_roles or {}))
+            if with_rotation
+            else None,
         ),
     )
 
 
-def _rotation(decoder_layers: str, shared_expert: bool, deltanet: list[str] | None = None, **roles: Any
-              ) -> RotationConfig:
+def _rotation(decoder_layers: str, shared_expert: bool, dense_blocks: bool, deltanet: list[str] | None = None,
+              **roles: Any) -> RotationConfig:
     """Rotation roles of a MoE block (and of a dense ``mlp_only_layers`` block); ``deltanet``: the
     Gated-DeltaNet blocks' input projections (they read the stream, ``linear_attn.out_proj`` writes it;
     no R2, those blocks have no V); ``roles``: other :class:`RotationConfig` fields (a multimodal
@@ -122,8 +125,10 @@ def _rotation(decoder_layers: str, shared_expert: bool, deltanet: list[str] | No
         }
     return rotation(
         decoder_layers,
-        mlp_inputs=["mlp.gate_proj", "mlp.up_proj", "mlp.gate", "mlp.experts", *(shared if shared_expert else [])],
-        mlp_outputs=["mlp.down_proj", "mlp.experts", *(["mlp.shared_expert.down_proj"] if shared_expert else [])],
+        mlp_inputs=[*(["mlp.gate_proj", "mlp.up_proj"] if dense_blocks else []), "mlp.gate", "mlp.experts",
+                    *(shared if shared_expert else [])],
+        mlp_outputs=[*(["mlp.down_proj"] if dense_blocks else []), "mlp.experts",
+                     *(["mlp.shared_expert.down_proj"] if shared_expert else [])],
         **roles,
     )
 
@@ -153,5 +158,7 @@ TEMPLATES = [
         dense_blocks=False,
         deltanet=_DELTANET_QWEN3_5,
         exclude=_VISION,
+        with_rotation=True,
+        rotation_roles=multimodal_rotation_roles("model.language_model", ["model.visual.merger.linear_fc2"]),
     ),
 ]
