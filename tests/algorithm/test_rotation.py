@@ -458,7 +458,7 @@ MOE_ROTATION = ["dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_d
 def test_rotation_defaults_exist_for_the_pre_norm_templates():
     assert _types_with_rotation_defaults() == [
         "cohere", "dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa",
-        "gpt_oss", "granitemoehybrid", "kimi_k25", "llama", "llama4", "minimax_m2", "minimax_m3_vl", "mistral",
+        "gptj", "gpt_oss", "granitemoehybrid", "kimi_k25", "llama", "llama4", "minimax_m2", "minimax_m3_vl", "mistral",
         "mixtral", "mllama", "olmo", "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_next",
         "qwen3_vl_moe", "qwen3_5_moe"]
 
@@ -729,7 +729,7 @@ def test_rotation_reduces_w8a8_error_of_moe_models(model_type, batches):
     assert errors[True] < 0.7 * errors[False]
 
 
-LAYER_NORM_ROTATION = ["cohere", "dbrx", "olmo", "opt", "phi"]
+LAYER_NORM_ROTATION = ["cohere", "dbrx", "gptj", "olmo", "opt", "phi"]
 
 
 def _layer_norm_model(model_type: str) -> nn.Module:
@@ -741,12 +741,15 @@ def _layer_norm_model(model_type: str) -> nn.Module:
     model = build_model(model_type)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
+        norms = {f"{n}.{p}" for n, m in model.named_modules() if "LayerNorm" in type(m).__name__
+                 for p, _ in m.named_parameters(recurse=False)}
         for name, p in model.named_parameters():
-            if "norm" in name and p.dim() == 1:
+            if name in norms:
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5 if name.endswith("weight")
                         else torch.randn(p.shape, generator=g) * 0.3)
             elif ("embed" in name or "wte" in name) and p.dim() == 2:
                 p.add_(torch.randn(1, p.shape[1], generator=g))
+    assert norms or model_type == "olmo"  # (OLMo's LayerNorms have no parameters)
     return model
 
 
@@ -767,9 +770,11 @@ def test_layer_norm_rotation_keeps_the_float_model(model_type, r4, batches):
         E, E_rot = (m.get_submodule(path).weight.detach() for m in (reference, model))
         assert torch.allclose(E_rot.mean(-1), E.mean(-1), atol=1e-6)
         assert _rel(E_rot, E) > 0.5
-    kept = {config.final_norm} if model_type == "opt" else set()
+    # a bias stays in its norm (rotated) where a reader has no bias to take it: OPT's lm_head, GPT-J's q/k/v
+    blocks = config.model_decoder_layers
+    kept = {"opt": {config.final_norm}, "gptj": {f"{blocks}.0.ln_1", f"{blocks}.1.ln_1"}}.get(model_type, set())
     norms = [(n, m) for n, m in model.named_modules() if "LayerNorm" in type(m).__name__]
-    assert len(norms) == 1 + 2 * 2 - (model_type in ("cohere", "phi")) * 2  # parallel blocks: one norm each
+    assert len(norms) == 1 + 2 * 2 - (model_type in ("cohere", "gptj", "phi")) * 2  # parallel blocks: one norm each
     for name, norm in norms:
         if isinstance(getattr(norm, "weight", None), torch.Tensor):
             assert torch.equal(norm.weight, torch.ones_like(norm.weight)), name

@@ -14,7 +14,7 @@ smaller range. Where the rotations go:
   down_proj) ``W <- Qᵀ W`` (and its bias ``b <- b Q``). In MoE blocks the router's weight and each
   fused expert's gate/up matrix read the stream, each expert's down matrix (and bias) writes it:
   routing logits and every expert's output are unchanged, so is the mixture.
-- **LayerNorm streams** (OPT, Phi-1/2, Cohere, DBRX, OLMo): a LayerNorm subtracts the mean first,
+- **LayerNorm streams** (OPT, Phi-1/2, GPT-J, Cohere, DBRX, OLMo): a LayerNorm subtracts the mean first,
   ``LN(x) = norm(x M)`` with the centring projection ``M = I - u uᵀ`` (``u`` the unit all-ones
   vector), and a Hadamard ``Q`` does not commute with ``M``. An orthogonal ``Q`` with ``Q u = u``
   does (it maps ``u`` and ``u⊥`` to themselves), so ``LN(x Q) = LN(x) Q`` once the norm's weight and
@@ -23,7 +23,7 @@ smaller range. Where the rotations go:
   reaches the same end by centring every write into the stream and replacing the LayerNorms by
   RMSNorms; keeping ``u`` fixed instead leaves the stream's mean in place and the norms LayerNorms,
   so the checkpoint keeps its architecture. A norm's bias folds into its readers' biases (``c <- c
-  + W b``) or, where a reader has none (OPT's lm_head), stays in the norm as ``(b / w) Q``. RMSNorm
+  + W b``) or, where a reader has none (OPT's lm_head, GPT-J's q/k/v), stays in the norm as ``(b / w) Q``. RMSNorm
   and LayerNorm streams cannot be mixed.
 - **R2** (head size, offline): per head, V's output ``v_h <- v_h H`` (v_proj's rows, or the value
   rows of a fused ``[q; k; v]`` projection with ``fused_qkv``) and o_proj's input columns of that
