@@ -861,3 +861,15 @@ def test_a_rotation_that_changes_the_float_model_is_refused():
                                          r"batch moved by .*post-norm"):
         quantize_gemma2(None)
     quantize_gemma2(0.0)
+
+
+def test_a_large_one_plus_weight_in_bfloat16_is_told_from_a_plain_weight():
+    """In bfloat16 a weight near 40 fits both ``w`` and ``1 + w`` within the probe's tolerance: the
+    closer one (``1 + w``) is chosen."""
+    from quark.torch.algorithm.rotation import norm_kind
+
+    g = torch.Generator().manual_seed(0)
+    norm = _OnePlusRMSNorm(40 + torch.rand(256, generator=g)).to(torch.bfloat16)
+    assert norm_kind(norm, "norm", 256) == ("rms", 1.0)
+    plain = _BiasedRMSNorm(40 + torch.rand(256, generator=g), torch.zeros(256)).to(torch.bfloat16)
+    assert norm_kind(plain, "norm", 256) == ("rms", 0.0)

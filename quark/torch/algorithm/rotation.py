@@ -155,6 +155,7 @@ def norm_kind(norm: nn.Module, path: str, hidden: int) -> tuple[str, float]:
     xd = x.double()
     centered = xd - xd.mean(-1, keepdim=True)
     tol = 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
+    fits = []  # (relative residual, kind, offset) of every candidate within the tolerance
     for kind, base in (("rms", xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True))),
                        ("layer", centered * torch.rsqrt(centered.pow(2).mean(-1, keepdim=True)))):
         for offset in (0.0, 1.0) if weight is not None else (0.0,):
@@ -163,8 +164,13 @@ def norm_kind(norm: nn.Module, path: str, hidden: int) -> tuple[str, float]:
                 expected = expected * (offset + weight.double())
             if bias is not None:
                 expected = expected + bias.double()
-            if y.shape == expected.shape and (y - expected).norm() <= tol * expected.norm():
-                return kind, offset
+            if y.shape == expected.shape:
+                residual = float((y - expected).norm() / expected.norm().clamp_min(1e-30))
+                if residual <= tol:
+                    fits.append((residual, kind, offset))
+    if fits:  # the closest: in half precision a large weight w fits both w and 1 + w within the tolerance
+        _, kind, offset = min(fits)
+        return kind, offset
     raise ValueError(
         f"rotation: {path} ({name}) computes neither an RMSNorm (x / rms(x) * weight) nor a LayerNorm "
         "((x - mean) / std * weight + bias) over the hidden size, with weight or (1 + weight) (another "
@@ -637,7 +643,11 @@ class RotationAlgorithm(BlockAlgorithm):
                     "fused_qkv=True a fused [q; k; v] projection) in every block: set r2=False if the model has "
                     "neither"
                 ) from None
-            o_name, o = resolve_role(block, cfg.o_proj, prefix, "r2")
+            v_alts, o_alts = cfg.v_proj.split("|"), cfg.o_proj.split("|")
+            # paired alternatives (self_attn.v_proj|cross_attn.v_proj with self_attn.o_proj|cross_attn.o_proj):
+            # O from the same attention as V
+            o_entry = o_alts[v_alts.index(v_name)] if len(v_alts) == len(o_alts) > 1 else cfg.o_proj
+            o_name, o = resolve_role(block, o_entry, prefix, "r2")
             parent = v_name.rpartition(".")[0]
             head_dim = _head_dim(get_submodule(block, parent) if parent else block, model)
             rows = slice(None)

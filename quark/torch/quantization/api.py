@@ -344,8 +344,8 @@ class ModelQuantizer:
             before = float_check.float_logits(model, probe) if algo.keeps_float_function and probe is not None else None
             algo.prepare_model(model, algo_cfg)
             if before is not None:
-                float_check.check_unchanged(before, float_check.float_logits(model, probe),
-                                            float_check.tolerance(model), algo.name)
+                float_check.check_unchanged(before, float_check.float_logits(model, probe, required=True),
+                                            float_check.tolerances(model), algo.name)
         warn_if_round_to_nearest_follows(algorithms, self._min_weight_bits())
         experts = fused_experts_modules(layers)
         if algorithms and experts:

@@ -8,7 +8,7 @@ Rotation: R1 by a rotation that keeps the all-ones direction (LayerNorms, see
 :mod:`quark.torch.algorithm.rotation`), the block norms' biases folded into q/k/v's and fc1's biases,
 the final norm's kept in the norm (lm_head has no bias), the learned position embeddings rotated with
 the token embeddings; R2 on ``v_proj -> out_proj``; R4 on ``fc2``. OPT-350m (post-norm,
-``project_in``/``project_out``) is refused by name: its embeddings are narrower than the stream.
+``project_in``/``project_out``) is refused before anything changes: it has no ``final_layer_norm``.
 """
 
 from __future__ import annotations
