@@ -25,8 +25,9 @@ smaller range. Where the rotations go:
   so the checkpoint keeps its architecture. A norm's bias folds into its readers' biases (``c <- c
   + W b``) or, where a reader has none (OPT's lm_head, GPT-J's q/k/v), stays in the norm as ``(b / w) Q``. RMSNorm
   and LayerNorm streams cannot be mixed.
-- **R2** (head size, offline): per head, V's output ``v_h <- v_h H`` (v_proj's rows, or the value
-  rows of a fused ``[q; k; v]`` projection with ``fused_qkv``) and o_proj's input columns of that
+- **R2** (head size, offline): per head, V's output ``v_h <- v_h H`` (v_proj's rows, the value
+  rows of a fused ``[q; k; v]`` projection with ``fused_qkv``, or the value part of each head of
+  MLA's ``kv_b_proj`` with ``kv_per_head``) and o_proj's input columns of that
   head ``W_o[:, h] <- W_o[:, h] H``. Attention probabilities mix rows of V,
   so the rotation passes through them; with grouped K/V heads every head uses the same ``H``.
 - **R4** (intermediate size, online): down_proj's input is rotated at run time by a forward
@@ -97,11 +98,25 @@ def rotate_output_side(weight: torch.Tensor, rot: HadamardTransform) -> None:
 
 
 @torch.no_grad()
-def rotate_heads_output(linear: nn.Linear, rot: HadamardTransform, rows: slice = slice(None)) -> None:
+def rotate_heads_output(linear: nn.Linear, rot: HadamardTransform, rows: slice = slice(None),
+                        per_head: tuple[int, int] | None = None) -> None:
     """Per head of size ``rot.n``: ``out_h <- out_h H`` (rows of the weight, and the bias), for the
-    heads in ``rows`` of the output (all of them by default; V's rows of a fused QKV projection)."""
+    heads in ``rows`` of the output (all of them by default; V's rows of a fused QKV projection), or
+    with ``per_head = (block, offset)`` rows ``offset .. offset + n`` of every ``block`` rows (the value
+    part of each head of MLA's ``kv_b_proj``, whose heads hold their key part first)."""
     rot = _transform(rot, linear.weight)
     w = linear.weight[rows]
+    if per_head is not None:
+        block, offset = per_head
+        heads = w.shape[0] // block
+        view = w.view(heads, block, w.shape[1])[:, offset : offset + rot.n]
+        for j in range(0, w.shape[1], _CHUNK):
+            part = view[:, :, j : j + _CHUNK]
+            part.copy_(rot(part.double().transpose(1, 2)).transpose(1, 2))
+        if linear.bias is not None:
+            b = linear.bias.view(heads, block)[:, offset : offset + rot.n]
+            b.copy_(rot(b.double()))
+        return
     heads = w.shape[0] // rot.n
     view = w.view(heads, rot.n, w.shape[1])
     for j in range(0, w.shape[1], _CHUNK):
@@ -373,6 +388,19 @@ def _head_dim(attention: nn.Module, model: nn.Module) -> int:
         f"rotation r2: cannot tell the head size of {type(attention).__name__} (no head_dim attribute and no "
         "head_dim / hidden_size + num_attention_heads in the model config); set r2=False"
     )
+
+
+def _value_head_dim(attention: nn.Module, model: nn.Module) -> int:
+    """An MLA attention's value head size: its ``v_head_dim``, else the model config's."""
+    value = getattr(attention, "v_head_dim", None)
+    if not isinstance(value, int):
+        config = getattr(model, "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        value = getattr(text, "v_head_dim", None)
+    if not isinstance(value, int):
+        raise ValueError(f"rotation r2: cannot tell the value head size of {type(attention).__name__} (kv_per_head=True "
+                         "needs a v_head_dim attribute or config field); set r2=False")
+    return value
 
 
 def warn_if_round_to_nearest_follows(algorithms: list[tuple[BlockAlgorithm, AlgoConfig]],
@@ -649,8 +677,24 @@ class RotationAlgorithm(BlockAlgorithm):
             o_entry = o_alts[v_alts.index(v_name)] if len(v_alts) == len(o_alts) > 1 else cfg.o_proj
             o_name, o = resolve_role(block, o_entry, prefix, "r2")
             parent = v_name.rpartition(".")[0]
-            head_dim = _head_dim(get_submodule(block, parent) if parent else block, model)
-            rows = slice(None)
+            attention = get_submodule(block, parent) if parent else block
+            rows, per_head = slice(None), None
+            if cfg.kv_per_head:  # MLA: each head's rows of kv_b_proj are [k_nope; v]
+                head_dim = _value_head_dim(attention, model)
+                heads = o.in_features // head_dim if o.in_features % head_dim == 0 else 0
+                if not heads or v.out_features % heads or v.out_features // heads < head_dim:
+                    raise ValueError(
+                        f"rotation r2: {prefix}.{v_name} has {v.out_features} outputs, not one [key; value] block of "
+                        f"at least the value size {head_dim} per head of {o_name}'s {o.in_features} inputs "
+                        "(kv_per_head=True)"
+                    )
+                block_rows = v.out_features // heads
+                per_head = (block_rows, block_rows - head_dim)
+                if head_dim not in rots:
+                    rots[head_dim] = self._rotation(head_dim, cfg, seed, "r2")
+                pairs.append((v, rows, per_head, o, rots[head_dim]))
+                continue
+            head_dim = _head_dim(attention, model)
             if cfg.fused_qkv:  # [q; k; v]: q as wide as o_proj's input, k and v equally wide
                 kv = (v.out_features - o.in_features) // 2
                 if kv <= 0 or v.out_features != o.in_features + 2 * kv:
@@ -667,11 +711,11 @@ class RotationAlgorithm(BlockAlgorithm):
                 )
             if head_dim not in rots:
                 rots[head_dim] = self._rotation(head_dim, cfg, seed, "r2")
-            pairs.append((v, rows, o, rots[head_dim]))
+            pairs.append((v, rows, per_head, o, rots[head_dim]))
 
         def apply() -> None:
-            for v, rows, o, rot in pairs:
-                rotate_heads_output(v, rot, rows)
+            for v, rows, per_head, o, rot in pairs:
+                rotate_heads_output(v, rot, rows, per_head)
                 rotate_heads_input(o, rot)
 
         return apply

@@ -188,6 +188,9 @@ class RotationConfig(AlgoConfig):
     #: ``v_proj`` is a fused ``[q; k; v]`` projection (output rows: the query heads, as many features as
     #: o_proj's input, then the key heads, then as many value features): R2 rotates its value rows
     fused_qkv: bool = False
+    #: ``v_proj`` holds, head after head, the head's key part and then its value part (MLA's ``kv_b_proj``,
+    #: value size ``v_head_dim``): R2 rotates the value part of each head
+    kv_per_head: bool = False
     o_proj: str = "self_attn.o_proj"
     mlp_norm: str = "post_attention_layernorm"
     mlp_inputs: list[str] = field(default_factory=lambda: ["mlp.gate_proj", "mlp.up_proj"])

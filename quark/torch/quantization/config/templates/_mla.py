@@ -94,8 +94,8 @@ def moe_groups(*, linear_experts: bool = False) -> list[list[str]]:
 def moe_rotation(decoder_layers: str = "model.layers", *, mla: bool = False, no_q_lora: bool = False,
                  indexer: bool = False, **roles: Any) -> RotationConfig:
     """Rotation roles of a DeepSeek-MoE decoder with fused experts (dense first blocks included);
-    ``mla``: MLA attention (R1 through ``q_a_proj`` / ``kv_a_proj_with_mqa``, no R2: V comes out of
-    ``kv_b_proj``), ``no_q_lora``: or ``q_proj`` where a checkpoint has no q-LoRA (DeepSeek-V2-Lite),
+    ``mla``: MLA attention (R1 through ``q_a_proj`` / ``kv_a_proj_with_mqa``; R2 on the value part of
+    each head of ``kv_b_proj``, whose heads hold ``[k_nope; v]``, and ``o_proj``), ``no_q_lora``: or ``q_proj`` where a checkpoint has no q-LoRA (DeepSeek-V2-Lite),
     ``indexer``: the sparse-attention indexer's key and weight projections read the stream too (blocks
     with a shared indexer have none); ``roles``: other :class:`RotationConfig` fields (a multimodal
     model's paths)."""
@@ -103,7 +103,8 @@ def moe_rotation(decoder_layers: str = "model.layers", *, mla: bool = False, no_
     if mla:
         q = [f"{_ATTN}.q_a_proj|{_ATTN}.q_proj"] if no_q_lora else [f"{_ATTN}.q_a_proj"]
         keys = [f"{_ATTN}.indexer.wk", f"{_ATTN}.indexer.weights_proj"] if indexer else []
-        attention = {"attn_inputs": [*q, f"{_ATTN}.kv_a_proj_with_mqa", *keys], "r2": False}
+        attention = {"attn_inputs": [*q, f"{_ATTN}.kv_a_proj_with_mqa", *keys], "v_proj": f"{_ATTN}.kv_b_proj",
+                     "kv_per_head": True}
     return rotation(
         decoder_layers,
         mlp_inputs=["mlp.gate_proj", "mlp.up_proj", "mlp.gate", "mlp.experts",

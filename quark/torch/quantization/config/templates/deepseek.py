@@ -32,7 +32,7 @@ patterns are anchored on ``shared_experts``.
 
 Rotation defaults for DeepSeek-V2 (``q_proj`` or ``q_a_proj``, whichever a block has), V3, V3.2 (the
 indexer's ``wk`` and ``weights_proj`` read the stream too) and Kimi K2.5 (R1 through MLA and the MoE
-MLP, no R2: :func:`._mla.moe_rotation`; Kimi K2.5's image features enter the stream through
+MLP, R2 on ``kv_b_proj``'s value rows: :func:`._mla.moe_rotation`; Kimi K2.5's image features enter the stream through
 ``mm_projector.out_proj``, rotated like the embeddings); none for V4 (its hyper-connections mix
 several residual streams; compressor layers), the remote-code types and DeepSeek-VL2.
 """

@@ -7,7 +7,7 @@ All three use the DeepSeek-MoE layout (dense first blocks, router ``mlp.gate``, 
 reuse the previous block's top-k and have no ``self_attn.indexer``: the indexer-aware norm sites
 then do not apply, which leaves the norm unscaled there rather than scaling it inexactly.
 
-Rotation defaults for GLM-4.5 (R1, R2), GLM-4.7-Flash and GLM-5 (MLA: R1 only; GLM-5's indexer key
+Rotation defaults for GLM-4.5 (R1, R2), GLM-4.7-Flash and GLM-5 (MLA: R2 on ``kv_b_proj``'s value rows; GLM-5's indexer key
 and weight projections read the rotated stream where a block has its own indexer),
 :func:`._mla.moe_rotation`.
 """
