@@ -99,31 +99,21 @@ def rotate_output_side(weight: torch.Tensor, rot: HadamardTransform) -> None:
 
 @torch.no_grad()
 def rotate_heads_output(linear: nn.Linear, rot: HadamardTransform, rows: slice = slice(None),
-                        per_head: tuple[int, int] | None = None) -> None:
+                        block: int | None = None, offset: int = 0) -> None:
     """Per head of size ``rot.n``: ``out_h <- out_h H`` (rows of the weight, and the bias), for the
-    heads in ``rows`` of the output (all of them by default; V's rows of a fused QKV projection), or
-    with ``per_head = (block, offset)`` rows ``offset .. offset + n`` of every ``block`` rows (the value
-    part of each head of MLA's ``kv_b_proj``, whose heads hold their key part first)."""
+    heads in ``rows`` of the output (all of them by default; V's rows of a fused QKV projection).
+    With ``block``, a head is rows ``offset .. offset + n`` of every ``block`` rows (the value part of
+    each head of MLA's ``kv_b_proj``, whose heads hold their key part first)."""
     rot = _transform(rot, linear.weight)
+    block = block or rot.n
     w = linear.weight[rows]
-    if per_head is not None:
-        block, offset = per_head
-        heads = w.shape[0] // block
-        view = w.view(heads, block, w.shape[1])[:, offset : offset + rot.n]
-        for j in range(0, w.shape[1], _CHUNK):
-            part = view[:, :, j : j + _CHUNK]
-            part.copy_(rot(part.double().transpose(1, 2)).transpose(1, 2))
-        if linear.bias is not None:
-            b = linear.bias.view(heads, block)[:, offset : offset + rot.n]
-            b.copy_(rot(b.double()))
-        return
-    heads = w.shape[0] // rot.n
-    view = w.view(heads, rot.n, w.shape[1])
+    heads = w.shape[0] // block
+    view = w.view(heads, block, w.shape[1])[:, offset : offset + rot.n]
     for j in range(0, w.shape[1], _CHUNK):
-        block = view[:, :, j : j + _CHUNK]
-        block.copy_(rot(block.double().transpose(1, 2)).transpose(1, 2))
+        part = view[:, :, j : j + _CHUNK]
+        part.copy_(rot(part.double().transpose(1, 2)).transpose(1, 2))
     if linear.bias is not None:
-        b = linear.bias[rows].view(heads, rot.n)
+        b = linear.bias[rows].view(heads, block)[:, offset : offset + rot.n]
         b.copy_(rot(b.double()))
 
 
@@ -370,17 +360,28 @@ def attach_online_rotation(linear: nn.Linear, rot: HadamardTransform, absorb: bo
 
 
 # -- model-level helpers -----------------------------------------------------------------------------
+def _text_config(model: nn.Module) -> object | None:
+    """The model config's text part (the config itself for a text-only model)."""
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _attention_size(attention: nn.Module, model: nn.Module, name: str) -> int | None:
+    """The integer ``name`` of the attention module, else of the model's text config, else None."""
+    for owner in (attention, _text_config(model)):
+        value = getattr(owner, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
 def _head_dim(attention: nn.Module, model: nn.Module) -> int:
     """The attention head size: the attention module's ``head_dim``, else the model config's
     ``head_dim``, else ``hidden_size // num_attention_heads``."""
-    value = getattr(attention, "head_dim", None)
-    if isinstance(value, int):
+    value = _attention_size(attention, model, "head_dim")
+    if value is not None:
         return value
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    value = getattr(text, "head_dim", None)
-    if isinstance(value, int):
-        return value
+    text = _text_config(model)
     hidden, heads = getattr(text, "hidden_size", None), getattr(text, "num_attention_heads", None)
     if isinstance(hidden, int) and isinstance(heads, int) and heads:
         return hidden // heads
@@ -392,12 +393,8 @@ def _head_dim(attention: nn.Module, model: nn.Module) -> int:
 
 def _value_head_dim(attention: nn.Module, model: nn.Module) -> int:
     """An MLA attention's value head size: its ``v_head_dim``, else the model config's."""
-    value = getattr(attention, "v_head_dim", None)
-    if not isinstance(value, int):
-        config = getattr(model, "config", None)
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        value = getattr(text, "v_head_dim", None)
-    if not isinstance(value, int):
+    value = _attention_size(attention, model, "v_head_dim")
+    if value is None:
         raise ValueError(f"rotation r2: cannot tell the value head size of {type(attention).__name__} (kv_per_head=True "
                          "needs a v_head_dim attribute or config field); set r2=False")
     return value
@@ -463,18 +460,24 @@ def _linear(module: nn.Module, path: str) -> nn.Linear:
     return module
 
 
-def resolve_role(block: nn.Module, entry: str, prefix: str, role: str) -> tuple[str, nn.Linear]:
-    """The linear a block-level role names: ``entry`` is a path, or ``a|b`` alternatives of which the
-    first the block has is taken (a hybrid model's blocks write the stream through ``self_attn.o_proj``
-    or ``mamba.out_proj``)."""
-    names = entry.split("|")
-    for n in names:
+def find_role(block: nn.Module, entry: str) -> tuple[str, nn.Module] | None:
+    """``(path, module)`` of a block-level role: ``entry`` is a path, or ``a|b`` alternatives of which
+    the first the block has is taken (a hybrid model's blocks write the stream through
+    ``self_attn.o_proj`` or ``mamba.out_proj``); None when the block has none of them."""
+    for n in entry.split("|"):
         try:
-            module = get_submodule(block, n)
+            return n, get_submodule(block, n)
         except ValueError:
             continue
-        return n, _linear(module, f"{prefix}.{n}")
-    raise ValueError(f"rotation {role}: block {prefix} has no {' or '.join(repr(n) for n in names)}")
+    return None
+
+
+def resolve_role(block: nn.Module, entry: str, prefix: str, role: str) -> tuple[str, nn.Linear]:
+    """The linear a role every block must have names (:func:`find_role`)."""
+    found = find_role(block, entry)
+    if found is None:
+        raise ValueError(f"rotation {role}: block {prefix} has no {' or '.join(repr(n) for n in entry.split('|'))}")
+    return found[0], _linear(found[1], f"{prefix}.{found[0]}")
 
 
 #: R4's random signs are drawn with ``RotationConfig.seed + R4_SEED_OFFSET`` (R1: +0, R2: +1)
@@ -595,14 +598,10 @@ class RotationAlgorithm(BlockAlgorithm):
                 differ)."""
                 out = []
                 for entry in names:
-                    for n in entry.split("|"):  # alternatives: the first one the block has
-                        try:
-                            module = get_submodule(block, n)
-                        except ValueError:
-                            continue
+                    role = find_role(block, entry)
+                    if role is not None:
                         found.add(entry)
-                        out.append(StreamModule(module, f"{prefix}.{n}", writes))
-                        break
+                        out.append(StreamModule(role[1], f"{prefix}.{role[0]}", writes))
                 return out
 
             attn_norm, mlp_norm = sub(cfg.attn_norm), sub(cfg.mlp_norm)
@@ -678,7 +677,7 @@ class RotationAlgorithm(BlockAlgorithm):
             o_name, o = resolve_role(block, o_entry, prefix, "r2")
             parent = v_name.rpartition(".")[0]
             attention = get_submodule(block, parent) if parent else block
-            rows, per_head = slice(None), None
+            rows, block_rows, offset = slice(None), None, 0  # where V's heads sit (rotate_heads_output)
             if cfg.kv_per_head:  # MLA: each head's rows of kv_b_proj are [k_nope; v]
                 head_dim = _value_head_dim(attention, model)
                 heads = o.in_features // head_dim if o.in_features % head_dim == 0 else 0
@@ -689,33 +688,30 @@ class RotationAlgorithm(BlockAlgorithm):
                         "(kv_per_head=True)"
                     )
                 block_rows = v.out_features // heads
-                per_head = (block_rows, block_rows - head_dim)
-                if head_dim not in rots:
-                    rots[head_dim] = self._rotation(head_dim, cfg, seed, "r2")
-                pairs.append((v, rows, per_head, o, rots[head_dim]))
-                continue
-            head_dim = _head_dim(attention, model)
-            if cfg.fused_qkv:  # [q; k; v]: q as wide as o_proj's input, k and v equally wide
-                kv = (v.out_features - o.in_features) // 2
-                if kv <= 0 or v.out_features != o.in_features + 2 * kv:
+                offset = block_rows - head_dim
+            else:
+                head_dim = _head_dim(attention, model)
+                if cfg.fused_qkv:  # [q; k; v]: q as wide as o_proj's input, k and v equally wide
+                    kv = (v.out_features - o.in_features) // 2
+                    if kv <= 0 or v.out_features != o.in_features + 2 * kv:
+                        raise ValueError(
+                            f"rotation r2: {prefix}.{v_name} has {v.out_features} outputs, not {o.in_features} query "
+                            f"features ({o_name}'s inputs) plus two equal key and value parts (fused_qkv=True)"
+                        )
+                    rows = slice(o.in_features + kv, v.out_features)
+                width = v.out_features if rows.start is None else rows.stop - rows.start
+                if width % head_dim or o.in_features % head_dim:
                     raise ValueError(
-                        f"rotation r2: {prefix}.{v_name} has {v.out_features} outputs, not {o.in_features} query "
-                        f"features ({o_name}'s inputs) plus two equal key and value parts (fused_qkv=True)"
+                        f"rotation r2: {prefix}: head size {head_dim} does not divide {v_name}'s value outputs "
+                        f"({width}) and {o_name}'s inputs ({o.in_features})"
                     )
-                rows = slice(o.in_features + kv, v.out_features)
-            width = v.out_features if rows.start is None else rows.stop - rows.start
-            if width % head_dim or o.in_features % head_dim:
-                raise ValueError(
-                    f"rotation r2: {prefix}: head size {head_dim} does not divide {v_name}'s value outputs "
-                    f"({width}) and {o_name}'s inputs ({o.in_features})"
-                )
             if head_dim not in rots:
                 rots[head_dim] = self._rotation(head_dim, cfg, seed, "r2")
-            pairs.append((v, rows, per_head, o, rots[head_dim]))
+            pairs.append((v, rows, block_rows, offset, o, rots[head_dim]))
 
         def apply() -> None:
-            for v, rows, per_head, o, rot in pairs:
-                rotate_heads_output(v, rot, rows, per_head)
+            for v, rows, block_rows, offset, o, rot in pairs:
+                rotate_heads_output(v, rot, rows, block_rows, offset)
                 rotate_heads_input(o, rot)
 
         return apply
