@@ -56,7 +56,8 @@ class AutoSmoothQuant(BlockAlgorithm):
             candidates = [torch.ones_like(absmax)] + [
                 smooth_candidate(site, absmax, a, config.scale_clamp_min) for a in alphas
             ]
-            evaluator = ScaleEvaluator(site, data, samples, config.compute_scale_loss)
+            evaluator = ScaleEvaluator(site, data, samples, config.compute_scale_loss,
+                                        search_dtype=config.search_dtype)
             best, losses = search(evaluator, candidates)
             logger.debug("autosmoothquant block %d %s: %s loss %.3g (no smoothing %.3g)", ctx.index,
                          site.describe(), "no smoothing" if best == 0 else f"alpha={alphas[best - 1]:.2f}",

@@ -25,7 +25,9 @@ GPTQ's). ``w_j`` is the column's value when it is quantized (after the earlier c
 in the paper's sequential algorithm. ``alpha`` scales ``D`` (the paper's ``alpha``, default 0.25):
 ``alpha = 0`` is GPTQ exactly. ``H`` is damped by ``damp_percent`` as in GPTQ; act-order permutes
 ``D`` with ``H``. The float stream ``X`` is the block's float inputs (``ctx.float_hidden``) through
-the block's original weights with every quantizer off.
+the block's original weights with every quantizer off. ``D``'s products run in the config's
+``cross_term_dtype`` (bfloat16 by default where the hardware multiplies it natively; :mod:`.precision`),
+``H``'s in float32.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ class GPTAQ(GPTQ):
     name = "gptaq"
     needs_float_stream = True
 
-    def new_stats(self) -> dict[str, Gram]:
-        return {"H": Gram(), "D": Gram()}
+    def new_stats(self, cross_dtype: torch.dtype | None = None) -> dict[str, Gram]:
+        return {"H": Gram(), "D": Gram(cross_dtype)}
 
     def accumulate(self, stats: dict[str, Gram], x_quant: torch.Tensor, x_float: torch.Tensor | None) -> None:
         stats["H"].add_batch(x_quant)

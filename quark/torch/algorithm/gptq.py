@@ -38,7 +38,7 @@ from quark.torch.quantization.driver import forwards_replaced, module_device, mo
 from quark.torch.quantization.modules import QuantLinear
 from quark.torch.quantization.tensor_quantizer import TensorQuantizer
 
-from . import BlockAlgorithm, BlockContext, quantizers_off, switched_off
+from . import BlockAlgorithm, BlockContext, precision, quantizers_off, switched_off
 from .hessian_solver import Gram, quantize_weight
 
 logger = logging.getLogger(__name__)
@@ -355,8 +355,9 @@ class GPTQ(BlockAlgorithm):
     corrects_weight_error = True  # and so do GPTAQ and Qronos, its subclasses
 
     # -- hooks for the variants ------------------------------------------------------------------
-    def new_stats(self) -> dict[str, Gram]:
-        """Accumulators of one stack of layers sharing an input."""
+    def new_stats(self, cross_dtype: torch.dtype | None = None) -> dict[str, Gram]:
+        """Accumulators of one stack of layers sharing an input (``cross_dtype``: the precision of the
+        cross terms' products, :mod:`.precision`)."""
         return {"H": Gram()}
 
     def accumulate(self, stats: dict[str, Gram], x_quant: torch.Tensor, x_float: torch.Tensor | None) -> None:
@@ -430,6 +431,9 @@ class GPTQ(BlockAlgorithm):
         all_layers = {n: m for g in groups for n, m in g.items()}
         floats = self.float_inputs(ctx, all_layers) if self.needs_float_stream else None
         runner = BlockRunner(ctx)
+        weight = next(iter(all_layers.values())).weight if all_layers else None
+        cross_dtype = None if weight is None or not hasattr(config, "cross_term_dtype") else \
+            precision.resolve(config.cross_term_dtype, weight.device, weight.dtype)
         # the output pass can replay what the last group's pass records unless static activation
         # quantizers (off during these passes) are calibrated in between
         replayable = not _uncalibrated_static(ctx.block)
@@ -440,7 +444,7 @@ class GPTQ(BlockAlgorithm):
                 for b, inputs in enumerate(runner.inputs(group, last=i == len(groups) - 1 and not replayable)):
                     if stacks is None:
                         stacks = shared_inputs(inputs, group)
-                        stats = [self.new_stats() for _ in stacks]
+                        stats = [self.new_stats(cross_dtype) for _ in stacks]
                     for names, st in zip(stacks, stats):
                         xf = None if floats is None else floats[b][names[0]]
                         self.accumulate(st, inputs[names[0]], xf)

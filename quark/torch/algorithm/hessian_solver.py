@@ -62,7 +62,12 @@ class Gram:
     #: about half the speed of a 2048-token one on CPU BLAS for features ~ 500
     FLUSH_TOKENS = 2048
 
-    def __init__(self) -> None:
+    def __init__(self, compute_dtype: torch.dtype | None = None) -> None:
+        #: dtype of the products (None: float32). The sum is float32 either way; bfloat16 rounds the
+        #: inputs and each flushed product to 8 significant bits (relative error up to 2^-8), which is
+        #: fine for a cross term that only corrects (GPTAQ's D, Qronos's drift term) but not for a
+        #: Hessian, whose Cholesky factorisation needs it positive definite
+        self.compute_dtype = compute_dtype
         self._value: torch.Tensor | None = None
         self.tokens = 0
         self._a: torch.Tensor | None = None  # the gathering buffers [FLUSH_TOKENS, features]
@@ -104,7 +109,8 @@ class Gram:
             if self._b is None:  # the first cross term: the earlier rows were symmetric ones
                 self._b = torch.empty(self.FLUSH_TOKENS, (a if b is None else b).shape[1], dtype=torch.float32,
                                       device=a.device)
-                self._b[:self._fill].copy_(self._a[:self._fill])
+                if self._fill:
+                    self._b[:self._fill].copy_(self._a[:self._fill])
             self._b[rows].copy_(a if b is None else b)
         self._fill += m
 
@@ -123,7 +129,11 @@ class Gram:
             self._value = torch.zeros(n, n if b is None else b.shape[1], dtype=torch.float32, device=a.device)
         total = self.tokens + m
         value, alpha = self._value.mul_(self.tokens / total), 2.0 / total
-        if b is not None or n < self.PANEL_MIN_FEATURES:
+        if self.compute_dtype is not None and self.compute_dtype != torch.float32:
+            self._mirror()
+            dt = self.compute_dtype
+            value.add_(torch.mm(a.T.to(dt), (a if b is None else b).to(dt)).float(), alpha=alpha)
+        elif b is not None or n < self.PANEL_MIN_FEATURES:
             self._mirror()  # a full product updates both triangles: they must be complete first
             value.addmm_(a.T, a if b is None else b, alpha=alpha)
         else:

@@ -37,7 +37,9 @@ ones); beta 100 gives 32.4 and 61.4.
 Columns run in natural order (no act-order); a group's qparams are computed when the group is
 reached (by the clipping search of :func:`~.hessian_solver.search_clipped_qparams` when
 ``clip_search_steps`` > 0), the first group's from ``p`` and the original later columns. Statistics
-are float32, and so is the correction solve (float64 when its float32 Cholesky fails).
+are float32 sums, and the correction solve is float32 (float64 when its float32 Cholesky fails);
+``G`` is accumulated as ``H~ + X~^T (X - X~)`` with the drift term's products in the config's
+``cross_term_dtype`` (bfloat16 by default where the hardware multiplies it natively; :mod:`.precision`).
 """
 
 from __future__ import annotations
@@ -117,17 +119,20 @@ class Qronos(GPTQ):
     name = "qronos"
     needs_float_stream = True
 
-    def new_stats(self) -> dict[str, Gram]:
-        return {"H": Gram(), "G": Gram()}
+    def new_stats(self, cross_dtype: torch.dtype | None = None) -> dict[str, Gram]:
+        return {"H": Gram(), "C": Gram(cross_dtype)}
 
     def accumulate(self, stats: dict[str, Gram], x_quant: torch.Tensor, x_float: torch.Tensor | None) -> None:
+        # G = X~^T X = H + X~^T (X - X~): the drift term C alone goes through cross_term_dtype, so its
+        # rounding is relative to the (small) drift, not to G
         stats["H"].add_batch(x_quant)
-        stats["G"].add_batch(x_quant, x_float.to(x_quant.device))
+        stats["C"].add_batch(x_quant, x_float.to(x_quant.device) - x_quant)
 
     def solve_stack(self, weight: torch.Tensor, stats: dict[str, Gram], spec: Any, splits: list[int],
                     config: QronosConfig) -> Solution:
+        H = stats["H"].value
         return qronos_quantize(
-            weight, stats["H"].value, stats["G"].value, spec,
+            weight, H, H + stats["C"].value, spec,
             alpha=config.alpha, beta=config.beta, block_size=config.block_size, row_splits=splits,
             clip_steps=config.clip_search_steps, clip_min=config.clip_search_min,
         )

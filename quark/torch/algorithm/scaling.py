@@ -46,7 +46,7 @@ from quark.torch.quantization.tensor_quantize import compute_qparams, fake_quant
 from quark.torch.quantization.tensor_quantizer import TensorQuantizer
 from quark.torch.utils.linear import linear
 
-from . import BlockContext, match_modules, quantizers_off
+from . import BlockContext, match_modules, precision, quantizers_off
 from .rotation import online_rotation
 
 logger = logging.getLogger(__name__)
@@ -417,14 +417,19 @@ class ScaleEvaluator:
     ``Q(W diag(s)) / s`` and its input ``Q_act(x / s) * s`` (when it quantizes inputs), so the
     evaluated module sees the original activations. Every other quantizer under the evaluated
     module is off: the error is that of this site's layers only, as in the AWQ paper. Use as a
-    context manager; the layers' weights are restored on exit.
+    context manager; the layers' weights are restored on exit. ``search_dtype`` sets the precision
+    of the candidates' forwards (:mod:`.precision`); the targets stay the float outputs.
     """
 
     def __init__(self, site: Site, data: SiteData, samples: dict[str, torch.Tensor], loss: str = "mse",
-                 max_layer_tokens: int | None = None) -> None:
+                 max_layer_tokens: int | None = None, search_dtype: str = "float32") -> None:
         if loss not in LOSSES:
             raise ValueError(f"compute_scale_loss={loss!r}; allowed: {', '.join(LOSSES)}")
         self.site, self.data, self.loss = site, data, loss
+        weight = next(iter(site.layers.values())).weight
+        #: autocast dtype of the candidates' forwards (:mod:`.precision`; None: the model's own)
+        self.autocast = precision.resolve(search_dtype, weight.device, weight.dtype)
+        self.device = weight.device
         self.original = {name: layer.weight.data for name, layer in site.layers.items()}
         self.act: dict[str, Callable | None] = {}
         self.layer_inputs: dict[str, torch.Tensor] = {}
@@ -470,7 +475,7 @@ class ScaleEvaluator:
             self.act[name] = _act_quant(layer, s.to(w.device), self.data.stats)
             layer.weight.data = quantized_scaled_weight(layer, w, s.to(w.device))
         sq, ab, n = 0.0, 0.0, 0
-        with torch.no_grad():
+        with torch.no_grad(), precision.search_autocast(self.autocast, self.device):
             if self.site.inspect is not None:
                 for (args, kwargs), target in zip(self.data.calls, self.data.targets):
                     out = _first_tensor(self.site.inspect(*args, **kwargs))

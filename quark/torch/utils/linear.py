@@ -10,8 +10,8 @@ multiply-adds) MKL's lower call overhead wins. Whole runs gain less and unevenly
 matrices, attention and element-wise work are unchanged.
 
 oneDNN's op has no autograd, so it is used only where no gradient is wanted; otherwise (and for
-other devices, dtypes, small products, or with ``QUARK_ONEDNN_LINEAR=0`` in the environment) this
-is ``F.linear``. Both are float32 products with float32 accumulation; they differ only in summation
+other devices, dtypes, small products, under autocast, or with ``QUARK_ONEDNN_LINEAR=0`` in the
+environment) this is ``F.linear``. Both are float32 products with float32 accumulation; they differ only in summation
 order (relative differences around 1e-6).
 """
 
@@ -40,6 +40,8 @@ _ONEDNN = _available()
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if torch.is_autocast_enabled("cpu"):  # F.linear follows the autocast dtype; oneDNN's op would not
         return False
     if weight.device.type != "cpu" or weight.dim() != 2 or x.dim() < 2 or x.shape[-1] != weight.shape[1]:
         return False

@@ -69,6 +69,18 @@ class _ScalingConfig(AlgoConfig):
         self.scaling_layers = [ScalingPair.from_any(p) for p in self.scaling_layers]
 
 
+#: accepted values of ``search_dtype`` (AWQ, AutoSmoothQuant) and ``cross_term_dtype`` (GPTAQ, Qronos):
+#: the precision of work whose rounding cannot change the result much (``quark.torch.algorithm.precision``)
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+
+
+def check_dtype_choice(config: AlgoConfig, field_name: str) -> None:
+    value = getattr(config, field_name)
+    if value not in DTYPE_CHOICES:
+        raise ValueError(f"{type(config).__name__}.{field_name}={value!r}; "
+                         f"allowed: {', '.join(map(repr, DTYPE_CHOICES))}")
+
+
 @dataclass
 class AWQConfig(_ScalingConfig):
     """Activation-aware Weight Quantization (Lin et al. 2023, arXiv:2306.00978)."""
@@ -82,6 +94,13 @@ class AWQConfig(_ScalingConfig):
     #: holds for q/k as well, and clipping them measured better on SmolLM2 uint4_wo_64 (32.71 -> 32.49
     #: ppl). ``["*q_proj", "*k_proj", "*q_a_proj", "*q_b_proj"]`` restores AutoAWQ's choice.
     clip_exclude: list[str] = field(default_factory=list)
+    #: precision of the scale search's candidate forwards: "auto" (bfloat16 autocast for a float32
+    #: model where bfloat16 products are fast), "float32" or "bfloat16" (``quark.torch.algorithm.precision``)
+    search_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_dtype_choice(self, "search_dtype")
 
 
 @dataclass
@@ -102,6 +121,12 @@ class AutoSmoothQuantConfig(_ScalingConfig):
     compute_scale_loss: str = "mse"
     num_grid: int = 20
     scale_clamp_min: float = 1e-3
+    #: precision of the alpha search's candidate forwards (see ``AWQConfig.search_dtype``)
+    search_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_dtype_choice(self, "search_dtype")
 
 
 @dataclass
@@ -129,6 +154,12 @@ class GPTAQConfig(GPTQConfig):
 
     name: ClassVar[str] = "gptaq"
     alpha: float = 0.25
+    #: precision of the products accumulating the drift term D: "auto" (bfloat16 for float32
+    #: activations where bfloat16 products are fast), "float32" or "bfloat16"; H is always float32
+    cross_term_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_dtype_choice(self, "cross_term_dtype")
 
 
 @dataclass
@@ -149,6 +180,12 @@ class QronosConfig(AlgoConfig):
     clip_search_steps: int = 20
     clip_search_min: float = 0.6
     inside_layer_modules: list[list[str]] = field(default_factory=list)
+    #: precision of the products accumulating the drift term ``X~^T (X - X~)`` (G is H~ plus it); see
+    #: ``GPTAQConfig.cross_term_dtype``
+    cross_term_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_dtype_choice(self, "cross_term_dtype")
 
 
 @dataclass
