@@ -26,7 +26,7 @@ in the paper's sequential algorithm. ``alpha`` scales ``D`` (the paper's ``alpha
 ``alpha = 0`` is GPTQ exactly. ``H`` is damped by ``damp_percent`` as in GPTQ; act-order permutes
 ``D`` with ``H``. The float stream ``X`` is the block's float inputs (``ctx.float_hidden``) through
 the block's original weights with every quantizer off. ``D``'s products run in the config's
-``cross_term_dtype`` (bfloat16 by default where the hardware multiplies it natively; :mod:`.precision`),
+``cross_term_dtype`` (float32 by default; bfloat16 is faster and less accurate, :mod:`.precision`),
 ``H``'s in float32.
 """
 

@@ -39,7 +39,7 @@ reached (by the clipping search of :func:`~.hessian_solver.search_clipped_qparam
 ``clip_search_steps`` > 0), the first group's from ``p`` and the original later columns. Statistics
 are float32 sums, and the correction solve is float32 (float64 when its float32 Cholesky fails);
 ``G`` is accumulated as ``H~ + X~^T (X - X~)`` with the drift term's products in the config's
-``cross_term_dtype`` (bfloat16 by default where the hardware multiplies it natively; :mod:`.precision`).
+``cross_term_dtype`` (float32 by default; bfloat16 is faster and less accurate, :mod:`.precision`).
 """
 
 from __future__ import annotations
