@@ -44,7 +44,7 @@ from quark.torch.quantization.config.algo_configs import DTYPE_CHOICES
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
