@@ -158,7 +158,8 @@ class AWQ(BlockAlgorithm):
         scales = []
         for site, data in zip(sites, datas):
             candidates = awq_candidates(data.stats.absmean, config.num_grid)
-            best, losses = search(ScaleEvaluator(site, data, samples, "mse", search_dtype=config.search_dtype), candidates)
+            evaluator = ScaleEvaluator(site, data, samples, "mse", search_dtype=config.search_dtype)
+            best, losses = search(evaluator, candidates)
             logger.debug("awq block %d %s: alpha=%.2f loss %.3g (rounding %.3g)", ctx.index, site.describe(),
                          best / config.num_grid, losses[best], losses[0])
             scales.append(candidates[best] if best else None)

@@ -432,8 +432,8 @@ class GPTQ(BlockAlgorithm):
         floats = self.float_inputs(ctx, all_layers) if self.needs_float_stream else None
         runner = BlockRunner(ctx)
         weight = next(iter(all_layers.values())).weight if all_layers else None
-        cross_dtype = None if weight is None or not hasattr(config, "cross_term_dtype") else \
-            precision.resolve(config.cross_term_dtype, weight.device, weight.dtype)
+        cross_dtype = None if weight is None else \
+            precision.resolve(getattr(config, "cross_term_dtype", "float32"), weight.device, weight.dtype)
         # the output pass can replay what the last group's pass records unless static activation
         # quantizers (off during these passes) are calibrated in between
         replayable = not _uncalibrated_static(ctx.block)
