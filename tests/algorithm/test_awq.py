@@ -147,6 +147,10 @@ def test_clip_layer_never_increases_the_output_error():
     assert (ratios[..., 0] != ratios[..., 1]).any()  # some groups clip one end more than the other
     after = err()
     assert after < before
+    # the weight is clamped to exactly the chosen ranges (the search clamps with maximum / minimum)
+    lo, hi = w0.view(32, 4, 32).amin(-1), w0.view(32, 4, 32).amax(-1)
+    expected = torch.clamp(w0.view(32, 4, 32), (lo * ratios[..., 0])[..., None], (hi * ratios[..., 1])[..., None])
+    assert torch.equal(layer.weight.detach(), expected.reshape(32, 128))
     with torch.no_grad():  # the refinement of each end alone improves on clipping both ends together
         layer.weight.copy_(w0)
     clip_layer(layer, x, num_grid=20, refine_rounds=0)

@@ -103,9 +103,14 @@ def clip_layer(layer: QuantLinear, x: torch.Tensor, num_grid: int, max_shrink: f
     use_gram = g <= xg.shape[1]
     gram = xg.transpose(1, 2) @ xg if use_gram else None  # [G, g, g]
 
+    def clamped(r_lo: torch.Tensor, r_hi: torch.Tensor) -> torch.Tensor:
+        """``torch.clamp(wg, lo * r_lo, hi * r_hi)`` per group, as maximum then minimum: the same values
+        (also where the bounds cross) at about 4x the speed of clamp's broadcast-tensor kernel on CPU."""
+        return torch.minimum(torch.maximum(wg, (lo * r_lo)[..., None]), (hi * r_hi)[..., None]).reshape(n, k)
+
     def error(r_lo: torch.Tensor, r_hi: torch.Tensor) -> torch.Tensor:
         """Output error per (row, group) of the weight clamped to the ratios' ranges, quantized."""
-        clipped = torch.clamp(wg, (lo * r_lo)[..., None], (hi * r_hi)[..., None]).reshape(n, k).to(w.dtype)
+        clipped = clamped(r_lo, r_hi).to(w.dtype)
         d = (fake_quantize(clipped, spec).float() - wf).view(n, groups, g).transpose(0, 1)  # [G, n, g]
         if use_gram:
             return ((d @ gram) * d).sum(-1).t()
@@ -132,7 +137,7 @@ def clip_layer(layer: QuantLinear, x: torch.Tensor, num_grid: int, max_shrink: f
         for r in ratios:
             consider(torch.full_like(lo, r), fixed_hi)
     with torch.no_grad():
-        layer.weight.copy_(torch.clamp(wg, (lo * best_lo)[..., None], (hi * best_hi)[..., None]).reshape(n, k))
+        layer.weight.copy_(clamped(best_lo, best_hi))
     return torch.stack([best_lo, best_hi], -1)
 
 
