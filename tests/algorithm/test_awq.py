@@ -13,8 +13,9 @@ from quark.torch.algorithm.awq import awq_candidates, clip_layer
 from quark.torch.algorithm.scaling import Site, fold
 from quark.torch.quantization.api import ModelQuantizer
 from quark.torch.quantization.config.algo_configs import AWQConfig, ScalingPair
-from quark.torch.quantization.config.config import QLayerConfig, Uint4PerGroupSpec
+from quark.torch.quantization.config.config import Int4PerChannelSpec, QLayerConfig, Uint4PerGroupSpec
 from quark.torch.quantization.modules import QuantLinear
+from quark.torch.quantization.tensor_quantize import fake_quantize
 from tests.helpers import tiny_llama, token_batches
 
 
@@ -155,6 +156,62 @@ def test_clip_layer_never_increases_the_output_error():
         layer.weight.copy_(w0)
     clip_layer(layer, x, num_grid=20, refine_rounds=0)
     assert after < err()
+
+
+def _exhaustive_clip(w: torch.Tensor, x: torch.Tensor, spec, g: int, num_grid: int, rounds: int = 2):
+    """Reference coordinate descent of clip_layer, every group evaluated in every sweep, errors from
+    the quantized weight's outputs on x (no Gram matrices)."""
+    n, k = w.shape
+    wg = w.view(n, k // g, g)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+
+    def error(r_lo, r_hi):
+        clipped = torch.clamp(wg, (lo * r_lo)[..., None], (hi * r_hi)[..., None]).reshape(n, k)
+        d = (fake_quantize(clipped, spec) - w).view(n, k // g, g)
+        return torch.einsum("tjg,njg->tnj", x.view(-1, k // g, g).double(), d.double()).pow(2).sum(0)
+
+    best_lo, best_hi = torch.ones_like(lo), torch.ones_like(hi)
+    best = error(best_lo, best_hi)
+    ratios = [1.0 - 0.5 * i / num_grid for i in range(1, num_grid)]
+
+    def consider(r_lo, r_hi):
+        nonlocal best, best_lo, best_hi
+        err = error(r_lo, r_hi)
+        better = err < best * (1 - 1e-9)
+        best = torch.where(better, err, best)
+        best_lo, best_hi = torch.where(better, r_lo, best_lo), torch.where(better, r_hi, best_hi)
+
+    for r in ratios:
+        consider(torch.full_like(lo, r), torch.full_like(hi, r))
+    for _ in range(rounds):
+        fixed = best_lo
+        for r in ratios:
+            consider(fixed, torch.full_like(hi, r))
+        fixed = best_hi
+        for r in ratios:
+            consider(torch.full_like(lo, r), fixed)
+    return torch.stack([best_lo, best_hi], -1)
+
+
+@pytest.mark.parametrize("spec_cls,kwargs,tokens", [(Uint4PerGroupSpec, {"group_size": 16}, 512),
+                                                    (Uint4PerGroupSpec, {"group_size": 32}, 16),  # no Gram
+                                                    (Int4PerChannelSpec, {}, 512)])
+def test_clip_layer_skips_only_sweeps_that_cannot_win(spec_cls, kwargs, tokens):
+    """From the second round on, clip_layer re-searches only the groups whose other end moved: the
+    ranges it picks are those of the exhaustive coordinate descent (float64 errors, every group in
+    every sweep)."""
+    torch.manual_seed(1)
+    spec = spec_cls(**kwargs).to_quantization_spec()
+    layer = QuantLinear(64, 24, False, QLayerConfig(weight=spec))
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.weight[:, 5] *= 6
+    x = torch.randn(tokens, 64) * torch.linspace(0.2, 2.0, 64)
+    w0 = layer.weight.detach().clone()
+    ratios = clip_layer(layer, x, num_grid=10)
+    expected = _exhaustive_clip(w0, x, spec, kwargs.get("group_size", 64), num_grid=10)
+    assert (ratios != 1).any() and (ratios[..., 0] != ratios[..., 1]).any()  # both kinds of steps won
+    assert torch.equal(ratios, expected)
 
 
 def test_gqa_v_to_o_pair_is_skipped_with_a_log_line(batches, caplog):

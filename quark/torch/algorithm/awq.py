@@ -88,7 +88,9 @@ def clip_layer(layer: QuantLinear, x: torch.Tensor, num_grid: int, max_shrink: f
     then ``refine_rounds`` rounds of the high end alone and the low end alone (coordinate descent: a
     group whose largest and smallest weights are not equally extreme may want only one end clipped).
     Every step keeps a group's range unless the error drops, so the result never does worse than the
-    unclipped weight on ``x``."""
+    unclipped weight on ``x``. From the second round on, a sweep skips the groups whose other end has
+    not moved since that end's last sweep (it would evaluate the same pairs again): the same result
+    as evaluating every group, with about a third fewer evaluations."""
     g = _clip_groups(layer)
     if g is None:
         raise ValueError("clip_layer needs a per-group or per-row weight quantizer")
@@ -97,47 +99,94 @@ def clip_layer(layer: QuantLinear, x: torch.Tensor, num_grid: int, max_shrink: f
     n, k = w.shape
     groups = k // g
     wf = w.float()
-    wg = wf.view(n, groups, g)
-    lo, hi = wg.amin(-1), wg.amax(-1)  # [n, G]
+    # one quantization group per row, group-major (item j * n + r is group j of row r): a selection of
+    # items in increasing order is sorted by group, and all items are one contiguous block per group
+    flat = wf.view(n, groups, g).transpose(0, 1).reshape(groups * n, g)
+    lo, hi = flat.amin(-1), flat.amax(-1)  # [G * n]
     xg = x.float().reshape(-1, groups, g).transpose(0, 1)  # [G, T, g]
     use_gram = g <= xg.shape[1]
     gram = xg.transpose(1, 2) @ xg if use_gram else None  # [G, g, g]
 
-    def clamped(r_lo: torch.Tensor, r_hi: torch.Tensor) -> torch.Tensor:
-        """``torch.clamp(wg, lo * r_lo, hi * r_hi)`` per group, as maximum then minimum: the same values
-        (also where the bounds cross) at about 4x the speed of clamp's broadcast-tensor kernel on CPU."""
-        return torch.minimum(torch.maximum(wg, (lo * r_lo)[..., None]), (hi * r_hi)[..., None]).reshape(n, k)
+    def select(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, list[int], torch.Tensor]:
+        """The items of ``mask`` ([G * n]; None: all, as ``None``), the count per group, and their
+        weights ``[m, g]``."""
+        if mask is None:
+            return None, [n] * groups, flat
+        items = mask.nonzero().squeeze(1)
+        return items, torch.bincount(items // n, minlength=groups).tolist(), flat[items]
 
-    def error(r_lo: torch.Tensor, r_hi: torch.Tensor) -> torch.Tensor:
-        """Output error per (row, group) of the weight clamped to the ratios' ranges, quantized."""
-        clipped = clamped(r_lo, r_hi).to(w.dtype)
-        d = (fake_quantize(clipped, spec).float() - wf).view(n, groups, g).transpose(0, 1)  # [G, n, g]
-        if use_gram:
-            return ((d @ gram) * d).sum(-1).t()
-        return (xg @ d.transpose(1, 2)).pow(2).sum(1).t()
+    def error(sel: tuple, r_lo: torch.Tensor, r_hi: torch.Tensor) -> torch.Tensor:
+        """Output error of the selected groups clamped to ``[lo r_lo, hi r_hi]`` and quantized ([m])."""
+        items, counts, wi = sel
+        low = (lo if items is None else lo[items]) * r_lo
+        high = (hi if items is None else hi[items]) * r_hi
+        # torch.clamp as maximum then minimum: the same values (also where the bounds cross) at about
+        # 4x the speed of clamp's broadcast-tensor kernel on CPU
+        clipped = torch.minimum(torch.maximum(wi, low[:, None]), high[:, None])
+        d = fake_quantize(clipped.to(w.dtype), spec).float() - wi  # [m, g]: one group per row
+        if items is None:  # every group: one batched product
+            d = d.view(groups, n, g)
+            return (((d @ gram) * d).sum(-1) if use_gram else (xg @ d.transpose(1, 2)).pow(2).sum(1)).reshape(-1)
+        out = []
+        for j, dj in enumerate(d.split(counts)):
+            if dj.shape[0]:
+                out.append(((dj @ gram[j]) * dj).sum(-1) if use_gram else (xg[j] @ dj.t()).pow(2).sum(0))
+        return torch.cat(out)
 
+    every = select(None)
     best_lo, best_hi = torch.ones_like(lo), torch.ones_like(hi)
-    best = error(best_lo, best_hi)
+    best = error(every, best_lo, best_hi)
 
-    def consider(r_lo: torch.Tensor, r_hi: torch.Tensor) -> None:
-        nonlocal best, best_lo, best_hi
-        err = error(r_lo, r_hi)
-        better = err < best
-        best = torch.where(better, err, best)
-        best_lo, best_hi = torch.where(better, r_lo, best_lo), torch.where(better, r_hi, best_hi)
+    def consider(sel: tuple, r_lo: torch.Tensor, r_hi: torch.Tensor) -> None:
+        items = sel[0]
+        err = error(sel, r_lo, r_hi)
+        if items is None:
+            better = err < best
+            best.copy_(torch.where(better, err, best))
+            best_lo.copy_(torch.where(better, r_lo, best_lo))
+            best_hi.copy_(torch.where(better, r_hi, best_hi))
+            return
+        was = best[items]
+        better = err < was
+        best[items] = torch.where(better, err, was)
+        best_lo[items] = torch.where(better, r_lo, best_lo[items])
+        best_hi[items] = torch.where(better, r_hi, best_hi[items])
+
+    def sweep(sel: tuple, end: str) -> None:
+        """Search one end of the selected groups' ranges over the grid, the other end fixed."""
+        items = sel[0]
+        if items is not None and items.numel() == 0:
+            return
+        fixed = (best_lo if end == "hi" else best_hi)
+        fixed = fixed.clone() if items is None else fixed[items]
+        for r in ratios:
+            ratio = torch.full_like(fixed, r)
+            if end == "hi":
+                consider(sel, fixed, ratio)
+            else:
+                consider(sel, ratio, fixed)
 
     ratios = [1.0 - max_shrink * i / num_grid for i in range(1, num_grid)]
     for r in ratios:
-        consider(torch.full_like(lo, r), torch.full_like(hi, r))
-    for _ in range(refine_rounds):
-        fixed_lo = best_lo
-        for r in ratios:
-            consider(fixed_lo, torch.full_like(hi, r))
-        fixed_hi = best_hi
-        for r in ratios:
-            consider(torch.full_like(lo, r), fixed_hi)
+        both = torch.full_like(lo, r)
+        consider(every, both, both)
+    # Coordinate descent. A sweep whose fixed end has not moved since the same end's last sweep would
+    # evaluate the same pairs again, and those cannot win again: from the second round on, a high-end
+    # sweep needs only the groups whose low end the last low-end sweep moved, and a low-end sweep those
+    # whose high end the sweep before it moved (on SmolLM2 about 17% and 2% of the groups)
+    moved_lo = moved_hi = None
+    for round_ in range(refine_rounds):
+        before = best_hi.clone()
+        sweep(every if round_ == 0 else select(moved_lo), "hi")
+        moved_hi = best_hi != before
+        before = best_lo.clone()
+        sweep(every if round_ == 0 else select(moved_hi), "lo")
+        moved_lo = best_lo != before
+    best_lo, best_hi = best_lo.view(groups, n).t(), best_hi.view(groups, n).t()  # [n, G]
+    wg = wf.view(n, groups, g)
     with torch.no_grad():
-        layer.weight.copy_(clamped(best_lo, best_hi))
+        low, high = (wg.amin(-1) * best_lo)[..., None], (wg.amax(-1) * best_hi)[..., None]
+        layer.weight.copy_(torch.minimum(torch.maximum(wg, low), high).reshape(n, k))
     return torch.stack([best_lo, best_hi], -1)
 
 
