@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--top", type=int, default=25, help="functions listed by own time")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--pstats", type=Path, default=None, help="also dump the raw cProfile stats here")
     args = parser.parse_args(argv)
     if args.blocks < 1:
         parser.error(f"--blocks must be at least 1, got {args.blocks}")
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     profiler.disable()
     seconds = time.perf_counter() - t0
     stats = pstats.Stats(profiler)
+    if args.pstats:
+        stats.dump_stats(str(args.pstats))
 
     result = {
         "scheme": args.scheme, "algorithm": args.algorithm, "blocks": args.blocks,

@@ -50,6 +50,42 @@ def test_residual_follows_the_act_order_permutation():
     torch.testing.assert_close(gptaq_residual(D.value, 0.5)(U, perm), 0.5 * torch.triu(D.value[perm][:, perm], 1))
 
 
+@pytest.mark.parametrize("n,permuted", [(16, False), (16, True), (400, True)])  # 400: by panels
+def test_drift_gram_is_the_upper_triangle_of_D_in_the_processing_order(n, permuted):
+    """The kept streams give D = 2/N sum (x - x~)^T x~ with rows and columns in the solver's order,
+    zero below the diagonal (float64 reference), over batches of different sizes."""
+    from quark.torch.algorithm.gptaq import DriftStreams
+
+    _, X, Xq = drifted_layer(n=n, tokens=1200)
+    streams = DriftStreams()
+    for lo, hi in [(0, 500), (500, 1100), (1100, 1200)]:
+        streams.add_batch(Xq[lo:hi], X[lo:hi])
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(1)) if permuted else None
+    D = 2 / 1200 * (X - Xq).double().T @ Xq.double()
+    if perm is not None:
+        D = D[perm][:, perm]
+    got = streams.drift_gram(perm)
+    assert torch.equal(got, got.triu()) and not streams.batches  # released
+    torch.testing.assert_close(got.double(), D.triu(), rtol=1e-5, atol=1e-6)
+
+
+def test_residual_from_the_kept_streams_equals_the_full_D_one():
+    """Only D's upper triangle in the processing order reaches P: the streams' residual equals the
+    one from the full D, permuted."""
+    from quark.torch.algorithm.gptaq import DriftStreams
+
+    _, X, Xq = drifted_layer(n=32, tokens=512)
+    streams, D, H = DriftStreams(), Gram(), Gram()
+    streams.add_batch(Xq, X)
+    D.add_batch(X - Xq, Xq)
+    H.add_batch(Xq)
+    Hd, _ = damp(H.value, 0.01)
+    perm = torch.argsort(Hd.diagonal(), descending=True)
+    U = inverse_cholesky(Hd[perm][:, perm])
+    torch.testing.assert_close(streams.residual(0.25)(U, perm), gptaq_residual(D.value, 0.25)(U, perm),
+                               rtol=1e-4, atol=1e-6)
+
+
 def test_gptaq_lowers_the_asymmetric_error_of_a_layer():
     W, X, Xq = drifted_layer()
     H, D = Gram(), Gram()
@@ -102,7 +138,8 @@ def test_float_inputs_are_the_float_models_layer_inputs(batches, monkeypatch):
     seen = []
     original = GPTAQ.accumulate
 
-    def spy(self, stats, x_quant, x_float):
+    def spy(self, stats, x_quant, x_float, y_float=None):
+        assert y_float is None  # GPTAQ records no float outputs
         seen.append(x_float)
         return original(self, stats, x_quant, x_float)
 
@@ -147,7 +184,8 @@ def test_own_float_pass_when_the_block_changed_since(batches, monkeypatch):
     seen = []
     original = GPTAQ.accumulate
 
-    def spy(self, stats, x_quant, x_float):
+    def spy(self, stats, x_quant, x_float, y_float=None):
+        assert y_float is None  # GPTAQ records no float outputs
         seen.append(x_float)
         return original(self, stats, x_quant, x_float)
 

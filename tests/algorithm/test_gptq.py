@@ -69,6 +69,20 @@ def test_inverse_cholesky_factor():
     torch.testing.assert_close(U.T @ U, torch.linalg.inv(H.double()).float(), rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [200, 600])  # one triangular solve; halves down to 150 columns
+def test_inverse_cholesky_is_the_upper_factor_of_the_inverse(n):
+    """U is the unique upper factor of H^-1 with a positive diagonal: the float64 reference (the
+    upper Cholesky factor of inv(H)) to float32 accuracy, also through the inverse by halves."""
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(4 * n, n, generator=g, dtype=torch.float64) @ torch.randn(n, n, generator=g, dtype=torch.float64)
+    H = X.T @ X / len(X)
+    H.diagonal().add_(0.01 * H.diagonal().mean())
+    expected = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
+    U = inverse_cholesky(H.float())
+    assert U.dtype == torch.float32 and torch.equal(U, U.triu())
+    assert ((U.double() - expected).abs().max() / expected.abs().max()).item() < 1e-5
+
+
 @pytest.mark.parametrize("scheme", FORMATS)
 def test_identity_hessian_is_rounding_to_nearest(scheme):
     W, _ = layer_problem()

@@ -90,29 +90,49 @@ def test_qronos_lowers_the_block_error_versus_rounding(batches, scheme, ratio):
 
 
 def test_cross_term_pairs_quantized_and_float_inputs(batches, monkeypatch):
-    """G accumulates x~^T x with x the float model's input of the same layer and tokens."""
+    """G accumulates x~^T x with x the float model's input of the same layer and tokens; for
+    down_proj (fewer outputs than inputs) W G^T accumulates y^T x~ with y the float model's output
+    of that layer instead."""
     seen = []
     original = Qronos.accumulate
 
-    def spy(self, stats, x_quant, x_float):
-        seen.append((x_quant, x_float))
-        return original(self, stats, x_quant, x_float)
+    def spy(self, stats, x_quant, x_float, y_float=None):
+        seen.append((x_quant, x_float, y_float))
+        return original(self, stats, x_quant, x_float, y_float)
 
     monkeypatch.setattr(Qronos, "accumulate", spy)
     model = quantize(tiny_llama(layers=1), "int4_wo_32", batches, "qronos")
     reference = tiny_llama(layers=1)
-    expected = []
-    h = reference.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda _m, a: expected.append(a[0]))
+    down_proj = reference.model.layers[0].mlp.down_proj
+    assert down_proj.out_features < down_proj.in_features
+    expected, outputs = [], []
+    h = down_proj.register_forward_pre_hook(lambda _m, a: expected.append(a[0]))
+    h2 = down_proj.register_forward_hook(lambda _m, _a, out: outputs.append(out))
     with torch.no_grad():
         for b in batches:
             reference(**b)
     h.remove()
-    down = seen[3 * len(batches):]  # stacks: q/k/v, o, gate/up, down
+    h2.remove()
+    assert all(y is None for _, _, y in seen[:3 * len(batches)])  # q/k/v, o, gate/up: more rows than inputs
+    down = seen[3 * len(batches):]
     assert len(down) == len(expected)
-    for (xq, xf), want in zip(down, expected):
+    for (xq, xf, yf), want, y in zip(down, expected, outputs):
         torch.testing.assert_close(xf, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(yf, y, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(xq, xf)  # the quantized stream differs
     assert all(m.weight_qparams_fixed for m in model.modules() if hasattr(m, "weight_qparams_fixed"))
+
+
+def test_float_outputs_give_the_same_solution_as_the_cross_term():
+    """W G^T from the float outputs (y = X W^T) equals W (X~^T X)^T: the same quantized weight."""
+    W, X, Xq = drifted_layer(rows=24, n=64)
+    H, G = grams(X, Xq)
+    WG = Gram()
+    WG.add_batch(X @ W.T, Xq)
+    spec = weight_spec("int4_wo_32")
+    via_g = qronos_quantize(W, H, G, spec)
+    via_outputs = qronos_quantize(W, H, None, spec, WG=WG.value)
+    assert mismatch(via_g.Q, via_outputs.Q) == 0.0  # equal up to float rounding
 
 
 def test_registered_under_its_name():

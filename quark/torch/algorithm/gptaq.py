@@ -25,12 +25,19 @@ GPTQ's). ``w_j`` is the column's value when it is quantized (after the earlier c
 in the paper's sequential algorithm. ``alpha`` scales ``D`` (the paper's ``alpha``, default 0.25):
 ``alpha = 0`` is GPTQ exactly. ``H`` is damped by ``damp_percent`` as in GPTQ; act-order permutes
 ``D`` with ``H``. The float stream ``X`` is the block's float inputs (``ctx.float_hidden``) through
-the block's original weights with every quantizer off. ``D``'s products run in the config's
-``cross_term_dtype`` (float32 by default; bfloat16 is faster and less accurate, :mod:`.precision`),
-``H``'s in float32.
+the block's original weights with every quantizer off.
+
+Only ``D``'s upper triangle in the processing order reaches ``P`` (``U`` is upper, so entry
+``(i, j > i)`` of ``D U^T`` reads ``D[i, k]`` for ``k >= j`` only): both streams' inputs of a stack
+are kept until the solver has chosen its column order, and ``D`` is then accumulated in that order
+by row panels of its upper triangle (:class:`~.hessian_solver.Gram` with ``upper=True``), about 0.6
+of the full product's work. ``D``'s products run in the config's ``cross_term_dtype`` (float32 by
+default; bfloat16 is faster and less accurate, :mod:`.precision`), ``H``'s in float32.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -51,20 +58,51 @@ def gptaq_residual(D: torch.Tensor, alpha: float):
     return residual
 
 
+class DriftStreams:
+    """One stack's inputs on both streams, kept until the solver knows its column order; then
+    :meth:`residual` accumulates ``D = 2/N sum (x - x~)^T x~`` in that order, upper triangle only."""
+
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        self.dtype = dtype
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def add_batch(self, x_quant: torch.Tensor, x_float: torch.Tensor) -> None:
+        self.batches.append((x_quant, x_float))
+
+    def drift_gram(self, perm: torch.Tensor | None) -> torch.Tensor:
+        """``D`` with rows and columns in the order ``perm`` (None: natural), zero below the diagonal;
+        the kept inputs are released."""
+        D = Gram(self.dtype, upper=True)
+        batches, self.batches = self.batches, []
+        for x_quant, x_float in batches:
+            D.add_batch(x_float.to(x_quant.device) - x_quant, x_quant, columns=perm)
+        return D.value
+
+    def residual(self, alpha: float):
+        """``residual(U, perm)`` for :func:`~.hessian_solver.quantize_weight` (see the module doc)."""
+
+        def residual(U: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+            return gptaq_residual(self.drift_gram(perm), alpha)(U, None)
+
+        return residual
+
+
 class GPTAQ(GPTQ):
     """GPTQ whose updates also absorb the float/quantized input drift (see the module docstring)."""
 
     name = "gptaq"
     needs_float_stream = True
 
-    def new_stats(self, cross_dtype: torch.dtype | None = None) -> dict[str, Gram]:
-        return {"H": Gram(), "D": Gram(cross_dtype)}
+    def new_stats(self, cross_dtype: torch.dtype | None = None) -> dict[str, Any]:
+        return {"H": Gram(), "D": DriftStreams(cross_dtype)}
 
-    def accumulate(self, stats: dict[str, Gram], x_quant: torch.Tensor, x_float: torch.Tensor | None) -> None:
+    def accumulate(self, stats: dict[str, Any], x_quant: torch.Tensor, x_float: torch.Tensor | None,
+                   y_float: torch.Tensor | None = None) -> None:
         stats["H"].add_batch(x_quant)
-        stats["D"].add_batch(x_float.to(x_quant.device) - x_quant, x_quant)
+        stats["D"].add_batch(x_quant, x_float)
 
-    def residual(self, stats: dict[str, Gram], config: GPTAQConfig):
-        return gptaq_residual(stats["D"].value, config.alpha) if config.alpha else None
+    def residual(self, stats: dict[str, Any], config: GPTAQConfig):
+        return stats["D"].residual(config.alpha) if config.alpha else None
+
 
 ALGORITHM = GPTAQ()

@@ -337,6 +337,19 @@ def shared_inputs(inputs: dict[str, torch.Tensor], group: dict[str, QuantLinear]
     return list(stacks.values())
 
 
+def _stacked_output(outputs: dict[str, torch.Tensor], layers: list[QuantLinear], names: list[str]
+                    ) -> torch.Tensor | None:
+    """The stack's recorded float outputs without their biases, concatenated along features (float32);
+    None unless every layer of the stack has one."""
+    if not all(n in outputs for n in names):
+        return None
+    parts = []
+    for name, layer in zip(names, layers):
+        y = outputs[name].float()
+        parts.append(y if layer.bias is None else y - layer.bias.float())
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+
 def _signature(block: nn.Module) -> list[tuple[int, int]]:
     """Changes whenever a parameter of ``block`` is replaced or modified in place."""
     return [(p.data_ptr(), p._version) for p in block.parameters()]
@@ -360,7 +373,11 @@ class GPTQ(BlockAlgorithm):
         cross terms' products, :mod:`.precision`)."""
         return {"H": Gram()}
 
-    def accumulate(self, stats: dict[str, Gram], x_quant: torch.Tensor, x_float: torch.Tensor | None) -> None:
+    def accumulate(self, stats: dict[str, Any], x_quant: torch.Tensor, x_float: torch.Tensor | None,
+                   y_float: torch.Tensor | None = None) -> None:
+        """Add one batch of a stack's input on the quantized stream (``x_quant``), on the float stream
+        (``x_float``, for variants that need it) and the stack's float outputs without bias (``y_float``,
+        only where :meth:`float_output_layers` asked for them)."""
         stats["H"].add_batch(x_quant)
 
     def solve_stack(self, weight: torch.Tensor, stats: dict[str, Gram], spec: Any, splits: list[int],
@@ -382,6 +399,10 @@ class GPTQ(BlockAlgorithm):
         """The extra update term of :func:`~.hessian_solver.quantize_weight` (None: plain GPTQ)."""
         return None
 
+    def float_output_layers(self, layers: dict[str, QuantLinear], config: GPTQConfig) -> set[str]:
+        """Layers whose float outputs the float pass also records (default none)."""
+        return set()
+
     # -- the block -------------------------------------------------------------------------------
     def float_pass(self, ctx: BlockContext, config: GPTQConfig) -> contextlib.AbstractContextManager:
         """Record every grouped layer's float input during the loop's float-stream pass (only for the
@@ -393,10 +414,13 @@ class GPTQ(BlockAlgorithm):
     @contextlib.contextmanager
     def _record_float(self, ctx: BlockContext, config: GPTQConfig) -> Iterator[None]:
         layers = {n: m for g in layer_groups(ctx, config.inside_layer_modules) for n, m in g.items()}
+        with_outputs = self.float_output_layers(layers, config)
         batches: list[dict[str, torch.Tensor]] = []
+        outputs: list[dict[str, torch.Tensor]] = []
 
         def on_block(_m: nn.Module, _args: tuple) -> None:
             batches.append({})
+            outputs.append({})
 
         def hook(name: str):
             def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -404,32 +428,42 @@ class GPTQ(BlockAlgorithm):
 
             return pre
 
+        def out_hook(name: str):
+            def post(_m: nn.Module, _args: tuple, out: Any) -> None:
+                outputs[-1].setdefault(name, out)
+
+            return post
+
         handles = [ctx.block.register_forward_pre_hook(on_block)]
         handles += [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in layers.items()]
+        handles += [layers[n].register_forward_hook(out_hook(n)) for n in with_outputs]
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
-        self._float = (ctx.block, _signature(ctx.block), batches)
+        self._float = (ctx.block, _signature(ctx.block), batches, outputs)
 
-    def float_inputs(self, ctx: BlockContext, layers: dict[str, QuantLinear]) -> list[dict[str, torch.Tensor]]:
-        """Per batch, every layer's input in the float model: recorded during the loop's float pass
-        when the block has not changed since, else from a float pass of our own (quantizers off,
+    def float_inputs(self, ctx: BlockContext, layers: dict[str, QuantLinear]
+                     ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+        """Per batch, every layer's input in the float model, and the outputs of the layers of
+        :meth:`float_output_layers`: recorded during the loop's float pass when the block has not
+        changed since, else inputs only, from a float pass of our own (quantizers off,
         ``ctx.float_hidden``)."""
         recorded, self._float = getattr(self, "_float", None), None
         if recorded is not None and recorded[0] is ctx.block and recorded[1] == _signature(ctx.block) and \
                 len(recorded[2]) == len(ctx.inputs) and all(set(layers) <= set(b) for b in recorded[2]):
-            return recorded[2]
+            return recorded[2], recorded[3]
         if ctx.float_hidden is None:
             raise RuntimeError(f"{self.name} needs the float stream (needs_float_stream=True)")
         with quantizers_off(ctx.block):
-            return list(BlockRunner(ctx).inputs(layers, ctx.float_hidden))
+            inputs = list(BlockRunner(ctx).inputs(layers, ctx.float_hidden))
+        return inputs, [{} for _ in inputs]
 
     def apply(self, ctx: BlockContext, config: GPTQConfig) -> None:
         groups = layer_groups(ctx, config.inside_layer_modules)
         all_layers = {n: m for g in groups for n, m in g.items()}
-        floats = self.float_inputs(ctx, all_layers) if self.needs_float_stream else None
+        floats, float_outs = self.float_inputs(ctx, all_layers) if self.needs_float_stream else (None, None)
         runner = BlockRunner(ctx)
         weight = next(iter(all_layers.values())).weight if all_layers else None
         cross_dtype = None if weight is None else \
@@ -447,10 +481,13 @@ class GPTQ(BlockAlgorithm):
                         stats = [self.new_stats(cross_dtype) for _ in stacks]
                     for names, st in zip(stacks, stats):
                         xf = None if floats is None else floats[b][names[0]]
-                        self.accumulate(st, inputs[names[0]], xf)
-                    if floats is not None:  # this group's float inputs are used up
+                        yf = None if float_outs is None else _stacked_output(float_outs[b], [group[n] for n in names],
+                                                                             names)
+                        self.accumulate(st, inputs[names[0]], xf, yf)
+                    if floats is not None:  # this group's float inputs and outputs are used up
                         for name in group:
                             floats[b].pop(name, None)
+                            float_outs[b].pop(name, None)
             for names, st in zip(stacks or [], stats):
                 self._quantize_stack(ctx, [group[n] for n in names], names, st, config)
             runner.finalize(list(group.values()))

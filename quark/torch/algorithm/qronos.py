@@ -49,19 +49,21 @@ from typing import Any
 import torch
 
 from quark.torch.quantization.config.algo_configs import QronosConfig
+from quark.torch.quantization.modules import QuantLinear
 
+from . import precision
 from .gptq import GPTQ
 from .hessian_solver import ColumnQuantizer, Gram, Solution, damp, inverse_cholesky, solve
 
 
-def _ridge_correction(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, q1: torch.Tensor, dead: torch.Tensor,
+def _ridge_correction(W: torch.Tensor, H: torch.Tensor, WG: torch.Tensor, q1: torch.Tensor, dead: torch.Tensor,
                       lam: torch.Tensor) -> torch.Tensor:
-    """``(H~_>1,>1 + lam I)^-1 (G_>1,: w - H~_>1,1 q_1 + lam w_>1)`` for every row ``w`` of ``W``: in
-    float32 (as GPTQ's factorisation; ``lam`` keeps the system as well conditioned as GPTQ's damped
-    Hessian), in float64 when the float32 Cholesky fails."""
+    """``(H~_>1,>1 + lam I)^-1 (G_>1,: w - H~_>1,1 q_1 + lam w_>1)`` for every row ``w`` of ``W``
+    (``WG = W G^T``): in float32 (as GPTQ's factorisation; ``lam`` keeps the system as well conditioned
+    as GPTQ's damped Hessian), in float64 when the float32 Cholesky fails."""
     for dtype in (torch.float32, torch.float64):
         lam_d = lam.to(dtype)
-        rhs = (W.to(dtype) @ G[1:].to(dtype).T).sub_(q1.to(dtype)[:, None] * H[0, 1:].to(dtype)[None])
+        rhs = WG[:, 1:].to(dtype).sub(q1.to(dtype)[:, None] * H[0, 1:].to(dtype)[None])
         rhs.add_(W[:, 1:].to(dtype), alpha=float(lam_d))  # the damping pulls toward the current weights
         A = H[1:, 1:].to(dtype).clone()
         A.diagonal().add_(lam_d)
@@ -77,7 +79,7 @@ def _ridge_correction(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, q1: tor
 def qronos_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
-    G: torch.Tensor,
+    G: torch.Tensor | None,
     spec: Any,
     alpha: float = 1e-2,
     beta: float = 1.0,
@@ -85,19 +87,28 @@ def qronos_quantize(
     row_splits: list[int] | None = None,
     clip_steps: int = 0,
     clip_min: float = 0.6,
+    WG: torch.Tensor | None = None,
 ) -> Solution:
     """Qronos on ``W`` ``[rows, n]`` with ``H = 2/N X~^T X~`` and ``G = 2/N X~^T X`` (quantized-stream
-    and float-stream inputs of the same tokens). Returns the fake-quantized weight and its qparams."""
+    and float-stream inputs of the same tokens). The float stream only enters through ``W G^T`` (row
+    ``r``: ``2/N sum_t y_tr x~_t`` with ``y = X W^T`` the float outputs): ``WG`` gives it directly
+    instead of ``G`` (then the float outputs of features dead on the quantized stream stay in the
+    target). Returns the fake-quantized weight and its qparams."""
     W = W.detach().float().clone()
     Hd, dead = damp(H.float(), alpha)
     W[:, dead] = 0
-    G = G.float().clone()
-    G[dead] = 0
+    if WG is None:
+        G = G.float().clone()
+        G[dead] = 0
+        WG = W @ G.T
+    else:
+        WG = WG.float().clone()
+        WG[:, dead] = 0  # x~ is zero there: already zero up to rounding
     quantizer = ColumnQuantizer(spec, W, row_splits, importance=torch.diagonal(Hd), clip_steps=clip_steps,
                                 clip_min=clip_min)
     rows, n = W.shape
     # t = 1, correcting the past: the best first column given the original future, then rounded
-    p = (W @ G[0] - W[:, 1:] @ Hd[1:, 0]) / Hd[0, 0]
+    p = (WG[:, 0] - W[:, 1:] @ Hd[1:, 0]) / Hd[0, 0]
     Wt = W.clone()
     Wt[:, 0] = p
     q1 = quantizer(0, p, lambda cols: Wt[:, cols.to(Wt.device)])
@@ -105,7 +116,7 @@ def qronos_quantize(
     Q[:, 0] = q1
     if n > 1:
         # t = 1, shaping the future: least squares of the later columns given q_1
-        Wt[:, 1:] = _ridge_correction(W, H, G, q1, dead, alpha * beta * Hd.diagonal().mean())
+        Wt[:, 1:] = _ridge_correction(W, H, WG, q1, dead, alpha * beta * Hd.diagonal().mean())
         Wt[:, 1:][:, dead[1:]] = 0
         # t >= 2: GPTQ's diffusion with H~ from column 2 on
         Wt[:, 0] = q1
@@ -120,21 +131,35 @@ class Qronos(GPTQ):
     needs_float_stream = True
 
     def new_stats(self, cross_dtype: torch.dtype | None = None) -> dict[str, Gram]:
-        return {"H": Gram(), "C": Gram(cross_dtype)}
+        return {"H": Gram(), "C": Gram(cross_dtype), "WG": Gram()}
 
-    def accumulate(self, stats: dict[str, Gram], x_quant: torch.Tensor, x_float: torch.Tensor | None) -> None:
+    def float_output_layers(self, layers: dict[str, QuantLinear], config: QronosConfig) -> set[str]:
+        """Layers narrower out than in (down_proj): ``W G^T`` from their float outputs costs
+        ``rows / n`` of ``G``'s products (SmolLM2's down_proj: 576 / 1536). Not with a reduced
+        ``cross_term_dtype``, which applies to ``G``'s drift term."""
+        weight = next(iter(layers.values()), None)
+        if weight is None or precision.resolve(config.cross_term_dtype, weight.weight.device, weight.weight.dtype):
+            return set()
+        return {n for n, m in layers.items() if m.out_features < m.in_features}
+
+    def accumulate(self, stats: dict[str, Gram], x_quant: torch.Tensor, x_float: torch.Tensor | None,
+                   y_float: torch.Tensor | None = None) -> None:
+        stats["H"].add_batch(x_quant)
+        if y_float is not None and y_float.shape[-1] < x_quant.shape[-1]:  # the stack's rows < its inputs
+            stats["WG"].add_batch(y_float, x_quant)
+            return
         # G = X~^T X = H + X~^T (X - X~): the drift term C alone goes through cross_term_dtype, so its
         # rounding is relative to the (small) drift, not to G
-        stats["H"].add_batch(x_quant)
         stats["C"].add_batch(x_quant, x_float.to(x_quant.device) - x_quant)
 
     def solve_stack(self, weight: torch.Tensor, stats: dict[str, Gram], spec: Any, splits: list[int],
                     config: QronosConfig) -> Solution:
         H = stats["H"].value
+        WG = stats["WG"].value
         return qronos_quantize(
-            weight, H, H + stats["C"].value, spec,
+            weight, H, None if WG is not None else H + stats["C"].value, spec,
             alpha=config.alpha, beta=config.beta, block_size=config.block_size, row_splits=splits,
-            clip_steps=config.clip_search_steps, clip_min=config.clip_search_min,
+            clip_steps=config.clip_search_steps, clip_min=config.clip_search_min, WG=WG,
         )
 
 
