@@ -34,17 +34,57 @@ def test_block_loop_reproduces_the_model_hidden_states():
     assert "forward" not in layers[0].__dict__
 
 
-def test_freed_memory_is_returned_after_every_block(monkeypatch):
-    import quark.torch.quantization.driver as driver
+def test_the_block_loop_asks_the_trimmer_after_every_block(monkeypatch):
+    import quark.torch.utils.memory as memory
 
     calls = []
-    monkeypatch.setattr(driver, "release_free_memory", lambda: calls.append(len(calls)) or True)
+    monkeypatch.setattr(memory.BlockTrimmer, "after_block", lambda self: calls.append(len(calls)) or False)
     model = tiny_llama(layers=3)
     _, layers = find_decoder_layers(model)
     inputs = capture_block_inputs(model, layers, token_batches(2), progress=False)
     order = []
     for_each_block(layers, inputs, lambda i, block, inp: order.append(("block", i, len(calls))), progress=False)
     assert order == [("block", 0, 0), ("block", 1, 1), ("block", 2, 2)] and len(calls) == 3
+
+
+def test_trimmer_trims_only_when_the_resident_size_crept_past_the_slack(monkeypatch):
+    """The level is the resident size after the first block since the last trim; a trim comes once
+    a later block ends more than the slack above it, and the next block sets a new level."""
+    import quark.torch.utils.memory as memory
+
+    mb = 1 << 20
+    sizes = iter([900, 950, 960, 965, 700, 760, 770, 771])  # MB after each block
+    trims = []
+    monkeypatch.setattr(memory, "resident_bytes", lambda: next(sizes) * mb)
+    monkeypatch.setattr(memory, "release_free_memory", lambda: trims.append(1) or True)
+    trimmer = memory.BlockTrimmer(slack=64 * mb)
+    done = [trimmer.after_block() for _ in range(8)]
+    # 900: level; 950, 960 within 64 MB; 965 > 964: trim; 700: new level; 760 within; 770, 771 over
+    assert done == [False, False, False, True, False, False, True, False] and len(trims) == trimmer.trims == 2
+
+
+def test_trimmer_trims_every_block_without_a_resident_size(monkeypatch):
+    import quark.torch.utils.memory as memory
+
+    trims = []
+    monkeypatch.setattr(memory, "resident_bytes", lambda: None)
+    monkeypatch.setattr(memory, "release_free_memory", lambda: trims.append(1) or True)
+    trimmer = memory.BlockTrimmer()
+    assert [trimmer.after_block() for _ in range(3)] == [True, True, True] and len(trims) == 3
+
+
+def test_resident_bytes_reads_this_process():
+    import sys
+
+    from quark.torch.utils.memory import resident_bytes
+
+    rss = resident_bytes()
+    if sys.platform.startswith("linux"):
+        assert rss is not None and 10 << 20 < rss < 1 << 40
+    big = torch.ones(64 << 20, dtype=torch.uint8)  # touched: 64 MB more resident
+    if rss is not None:
+        assert resident_bytes() - rss > 60 << 20
+    del big
 
 
 def test_release_free_memory_works_on_this_platform():

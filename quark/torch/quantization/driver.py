@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from quark.torch.utils.memory import release_free_memory
+from quark.torch.utils.memory import BlockTrimmer
 
 
 class _StopForward(Exception):
@@ -363,6 +363,7 @@ def for_each_block(
     ``inputs.hidden`` is replaced as the loop advances; returns the last block's outputs.
     """
     called = inputs.called
+    trimmer = BlockTrimmer()  # the blocks' freed activations: keep RSS flat across blocks
     for n, i in enumerate(tqdm(called, desc=desc, disable=not progress)):
         block = layers[i]
         home = module_device(block)
@@ -377,5 +378,5 @@ def for_each_block(
             _link(inputs, nxt, extra)
         if device is not None and home is not None:
             block.to(home)
-        release_free_memory()  # the block's freed activations: keep RSS flat across blocks
+        trimmer.after_block()
     return inputs.hidden
