@@ -41,7 +41,7 @@ UINT4_G32_NOTE = (
 
 
 class RssSampler:
-    """Peak resident memory (``VmRSS`` of ``/proc/self/status``, sampled every 20 ms by a thread)
+    """Peak resident memory (:func:`quark.torch.utils.memory.resident_bytes`, sampled every 20 ms by a thread)
     while the ``with`` body runs; unlike ``ru_maxrss`` it does not include the model load."""
 
     def __init__(self) -> None:
@@ -53,13 +53,10 @@ class RssSampler:
 
     @staticmethod
     def current() -> int:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        from quark.torch.utils.memory import resident_bytes
+
+        rss = resident_bytes()
+        return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def _run(self) -> None:
         while not self._stop.wait(0.02):

@@ -3,7 +3,7 @@
 Writes a llama-shaped checkpoint of random bf16 weights shard by shard (``--params`` parameters,
 shards of ``--shard-gb``; the model is never built), then runs
 ``ModelQuantizer(config).direct_quantize_checkpoint`` on it (``--scheme``, default int4_wo_128) while a
-thread samples the process's resident memory (``VmRSS`` of /proc/self/status, every 10 ms).  Reports
+thread samples the process's resident memory (/proc/self/statm, every 10 ms).  Reports
 the input read rate (GB/s of input safetensors over the conversion's wall time) and the peak RSS
 against the budget of 2 input shards + 1 GiB (absolute, i.e. including the Python / torch /
 transformers baseline, and above the baseline measured just before the conversion).
@@ -19,7 +19,6 @@ the disk's.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import platform
@@ -36,21 +35,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quark.torch import LLMTemplate  # noqa: E402
 from quark.torch.quantization.api import ModelQuantizer  # noqa: E402
+from quark.torch.utils.memory import release_free_memory, resident_bytes  # noqa: E402
 
 GIB = 2**30
 VOCAB = 32000
 
 
 def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return resident_bytes() or 0
 
 
 class PeakRSS:
-    """Samples VmRSS in a thread while active; ``peak`` is the largest sample."""
+    """Samples the resident size in a thread while active; ``peak`` is the largest sample."""
 
     def __init__(self, interval: float = 0.01) -> None:
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
@@ -74,10 +70,7 @@ class PeakRSS:
 
 def release_memory() -> None:
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    release_free_memory()
 
 
 def llama_config(params: float):

@@ -350,6 +350,16 @@ def _stacked_output(outputs: dict[str, torch.Tensor], layers: list[QuantLinear],
     return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
 
 
+def cross_term_dtype(config: GPTQConfig, layers: dict[str, QuantLinear]) -> torch.dtype | None:
+    """The reduced precision that ``config.cross_term_dtype`` (GPTAQ, Qronos; float32 where the
+    config has none) picks for these layers' weights (:func:`.precision.resolve`); None: float32,
+    or no layers."""
+    layer = next(iter(layers.values()), None)
+    if layer is None:
+        return None
+    return precision.resolve(getattr(config, "cross_term_dtype", "float32"), layer.weight.device, layer.weight.dtype)
+
+
 def _signature(block: nn.Module) -> list[tuple[int, int]]:
     """Changes whenever a parameter of ``block`` is replaced or modified in place."""
     return [(p.data_ptr(), p._version) for p in block.parameters()]
@@ -465,9 +475,7 @@ class GPTQ(BlockAlgorithm):
         all_layers = {n: m for g in groups for n, m in g.items()}
         floats, float_outs = self.float_inputs(ctx, all_layers) if self.needs_float_stream else (None, None)
         runner = BlockRunner(ctx)
-        weight = next(iter(all_layers.values())).weight if all_layers else None
-        cross_dtype = None if weight is None else \
-            precision.resolve(getattr(config, "cross_term_dtype", "float32"), weight.device, weight.dtype)
+        cross_dtype = cross_term_dtype(config, all_layers)
         # the output pass can replay what the last group's pass records unless static activation
         # quantizers (off during these passes) are calibrated in between
         replayable = not _uncalibrated_static(ctx.block)

@@ -51,8 +51,7 @@ import torch
 from quark.torch.quantization.config.algo_configs import QronosConfig
 from quark.torch.quantization.modules import QuantLinear
 
-from . import precision
-from .gptq import GPTQ
+from .gptq import GPTQ, cross_term_dtype
 from .hessian_solver import ColumnQuantizer, Gram, Solution, damp, inverse_cholesky, solve
 
 
@@ -137,8 +136,7 @@ class Qronos(GPTQ):
         """Layers narrower out than in (down_proj): ``W G^T`` from their float outputs costs
         ``rows / n`` of ``G``'s products (SmolLM2's down_proj: 576 / 1536). Not with a reduced
         ``cross_term_dtype``, which applies to ``G``'s drift term."""
-        weight = next(iter(layers.values()), None)
-        if weight is None or precision.resolve(config.cross_term_dtype, weight.weight.device, weight.weight.dtype):
+        if not layers or cross_term_dtype(config, layers) is not None:
             return set()
         return {n for n, m in layers.items() if m.out_features < m.in_features}
 
