@@ -145,8 +145,8 @@ class Gram:
     #: upper triangle (the lower one of a symmetric Gram is mirrored once, when read)
     PANEL_MIN_FEATURES = 384
     #: panels are at least this many rows (at most 8 panels): thinner panels multiply less
-    #: efficiently. 6 panels of a 576-wide triangle take 0.77 of the full square's time, 8 of a
-    #: 1536-wide one 0.64 (2 threads; 3 panels: 0.82 and 0.70)
+    #: efficiently. Against 3 panels, a 576-wide Hessian in 0.89 of the time, a 1536-wide one in 0.90
+    #: (2 threads, ``bench/solver_kernels.py``)
     PANEL_ROWS = 96
 
     def _panel_edges(self, n: int) -> list[int]:
@@ -240,7 +240,7 @@ TRIANGULAR_LEAF = 384
 def strict_upper_abt(A: torch.Tensor, B: torch.Tensor, leaf: int = TRIANGULAR_LEAF) -> torch.Tensor:
     """``triu(A B^T, 1)`` for upper-triangular ``A`` and ``B`` (``n x n``), by halves: the
     below-diagonal block is never formed, and the diagonal blocks recurse. A third of the multiply-adds
-    of the full product (SmolLM2's 1536-wide down_proj: 104 -> 36 ms with :func:`upper_mm`)."""
+    of the full product (1536 wide, with :func:`upper_mm`: 118 -> 52 ms, ``bench/solver_kernels.py``)."""
     n = A.shape[0]
     if n <= leaf:
         return torch.triu(A @ B.T, 1)
