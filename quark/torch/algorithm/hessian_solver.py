@@ -477,6 +477,10 @@ class ColumnQuantizer:
         if self.tile:  # the group's layout (micro-blocks, MX blocks): quantize a tile of the column
             tile = values[:, None].expand(self.rows, self.width).contiguous()
             return fake_quantize(tile, self.spec, self._column_qp[g])[:, col - g * self.width]
+        return self._group_fn(g)(values)
+
+    def _group_fn(self, g: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The prepared fake-quantizer of one column of group ``g`` (its qparams computed)."""
         fn = self._column_fn[g]
         if fn is None:
             qp = self._column_qp[g]
@@ -485,7 +489,17 @@ class ColumnQuantizer:
                 def fn(v: torch.Tensor, qp=qp) -> torch.Tensor:
                     return fake_quantize(v[:, None], self.column_spec, qp).reshape(-1)
             self._column_fn[g] = fn
-        return fn(values)
+        return fn
+
+    def column_functions(self, order: list[int] | None = None) -> list[Callable[[torch.Tensor], torch.Tensor]] | None:
+        """When every qparam is fixed up front (not a tile format): per processing position, the
+        function quantizing that column's values, for the columns in ``order`` (natural indices;
+        None: natural order). The solver then skips :meth:`__call__`'s dispatch on every column.
+        None otherwise."""
+        if self.dynamic or self.tile:
+            return None
+        fns = [self._group_fn(g) for g in range(self.n // self.width)]
+        return [fns[c // self.width] for c in (range(self.n) if order is None else order)]
 
     def qparams(self) -> list:
         """Each stacked layer's qparams in ``tensor_quantize``'s natural shapes."""
@@ -506,16 +520,18 @@ class ColumnQuantizer:
 # the column loop
 # ---------------------------------------------------------------------------------------------
 class _Pending:
-    """The lazy block being processed: its accumulated column errors not yet applied to the later
-    columns, so that :meth:`current` can still give exact values of any unquantized column.
+    """The lazy block being processed: the updates its quantized columns owe the later columns,
+    not applied yet past the block, so that :meth:`current` can still give exact values of any
+    unquantized column.
 
     ``block`` holds the block's columns as rows; a quantized column's row keeps the value it had
-    when it was quantized (what GPTAQ's term multiplies), the later rows are updated in place."""
+    when it was quantized (what GPTAQ's term multiplies), the later rows are updated in place.
+    ``S[k]`` holds column ``k``'s error ``w - q`` (and, with GPTAQ's term, its value), ``M`` the
+    update directions of :func:`solve`."""
 
-    def __init__(self, W: torch.Tensor, U: torch.Tensor, P: torch.Tensor | None, i1: int, i2: int,
+    def __init__(self, W: torch.Tensor, M: torch.Tensor, i1: int, i2: int, S: torch.Tensor,
                  block: torch.Tensor) -> None:
-        self.W, self.U, self.P, self.i1, self.i2, self.block = W, U, P, i1, i2, block
-        self.err = torch.empty_like(block)  # [columns of the block, rows]: (w - q) / U[j, j]
+        self.W, self.M, self.i1, self.i2, self.S, self.block = W, M, i1, i2, S, block
         self.done = 0
 
     def current(self, cols: torch.Tensor) -> torch.Tensor:
@@ -528,12 +544,19 @@ class _Pending:
             vals[:, inside] = self.block[cols[inside] - self.i1].T
         later = cols >= self.i2
         if self.done and bool(later.any()):
-            c, rows = cols[later], slice(self.i1, self.i1 + self.done)
-            pending = self.err[:self.done].T @ self.U[rows, c]
-            if self.P is not None:
-                pending -= self.block[:self.done].T @ self.P[rows, c]
-            vals[:, later] -= pending
+            c, d = cols[later], self.done
+            S = self.S[:d].reshape(-1, self.S.shape[-1])
+            vals[:, later] += S.T @ self.M[self.i1:self.i1 + d][:, :, c].reshape(S.shape[0], -1)
         return vals
+
+
+def update_directions(U: torch.Tensor, P: torch.Tensor | None = None) -> torch.Tensor:
+    """``M [n, c, n]`` of :func:`solve`: ``M[j, 0] = -U[j] / U[j, j]`` (what column ``j``'s error
+    ``w_j - q_j`` adds to the later columns), and with GPTAQ's ``P``, ``M[j, 1] = P[j]`` (what its
+    value ``w_j`` adds)."""
+    M = torch.stack([U / U.diagonal()[:, None]] + ([] if P is None else [P]), 1)
+    M[:, 0].neg_()
+    return M
 
 
 def solve(
@@ -555,32 +578,39 @@ def solve(
     Updates to columns past the current lazy block of ``block_size`` columns are applied once per
     block as one matrix product. Columns before ``start`` are left as given (their results are
     ``Q[:, :start]``). Returns ``Q``, the quantized weight.
+
+    Per column the loop runs the quantizer, one subtraction and one product: the column's error and
+    value sit next to each other (``S[k]``, ``[c, rows]``) and both updates of the later columns of
+    the block are one rank-``c`` product with the precomputed directions (:func:`update_directions`;
+    the column loop's cost is the number of small operations, not their arithmetic).
     """
-    n = W.shape[1]
+    rows, n = W.shape
     Q = torch.zeros_like(W) if Q is None else Q
+    M = update_directions(U, P)
+    c = M.shape[1]
     for i1 in range(start, n, block_size):
         i2 = min(i1 + block_size, n)
-        Wt = W[:, i1:i2].T.contiguous()  # this block's columns as contiguous rows
-        Qt = torch.empty_like(Wt)
-        U1 = U[i1:i2, i1:i2]
-        P1 = None if P is None else P[i1:i2, i1:i2]
-        lazy = _Pending(W, U, P, i1, i2, Wt)
-        diag = U1.diagonal().tolist()
-        for k in range(i2 - i1):
+        b = i2 - i1
+        S = torch.empty(b, c, rows, dtype=W.dtype, device=W.device)
+        if c == 2:  # the block's columns as rows, each next to its error
+            Wt = S[:, 1]
+            Wt.copy_(W[:, i1:i2].T)
+        else:
+            Wt = W[:, i1:i2].T.contiguous()
+        E, M1 = S[:, 0], M[i1:i2, :, i1:i2]
+        lazy = _Pending(W, M, i1, i2, S, Wt)
+        qs = []
+        for k in range(b):
             lazy.done = k
             w = Wt[k]  # not changed from here on: the later updates touch rows k+1.. only
-            q = Qt[k]
-            q.copy_(quantize(i1 + k, w, lazy.current))
-            e = torch.sub(w, q, out=lazy.err[k]).div_(diag[k])
-            if k + 1 < i2 - i1:
-                Wt[k + 1:].addr_(U1[k, k + 1:], e, alpha=-1.0)
-                if P1 is not None:
-                    Wt[k + 1:].addr_(P1[k, k + 1:], w)
-        Q[:, i1:i2] = Qt.T
+            q = quantize(i1 + k, w, lazy.current)
+            qs.append(q)
+            torch.sub(w, q, out=E[k])
+            if k + 1 < b:
+                Wt[k + 1:].addmm_(M1[k, :, k + 1:].T, S[k])
+        Q[:, i1:i2] = torch.stack(qs, 1)
         if i2 < n:
-            W[:, i2:].addmm_(lazy.err.T, U[i1:i2, i2:], alpha=-1.0)
-            if P is not None:  # the block's rows hold each column's value when it was quantized
-                W[:, i2:].addmm_(Wt.T, P[i1:i2, i2:])
+            W[:, i2:].addmm_(S.reshape(b * c, rows).T, M[i1:i2, :, i2:].reshape(b * c, n - i2))
     return Q
 
 
@@ -619,13 +649,19 @@ def quantize_weight(
     quantizer = ColumnQuantizer(spec, W, row_splits, static_groups, importance=torch.diagonal(H),
                                 clip_steps=clip_steps, clip_min=clip_min)
     perm = torch.argsort(torch.diagonal(H), descending=True) if desc_act else None
+    order = None if perm is None else perm.tolist()
+    fixed = quantizer.column_functions(order)
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
         inv = torch.argsort(perm)
-        perm_list = perm.tolist()
+    if fixed is not None:  # qparams fixed up front: no dispatch, no current values needed
+
+        def quantize(j: int, w: torch.Tensor, _current: Current) -> torch.Tensor:
+            return fixed[j](w)
+    elif perm is not None:
 
         def quantize(j: int, w: torch.Tensor, current: Current) -> torch.Tensor:
-            return quantizer(perm_list[j], w, lambda cols: current(inv[cols.to(inv.device)]))
+            return quantizer(order[j], w, lambda cols: current(inv[cols.to(inv.device)]))
     else:
         quantize = quantizer
     U = inverse_cholesky(H)
