@@ -597,17 +597,19 @@ def solve(
             Wt.copy_(W[:, i1:i2].T)
         else:
             Wt = W[:, i1:i2].T.contiguous()
-        E, M1 = S[:, 0], M[i1:i2, :, i1:i2]
         lazy = _Pending(W, M, i1, i2, S, Wt)
+        # every view the loop needs, made in one call each (view creation is a good part of its cost)
+        values, errors, pairs = Wt.unbind(0), S[:, 0].unbind(0), S.unbind(0)
+        directions = M[i1:i2, :, i1:i2].transpose(1, 2).unbind(0)  # [b, c] each
         qs = []
         for k in range(b):
             lazy.done = k
-            w = Wt[k]  # not changed from here on: the later updates touch rows k+1.. only
+            w = values[k]  # not changed from here on: the later updates touch rows k+1.. only
             q = quantize(i1 + k, w, lazy.current)
             qs.append(q)
-            torch.sub(w, q, out=E[k])
+            torch.sub(w, q, out=errors[k])
             if k + 1 < b:
-                Wt[k + 1:].addmm_(M1[k, :, k + 1:].T, S[k])
+                Wt[k + 1:].addmm_(directions[k][k + 1:], pairs[k])
         Q[:, i1:i2] = torch.stack(qs, 1)
         if i2 < n:
             W[:, i2:].addmm_(S.reshape(b * c, rows).T, M[i1:i2, :, i2:].reshape(b * c, n - i2))
