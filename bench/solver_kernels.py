@@ -8,7 +8,12 @@ default, each variant timed as the median of interleaved repeats (the machine is
 * GPTAQ's term ``triu(D U^T, 1) U``: full products against triangular halves;
 * the Hessian ``H = 2/N X~^T X~`` by 3 row panels of its upper triangle, against up to 8;
 * the inverse Cholesky factor: factorise, ``cholesky_inverse``, factorise again, against
-  :func:`quark.torch.algorithm.hessian_solver.inverse_cholesky`.
+  :func:`quark.torch.algorithm.hessian_solver.inverse_cholesky`;
+* GPTQ's column loop with GPTAQ's term (int4 per group of 64, act-order, qparams fixed up front; the
+  weight rows of the stacks that share an input: 3072 = gate + up at 576 wide, 576 = down_proj at 1536):
+  per column a division of the error, two rank-1 updates and a quantizer reached through the
+  solver's dispatch (:func:`old_solve`), against :func:`quark.torch.algorithm.hessian_solver.solve`
+  with the prepared column quantizers.
 
     python bench/solver_kernels.py --threads 2
 
@@ -40,12 +45,48 @@ def median_ms(fns: dict, repeats: int) -> dict:
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
+def old_solve(W, U, quantize, block_size: int = 128, P=None):
+    """The column loop before it was trimmed (same updates; one more division and one more product per column)."""
+    import torch
+
+    n = W.shape[1]
+    Q = torch.zeros_like(W)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        Wt = W[:, i1:i2].T.contiguous()
+        Qt, err = torch.empty_like(Wt), torch.empty_like(Wt)
+        U1, P1 = U[i1:i2, i1:i2], None if P is None else P[i1:i2, i1:i2]
+        diag = U1.diagonal().tolist()
+        for k in range(i2 - i1):
+            w, q = Wt[k], Qt[k]
+            q.copy_(quantize(i1 + k, w, None))
+            e = torch.sub(w, q, out=err[k]).div_(diag[k])
+            if k + 1 < i2 - i1:
+                Wt[k + 1:].addr_(U1[k, k + 1:], e, alpha=-1.0)
+                if P1 is not None:
+                    Wt[k + 1:].addr_(P1[k, k + 1:], w)
+        Q[:, i1:i2] = Qt.T
+        if i2 < n:
+            W[:, i2:].addmm_(err.T, U[i1:i2, i2:], alpha=-1.0)
+            if P is not None:
+                W[:, i2:].addmm_(Wt.T, P[i1:i2, i2:])
+    return Q
+
+
 def width_rows(n: int, tokens: int, repeats: int, g) -> list[dict]:
     """Old and new kernels at input width ``n``."""
     import torch
 
+    from quark.torch import LLMTemplate
     from quark.torch.algorithm.gptaq import DriftStreams
-    from quark.torch.algorithm.hessian_solver import Gram, inverse_cholesky, strict_upper_abt, upper_mm
+    from quark.torch.algorithm.hessian_solver import (
+        ColumnQuantizer,
+        Gram,
+        inverse_cholesky,
+        solve,
+        strict_upper_abt,
+        upper_mm,
+    )
 
     xf = [torch.randn(1, 512, n, generator=g) for _ in range(tokens // 512)]
     xq = [x + 0.1 * torch.randn(x.shape, generator=g) for x in xf]
@@ -83,7 +124,21 @@ def width_rows(n: int, tokens: int, repeats: int, g) -> list[dict]:
         L = torch.linalg.cholesky(H)
         return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
+    rows = 3072 if n == 576 else 576
+    W = 0.05 * torch.randn(rows, n, generator=g)
+    spec = LLMTemplate.get("llama").get_config("int4_wo_64").global_quant_config.weight
+    perm = torch.argsort(H.diagonal(), descending=True)
+    quantizer = ColumnQuantizer(spec, W, static_groups=True)
+    fns = quantizer.column_functions(perm.tolist())
+    Wp, Up = W[:, perm].contiguous(), inverse_cholesky(H[perm][:, perm])
+    P = 1e-3 * torch.randn(n, n, generator=g).triu(1)
+
+    def dispatched(j, w, _current):  # the ColumnQuantizer call the loop made per column
+        return quantizer(perm[j].item(), w, None)
+
     t = median_ms({
+        "loop old": lambda: old_solve(Wp.clone(), Up, dispatched, 128, P),
+        "loop new": lambda: solve(Wp.clone(), Up, lambda j, w, _c: fns[j](w), 128, P),
         "D full": full_d, "D upper, act-order": ordered_d,
         "term full": lambda: torch.triu(Dp @ U.T, 1) @ U,
         "term halves": lambda: upper_mm(strict_upper_abt(Dp, U), U),
@@ -95,7 +150,8 @@ def width_rows(n: int, tokens: int, repeats: int, g) -> list[dict]:
             for what, old, new in [("GPTAQ drift Gram D", "D full", "D upper, act-order"),
                                    ("GPTAQ term triu(D U^T, 1) U", "term full", "term halves"),
                                    ("Hessian H (3 -> up to 8 panels)", "H 3 panels", "H panels"),
-                                   ("inverse Cholesky factor U", "U three steps", "U reversed")]]
+                                   ("inverse Cholesky factor U", "U three steps", "U reversed"),
+                                   (f"column loop with GPTAQ's term, {rows} rows", "loop old", "loop new")]]
 
 
 def main(argv: list[str] | None = None) -> int:
