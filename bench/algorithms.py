@@ -40,39 +40,6 @@ UINT4_G32_NOTE = (
 )
 
 
-class RssSampler:
-    """Peak resident memory (:func:`quark.torch.utils.memory.resident_bytes`, sampled every 20 ms by a thread)
-    while the ``with`` body runs; unlike ``ru_maxrss`` it does not include the model load."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self.peak = self.start = self.current()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def current() -> int:
-        from quark.torch.utils.memory import resident_bytes
-
-        rss = resident_bytes()
-        return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self.current())
-
-    def __enter__(self) -> RssSampler:
-        self.start = self.peak = self.current()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.current())
-
-
 def run_cell(scheme: str, algorithm: str, template: str, threads: int | None, samples: int, seq_len: int,
              windows: int, dtype: str = "float32") -> dict:
     """One cell, in this process (called in a subprocess by :func:`main`)."""
@@ -84,6 +51,7 @@ def run_cell(scheme: str, algorithm: str, template: str, threads: int | None, sa
     from quark.torch import LLMTemplate
     from quark.torch.evaluation import calibration_dataloader, evaluate_shared_protocol
     from quark.torch.quantization.api import ModelQuantizer
+    from quark.torch.utils.memory import PeakResident
     from quark.torch.utils.model_loading import load_model_and_tokenizer
 
     def cpu() -> float:
@@ -105,7 +73,7 @@ def run_cell(scheme: str, algorithm: str, template: str, threads: int | None, sa
         config = LLMTemplate.get(template).get_config(scheme, algorithm=algos, algo_configs=overrides or None)
         calib = calibration_dataloader(tokenizer, samples, seq_len)
         t0, c0 = time.perf_counter(), cpu()
-        with RssSampler() as rss:
+        with PeakResident(interval=0.02) as rss:
             ModelQuantizer(config).quantize_model(model, calib, progress=False)
         quant_s, quant_cpu = time.perf_counter() - t0, cpu() - c0
     t0 = time.perf_counter()

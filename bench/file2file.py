@@ -25,7 +25,6 @@ import platform
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quark.torch import LLMTemplate  # noqa: E402
 from quark.torch.quantization.api import ModelQuantizer  # noqa: E402
-from quark.torch.utils.memory import release_free_memory, resident_bytes  # noqa: E402
+from quark.torch.utils.memory import PeakResident, release_free_memory, resident_bytes  # noqa: E402
 
 GIB = 2**30
 VOCAB = 32000
@@ -43,29 +42,6 @@ VOCAB = 32000
 
 def rss_bytes() -> int:
     return resident_bytes() or 0
-
-
-class PeakRSS:
-    """Samples the resident size in a thread while active; ``peak`` is the largest sample."""
-
-    def __init__(self, interval: float = 0.01) -> None:
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self.peak = rss_bytes()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
 
 
 def release_memory() -> None:
@@ -167,7 +143,7 @@ def run(args: argparse.Namespace) -> dict:
         qconfig = LLMTemplate.get("llama").get_config(args.scheme)
         quantizer = ModelQuantizer(qconfig)
         baseline = rss_bytes()
-        with PeakRSS() as mem:
+        with PeakResident(interval=0.01) as mem:
             t0 = time.perf_counter()
             quantizer.direct_quantize_checkpoint(src, dst, device=args.device, progress=args.progress)
             seconds = time.perf_counter() - t0

@@ -220,3 +220,22 @@ def test_the_stack_guess_takes_mixed_blocks_outermost_lists_and_the_preferred_st
     assert name == "text.layers" and layers is model.text.layers
     # no list preferred: the preference is ignored
     assert find_decoder_layers(model, prefer=lambda layers: False)[0] == "vision.layers"
+
+
+def test_peak_resident_sees_memory_touched_inside_the_block():
+    """The sampler's peak includes a buffer allocated and touched inside the ``with`` body and freed
+    before it ends (caught by the thread's samples), and starts from the size at entry."""
+    import sys
+    import time
+
+    from quark.torch.utils.memory import PeakResident
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self/statm")
+    with PeakResident(interval=0.005) as mem:
+        buf = torch.ones(64 << 20, dtype=torch.float32)  # 256 MB, written
+        time.sleep(0.1)
+        del buf
+    assert mem.start > 0 and mem.peak - mem.start >= 200 << 20
+    with pytest.raises(ValueError, match="interval"):
+        PeakResident(interval=0)

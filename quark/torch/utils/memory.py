@@ -81,3 +81,46 @@ class BlockTrimmer:
         self.level = None
         self.trims += 1
         return True
+
+
+class PeakResident:
+    """The largest resident size (:func:`resident_bytes`) seen while the ``with`` body runs, sampled
+    by a thread every ``interval`` seconds (and at entry and exit): unlike ``ru_maxrss`` it leaves out
+    what the process held before (e.g. loading a model). ``start`` is the size at entry. Where the
+    resident size cannot be read, both are the process's ``ru_maxrss`` (Unix) or 0."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        import threading
+
+        if interval <= 0:
+            raise ValueError(f"interval must be positive, got {interval}")
+        self.interval = interval
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def current() -> int:
+        rss = resident_bytes()
+        if rss is not None:
+            return rss
+        try:
+            import resource
+        except ImportError:  # not Unix
+            return 0
+        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kB elsewhere
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.current())
+
+    def __enter__(self) -> PeakResident:
+        self.start = self.peak = self.current()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
