@@ -13,7 +13,9 @@ default, each variant timed as the median of interleaved repeats (the machine is
   weight rows of the stacks that share an input: 3072 = gate + up at 576 wide, 576 = down_proj at 1536):
   per column a division of the error, two rank-1 updates and a quantizer reached through the
   solver's dispatch (:func:`old_solve`), against :func:`quark.torch.algorithm.hessian_solver.solve`
-  with the prepared column quantizers.
+  with the prepared column quantizers;
+* the act-order column gathers of a stack's 32 batches (``D`` in the solver's order): ``index_select``
+  against ``gather`` with the column index broadcast over the rows.
 
     python bench/solver_kernels.py --threads 2
 
@@ -136,7 +138,17 @@ def width_rows(n: int, tokens: int, repeats: int, g) -> list[dict]:
     def dispatched(j, w, _current):  # the ColumnQuantizer call the loop made per column
         return quantizer(perm[j].item(), w, None)
 
+    gathered = torch.empty(512, n)
+
+    def gathers(new: bool):  # the act-order gathers of one stack's quantized-stream batches
+        for x in xq:
+            if new:
+                torch.gather(x[0], 1, perm.expand(512, -1), out=gathered)
+            else:
+                torch.index_select(x[0], 1, perm, out=gathered)
+
     t = median_ms({
+        "gather old": lambda: gathers(False), "gather new": lambda: gathers(True),
         "loop old": lambda: old_solve(Wp.clone(), Up, dispatched, 128, P),
         "loop new": lambda: solve(Wp.clone(), Up, lambda j, w, _c: fns[j](w), 128, P),
         "D full": full_d, "D upper, act-order": ordered_d,
@@ -151,7 +163,8 @@ def width_rows(n: int, tokens: int, repeats: int, g) -> list[dict]:
                                    ("GPTAQ term triu(D U^T, 1) U", "term full", "term halves"),
                                    ("Hessian H (3 -> up to 8 panels)", "H 3 panels", "H panels"),
                                    ("inverse Cholesky factor U", "U three steps", "U reversed"),
-                                   (f"column loop with GPTAQ's term, {rows} rows", "loop old", "loop new")]]
+                                   (f"column loop with GPTAQ's term, {rows} rows", "loop old", "loop new"),
+                                   ("act-order column gathers (index_select -> gather)", "gather old", "gather new")]]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,15 +49,22 @@ Current = Callable[[torch.Tensor], torch.Tensor]
 # ---------------------------------------------------------------------------------------------
 # statistics
 # ---------------------------------------------------------------------------------------------
+def _gather_columns(src: torch.Tensor, columns: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``src[:, columns]`` of a 2-D ``src``: ``torch.gather`` with the index broadcast over the rows
+    (a stride-0 view, nothing materialised). On CPU, 512 tokens x 1536 features: 0.44 ms, against
+    1.05 ms for ``index_select`` and about twice that for advanced indexing (576 features: 0.155 vs
+    0.275 ms; 2 threads)."""
+    return torch.gather(src, 1, columns.expand(src.shape[0], -1), out=out)
+
+
 def _put(dst: torch.Tensor, src: torch.Tensor, columns: torch.Tensor | None) -> None:
-    """``dst = src[:, columns]`` (all columns when None), into ``dst``'s memory. ``index_select``
-    gathers columns about 2.7x faster than advanced indexing."""
+    """``dst = src[:, columns]`` (all columns when None), into ``dst``'s memory."""
     if columns is None:
         dst.copy_(src)
     elif src.dtype == dst.dtype:
-        torch.index_select(src, 1, columns, out=dst)
+        _gather_columns(src, columns, out=dst)
     else:
-        dst.copy_(src.index_select(1, columns))
+        dst.copy_(_gather_columns(src, columns))
 
 
 class Gram:
@@ -118,7 +125,7 @@ class Gram:
         if m >= self.FLUSH_TOKENS:  # big enough on its own: no gathering
             self._flush()
             if columns is not None:
-                a, b = a.index_select(1, columns), None if b is None else b.index_select(1, columns)
+                a, b = _gather_columns(a, columns), None if b is None else _gather_columns(b, columns)
             self._accumulate(a.float(), None if b is None else b.float())
             return
         if self._fill + m > self.FLUSH_TOKENS:
