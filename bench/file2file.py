@@ -34,14 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quark.torch import LLMTemplate  # noqa: E402
 from quark.torch.quantization.api import ModelQuantizer  # noqa: E402
-from quark.torch.utils.memory import PeakResident, release_free_memory, resident_bytes  # noqa: E402
+from quark.torch.utils.memory import PeakResident, release_free_memory  # noqa: E402
 
 GIB = 2**30
 VOCAB = 32000
-
-
-def rss_bytes() -> int:
-    return resident_bytes() or 0
 
 
 def release_memory() -> None:
@@ -142,7 +138,6 @@ def run(args: argparse.Namespace) -> dict:
         release_memory()  # what writing the input left in the allocator: not part of the baseline
         qconfig = LLMTemplate.get("llama").get_config(args.scheme)
         quantizer = ModelQuantizer(qconfig)
-        baseline = rss_bytes()
         with PeakResident(interval=0.01) as mem:
             t0 = time.perf_counter()
             quantizer.direct_quantize_checkpoint(src, dst, device=args.device, progress=args.progress)
@@ -152,7 +147,7 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    budget = 2 * largest + GIB
+    budget, baseline = 2 * largest + GIB, mem.start
     return {
         "scheme": args.scheme,
         "params": n_params,

@@ -25,7 +25,7 @@ import torch
 from quark.torch.quantization.config.type import RoundType, ZeroPointType
 
 from ._chunk import Scratch, as_param, finish, run_chunked, start
-from .rounding import parse_round_method, round_tensor_
+from .rounding import parse_round_method, round_tensor_, rounder_
 
 __all__ = [
     "int_range",
@@ -182,13 +182,7 @@ def fake_quantizer_int(
     hi: torch.Tensor | float = float(qmax)
     if zp is not None and not float_zp:
         lo, hi, zp = qmin - zp, qmax - zp, None
-    if method is RoundType.half_even:
-        rnd = torch.Tensor.round_
-    elif method is RoundType.floor:
-        rnd = torch.Tensor.floor_
-    else:
-        def rnd(y: torch.Tensor) -> torch.Tensor:
-            return round_tensor_(y, method)
+    rnd = rounder_(method)
 
     def fake(x: torch.Tensor) -> torch.Tensor:
         y = torch.div(x if x.dtype == torch.float32 else x.float(), div)

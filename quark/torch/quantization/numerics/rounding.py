@@ -6,6 +6,8 @@ All three modes are exact for every finite float (no ``floor(x + 0.5)`` shortcut
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from quark.torch.quantization.config.type import RoundType
@@ -18,6 +20,24 @@ def parse_round_method(method: RoundType | str | None) -> RoundType:
     return RoundType.parse(method, "round_method")  # type: ignore[return-value]
 
 
+def _round_half_away_(x: torch.Tensor) -> torch.Tensor:
+    # Ties away from zero: x = trunc(x) + frac(x) exactly, and trunc(2 * frac) is +-1 exactly
+    # when |frac| >= 0.5, else 0.  frac(+-inf) is NaN, so zero it to let infinities through.
+    f = torch.frac(x).nan_to_num_(nan=0.0)
+    return x.sub_(f).add_(f.mul_(2.0).trunc_())
+
+
+def rounder_(method: RoundType | str | None = RoundType.half_even) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The in-place rounding function of ``method`` (see :func:`round_tensor_`), chosen once for
+    callers that round many small tensors (GPTQ's column loop)."""
+    method = parse_round_method(method)
+    if method is RoundType.half_even:
+        return torch.Tensor.round_
+    if method is RoundType.floor:
+        return torch.Tensor.floor_
+    return _round_half_away_
+
+
 def round_tensor_(x: torch.Tensor, method: RoundType | str | None = RoundType.half_even) -> torch.Tensor:
     """Round ``x`` (a floating-point tensor) to integers in place and return it.
 
@@ -25,15 +45,7 @@ def round_tensor_(x: torch.Tensor, method: RoundType | str | None = RoundType.ha
     - ``round``: ties away from zero (C ``round``).
     - ``floor``: towards minus infinity.
     """
-    method = parse_round_method(method)
-    if method is RoundType.half_even:
-        return x.round_()
-    if method is RoundType.floor:
-        return x.floor_()
-    # Ties away from zero: x = trunc(x) + frac(x) exactly, and trunc(2 * frac) is +-1 exactly
-    # when |frac| >= 0.5, else 0.  frac(+-inf) is NaN, so zero it to let infinities through.
-    f = torch.frac(x).nan_to_num_(nan=0.0)
-    return x.sub_(f).add_(f.mul_(2.0).trunc_())
+    return rounder_(method)(x)
 
 
 def round_tensor(x: torch.Tensor, method: RoundType | str | None = RoundType.half_even) -> torch.Tensor:
