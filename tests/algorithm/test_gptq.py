@@ -531,6 +531,38 @@ def test_a_submodule_that_changes_its_layer_output_is_not_replayed_from_the_laye
             assert all(torch.equal(g, block.inner(h)) for g, h in zip(got, hidden))
 
 
+def test_parallel_layers_stop_the_pass_at_the_first_of_them_after_the_first_batch():
+    """gate/up read one tensor: the first batch shows it (gate computes, up's hook stops the pass);
+    later batches stop at gate's hook, so neither product nor the activation runs again, and every
+    batch yields the post-attention norm's output for both."""
+    from quark.torch.algorithm import BlockContext
+    from quark.torch.algorithm.gptq import BlockRunner
+    from quark.torch.quantization.driver import BlockInputs
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.gate, self.up, self.down = nn.LayerNorm(32), nn.Linear(32, 64), nn.Linear(32, 64), nn.Linear(64, 32)
+
+        def forward(self, x):
+            h = self.norm(x)
+            return x + self.down(torch.relu(self.gate(h)) * self.up(h))
+
+    torch.manual_seed(0)
+    block = Block()
+    ModelQuantizer(LLMTemplate.get("llama").get_config("int4_wo_32"))._swap_linears(block)
+    calls = {"gate": 0, "up": 0}
+    for name in calls:
+        getattr(block, name).register_forward_hook(lambda *_a, name=name: calls.__setitem__(name, calls[name] + 1))
+    hidden = [torch.randn(2, 4, 32) for _ in range(4)]
+    runner = BlockRunner(BlockContext(block, 0, BlockInputs(hidden, [[((), {})] for _ in hidden])))
+    got = list(runner.inputs({"gate": block.gate, "up": block.up}))
+    assert calls == {"gate": 1, "up": 0}
+    with torch.no_grad():
+        for seen, h in zip(got, hidden):
+            assert seen["gate"] is seen["up"] and torch.equal(seen["gate"], block.norm(h))
+
+
 def test_widening_layer_inputs_are_only_kept_within_the_budget(batches, monkeypatch):
     """down_proj's inputs are wider than the hidden states: with no budget for them the MLP is
     computed in the output pass (the attention is still replayed), with the same result."""

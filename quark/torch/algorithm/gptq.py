@@ -100,29 +100,13 @@ def _clone(out: Any) -> Any:
     return out
 
 
-@contextlib.contextmanager
-def _skippable(layers: dict[str, nn.Module], state: dict) -> Iterator[None]:
-    """While ``state["skip"]`` is set, ``layers`` output zeros instead of computing (see
-    :meth:`BlockRunner.inputs`)."""
-
-    def make(m: nn.Module, original: Any) -> Any:
-        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            if state["skip"]:
-                return x.new_zeros(*x.shape[:-1], m.out_features)
-            return original(x, *args, **kwargs)
-
-        return forward
-
-    with forwards_replaced((m, make(m, m.forward)) for m in layers.values()):
-        yield
-
-
 class BlockRunner:
     """Runs one block on its cached batches for an algorithm that quantizes layer groups in order.
 
     * :meth:`inputs` stops each batch's forward as soon as every wanted layer has its input; when
-      the wanted layers all read one tensor (q/k/v, gate/up), they output zeros instead of computing
-      (their outputs only feed work that the stop throws away);
+      the wanted layers all read one tensor (q/k/v, gate/up: seen on the first batch), later batches
+      stop at the first of them (nothing between it and the last one is computed: gate's product
+      and its activation);
     * submodules whose quantized linears are all final (:meth:`finalize`) replay the output they
       produced for the same batch and the same inputs (checked with ``torch.equal``) in a later pass
       instead of computing it again: with q/k/v/o final, the MLP's passes skip the attention;
@@ -292,6 +276,10 @@ class BlockRunner:
 
         def hook(name: str):
             def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+                if state["skip"]:  # all read one tensor (batch 0 showed it): the first call has it
+                    x = _layer_input(args, kwargs)
+                    seen.update((n, x) for n in layers)
+                    raise _Stop
                 if name not in seen:
                     seen[name] = _layer_input(args, kwargs)
                 if len(seen) == len(layers) and tail is None:
@@ -305,7 +293,7 @@ class BlockRunner:
         recording = self._recording_tail(tail, *layers.values()) if tail else contextlib.nullcontext()
         state = {"skip": False}
         try:
-            with torch.no_grad(), memoized, recording, _skippable(layers, state):
+            with torch.no_grad(), memoized, recording:
                 for b, (h, extras) in enumerate(zip(hidden, ctx.inputs.extras)):
                     if b == 1:  # parallel layers (one shared input): none feeds another, skip their work
                         state["skip"] = len(layers) > 1 and len({id(x) for x in seen.values()}) == 1
