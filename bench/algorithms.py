@@ -101,7 +101,36 @@ def run_cell(scheme: str, algorithm: str, template: str, threads: int | None, sa
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "host": platform.node(),
         "cpus": os.cpu_count(),
+        "cpu": cpu_description(),
     }
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """The host's CPU as Linux names it, with its x86 family/model and widest float SIMD: the GEMM
+    gauge has ranged 56-187 GFLOPS on "this" 2-core VM, and a family-23 model-1 EPYC (Zen 1: AVX2
+    with 128-bit FMA units, about 64-96 GFLOPS float32 on 2 cores at 2-3 GHz) cannot reach the
+    upper half of that range at any hour. ``cpuinfo``: that file's text (None: read it); "" where it is
+    missing (not Linux)."""
+    text = cpuinfo
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return ""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+        if not line.strip() and fields:
+            break  # the first processor is enough
+    flags = set(fields.get("flags", "").split())
+    simd = next((f for f in ("avx512f", "avx2", "avx", "sse4_2") if f in flags), "")
+    parts = [fields.get("model name", "?")]
+    if "cpu family" in fields:
+        parts.append(f"family {fields['cpu family']} model {fields.get('model', '?')}")
+    if simd:
+        parts.append(simd)
+    return ", ".join(parts)
 
 
 def gemm_gflops(seconds: float = 1.0) -> float:
@@ -185,7 +214,8 @@ def markdown(results: list[dict]) -> str:
              "quantizing (VmRSS every 20 ms), against the budget in parentheses: RSS before quantizing (runtime + float "
              "model) + 0.3 x float model + one block's calibration activations (the goal's 1.3 x model + activations). "
              "GEMM GFLOPS: float32 matrix-product speed measured at the start of the cell with its thread count "
-             "(the same machine varies by 30% from day to day; compare times with it in mind). A scheme marked "
+             "(it has ranged 56-187 GFLOPS on this 2-core VM, which also runs on different host CPUs: each cell's JSON "
+             "records its `cpu`; compare times with both in mind). A scheme marked "
              "(bfloat16) loaded, calibrated and evaluated the model in that dtype (`--dtype`); its gap is measured "
              "against the RTN and unquantized cells of the same dtype."]
     if any(r["scheme"].startswith("uint4") and r["scheme"].endswith("_32") for r in results):

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from algorithms import gemm_gflops, parse_algorithms  # noqa: E402
+from algorithms import cpu_description, gemm_gflops, parse_algorithms  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     error /= sum((b.double() ** 2).sum().item() for b in reference)
     result = {"scheme": args.scheme, "algorithm": args.algorithm, "blocks": args.blocks, "windows": args.windows,
               "relative_squared_error": round(error, 6), "quantize_s": round(seconds, 1),
-              "threads": torch.get_num_threads(), "gemm_gflops": gflops, "date": time.strftime("%Y-%m-%d %H:%M")}
+              "threads": torch.get_num_threads(), "gemm_gflops": gflops, "cpu": cpu_description(), "date": time.strftime("%Y-%m-%d %H:%M")}
     print(f"{args.scheme} / {args.algorithm}, {args.blocks} blocks: relative squared error {error:.6f} on "
           f"{args.windows} windows; quantized in {seconds:.1f} s ({result['threads']} threads, GEMM {gflops} GFLOPS)")
     args.out.parent.mkdir(parents=True, exist_ok=True)

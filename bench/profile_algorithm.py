@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from algorithms import gemm_gflops, parse_algorithms  # noqa: E402
+from algorithms import cpu_description, gemm_gflops, parse_algorithms  # noqa: E402
 
 #: (label, file suffix, function name): stages reported with their cumulative time when they ran
 STAGES = [
@@ -125,13 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         "scheme": args.scheme, "algorithm": args.algorithm, "blocks": args.blocks,
         "seconds": round(seconds, 2), "seconds_per_block": round(seconds / args.blocks, 3),
         "estimated_full_model_s": round(seconds / args.blocks * total_blocks, 1),
-        "threads": torch.get_num_threads(), "gemm_gflops": gflops,
+        "threads": torch.get_num_threads(), "gemm_gflops": gflops, "cpu": cpu_description(),
         "calibration": f"{args.samples}x{args.seq_len}", "date": time.strftime("%Y-%m-%d %H:%M"),
         "stages": stage_times(stats), "top_functions": top_functions(stats, args.top),
     }
     print(f"{args.scheme} / {args.algorithm}: {args.blocks} blocks in {seconds:.1f} s "
           f"({seconds / args.blocks:.2f} s per block, about {result['estimated_full_model_s']:.0f} s for all "
-          f"{total_blocks}); {result['threads']} threads, GEMM {gflops} GFLOPS")
+          f"{total_blocks}); {result['threads']} threads, GEMM {gflops} GFLOPS on {result['cpu']})")
     print("\n(stages nest: they do not add up to the total)\n| stage | seconds | calls |\n| --- | ---: | ---: |")
     for s in result["stages"]:
         print(f"| {s['stage']} | {s['seconds']:.2f} | {s['calls']} |")

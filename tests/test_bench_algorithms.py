@@ -43,3 +43,12 @@ def test_gap_closed_uses_the_same_dtype():
     assert rows[("int4_wo_64", "gptq", "24.00")] == "60%"  # (30 - 24) / (30 - 20)
     assert rows[("int4_wo_64 (bfloat16)", "gptq", "26.00")] == "50%"  # (31 - 26) / (31 - 21)
     assert ("unquantized (bfloat16)", "none", "21.00") in rows
+
+
+def test_cpu_description_names_the_first_processor_and_its_widest_simd():
+    bench = load_bench()
+    first = "processor\t: 0\nmodel name\t: AMD EPYC\ncpu family\t: 23\nmodel\t\t: 1\nflags\t\t: fpu sse4_2 avx avx2 fma\n"
+    second = "processor\t: 1\nmodel name\t: Other\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: avx2 avx512f\n"
+    assert bench.cpu_description(first + "\n" + second) == "AMD EPYC, family 23 model 1, avx2"
+    assert bench.cpu_description(second) == "Other, family 25 model 17, avx512f"
+    assert bench.cpu_description("") == "?"
