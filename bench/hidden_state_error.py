@@ -81,9 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     error /= sum((b.double() ** 2).sum().item() for b in reference)
     result = {"scheme": args.scheme, "algorithm": args.algorithm, "blocks": args.blocks, "windows": args.windows,
               "relative_squared_error": round(error, 6), "quantize_s": round(seconds, 1),
-              "threads": torch.get_num_threads(), "gemm_gflops": gflops, "cpu": cpu_description(), "date": time.strftime("%Y-%m-%d %H:%M")}
+              "threads": torch.get_num_threads(), "gemm_gflops": gflops, "cpu": cpu_description(),
+              "date": time.strftime("%Y-%m-%d %H:%M")}
     print(f"{args.scheme} / {args.algorithm}, {args.blocks} blocks: relative squared error {error:.6f} on "
-          f"{args.windows} windows; quantized in {seconds:.1f} s ({result['threads']} threads, GEMM {gflops} GFLOPS)")
+          f"{args.windows} windows; quantized in {seconds:.1f} s ({result['threads']} threads, GEMM {gflops} GFLOPS on {result['cpu']})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as f:
         f.write(json.dumps(result) + "\n")

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"{args.scheme} / {args.algorithm}: {args.blocks} blocks in {seconds:.1f} s "
           f"({seconds / args.blocks:.2f} s per block, about {result['estimated_full_model_s']:.0f} s for all "
-          f"{total_blocks}); {result['threads']} threads, GEMM {gflops} GFLOPS on {result['cpu']})")
+          f"{total_blocks}); {result['threads']} threads, GEMM {gflops} GFLOPS on {result['cpu']}")
     print("\n(stages nest: they do not add up to the total)\n| stage | seconds | calls |\n| --- | ---: | ---: |")
     for s in result["stages"]:
         print(f"| {s['stage']} | {s['seconds']:.2f} | {s['calls']} |")

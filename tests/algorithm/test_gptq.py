@@ -563,6 +563,41 @@ def test_parallel_layers_stop_the_pass_at_the_first_of_them_after_the_first_batc
             assert seen["gate"] is seen["up"] and torch.equal(seen["gate"], block.norm(h))
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_memoized_output_changed_in_place_is_computed_again(in_place):
+    """A final submodule's output is kept as is (no copy) for the next pass; a consumer that changes it
+    in place bumps its version counter, and the next pass computes it again instead of replaying the
+    changed tensor: every pass sees the true inputs either way."""
+    from quark.torch.algorithm import BlockContext
+    from quark.torch.algorithm.gptq import BlockRunner
+    from quark.torch.quantization.driver import BlockInputs
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.after = nn.Sequential(nn.Linear(32, 32)), nn.Linear(32, 32)
+
+        def forward(self, x):
+            y = self.inner(x)
+            y = y.mul_(2) if in_place else y * 2
+            return self.after(y)
+
+    torch.manual_seed(0)
+    block = Block()
+    ModelQuantizer(LLMTemplate.get("llama").get_config("int4_wo_32"))._swap_linears(block)
+    calls = {"inner": 0}
+    block.inner[0].register_forward_hook(lambda *_a: calls.__setitem__("inner", calls["inner"] + 1))
+    hidden = [torch.randn(2, 4, 32) for _ in range(3)]
+    runner = BlockRunner(BlockContext(block, 0, BlockInputs(hidden, [[((), {})] for _ in hidden])))
+    runner.finalize([block.inner[0]])
+    for _ in range(3):  # the first pass stores, the next ones replay (or recompute)
+        got = [x["after"] for x in runner.inputs({"after": block.after})]
+        with torch.no_grad():
+            assert all(torch.equal(g, block.inner(h) * 2) for g, h in zip(got, hidden))
+    calls["inner"] -= 3 * len(hidden)  # the reference computations above
+    assert calls["inner"] == (3 if in_place else 1) * len(hidden)
+
+
 def test_widening_layer_inputs_are_only_kept_within_the_budget(batches, monkeypatch):
     """down_proj's inputs are wider than the hidden states: with no budget for them the MLP is
     computed in the output pass (the attention is still replayed), with the same result."""

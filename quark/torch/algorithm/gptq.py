@@ -100,6 +100,22 @@ def _clone(out: Any) -> Any:
     return out
 
 
+def _versions(out: Any) -> tuple[int, ...] | None:
+    """The version counters of the tensors in ``out`` (a tensor or a tuple of them and other values):
+    an in-place change of one, through any view of its storage, changes them. None for other outputs
+    and for inference-mode tensors, which have none."""
+    if isinstance(out, torch.Tensor):
+        tensors = [out]
+    elif type(out) is tuple and not any(isinstance(o, (tuple, list, dict)) for o in out):
+        tensors = [o for o in out if isinstance(o, torch.Tensor)]
+    else:
+        return None
+    try:
+        return tuple(t._version for t in tensors)
+    except RuntimeError:
+        return None
+
+
 class BlockRunner:
     """Runs one block on its cached batches for an algorithm that quantizes layer groups in order.
 
@@ -109,7 +125,8 @@ class BlockRunner:
       and its activation);
     * submodules whose quantized linears are all final (:meth:`finalize`) replay the output they
       produced for the same batch and the same inputs (checked with ``torch.equal``) in a later pass
-      instead of computing it again: with q/k/v/o final, the MLP's passes skip the attention;
+      instead of computing it again: with q/k/v/o final, the MLP's passes skip the attention (the
+      output is kept as is with its version counters: one changed in place since is computed again);
     * a pass collecting the input of a single layer whose enclosing submodule returns that layer's
       output as is, with every other linear of the submodule final (o_proj in the attention,
       down_proj in the MLP), runs the submodule to its end (the layer outputs zeros) and keeps the
@@ -150,7 +167,11 @@ class BlockRunner:
             key = (self._batch, call)
             hit = cache.get(key) if store else cache.pop(key, None)  # no later pass: free it as it is used
             if hit is not None and _tensors_equal(hit[0], (args, kwargs)):
-                return hit[1] if not store else _clone(hit[1])
+                inputs, kept, versions = hit
+                if versions is None:  # kept as a copy: hand out another one if it is kept further
+                    return kept if not store else _clone(kept)
+                if _versions(kept) == versions:  # nobody changed it in place since
+                    return kept
             tail = self._tails.get(name, {}).pop(key, None)
             if tail is not None and _tensors_equal(tail[0], (args, kwargs)):
                 layer_args, layer_kwargs = tail[1]
@@ -159,7 +180,10 @@ class BlockRunner:
             else:
                 out = original(*args, **kwargs)
             if store:
-                cache[key] = ((args, kwargs), _clone(out))
+                # the output itself, with its version counters: a consumer that changes it in place
+                # makes the next pass recompute instead of replaying (a copy where there are none)
+                versions = _versions(out)
+                cache[key] = ((args, kwargs), out if versions is not None else _clone(out), versions)
             return out
 
         return forward
