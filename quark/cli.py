@@ -165,10 +165,13 @@ def _check_output(args: argparse.Namespace) -> None:
 
 
 def _check_algo_config(args: argparse.Namespace) -> None:
-    """Syntax, algorithm and field names of --algo-config, before the model loads (the template's
-    own defaults are applied later)."""
+    """--algorithm names, and syntax, algorithm and field names and values of --algo-config, before the
+    model loads (the template's own defaults are applied later)."""
     from quark.torch.quantization.config.algo_configs import ALGO_CONFIG_CLASSES, with_field_overrides
 
+    for name in getattr(args, "algorithm", None) or []:
+        if name not in ALGO_CONFIG_CLASSES:
+            raise CLIError(f"--algorithm: unknown algorithm {name!r}; allowed: {', '.join(ALGO_CONFIG_CLASSES)}")
     try:
         with_field_overrides({n: cls() for n, cls in ALGO_CONFIG_CLASSES.items()}, args.algo_config or [])
     except ValueError as exc:

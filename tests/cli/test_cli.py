@@ -29,6 +29,30 @@ def test_human_errors_are_one_line(argv, message, capsys):
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--algorithm", "gptqq"], "--algorithm: unknown algorithm 'gptqq'; allowed: awq, gptq, gptaq"),
+        (["--algorithm", "gptq", "--algo-config", "gptq.damp_percent=-1"],
+         "--algo-config: GPTQConfig.damp_percent=-1; allowed: a number >= 0"),
+        (["--algorithm", "smoothquant", "--algo-config", "smoothquant.alpha=2"],
+         "--algo-config: SmoothQuantConfig.alpha=2; allowed: a number in [0, 1]"),
+    ],
+)
+def test_algorithm_mistakes_are_refused_before_the_model_loads(monkeypatch, argv, message, capsys):
+    """A typo in an algorithm's name or an out-of-range field costs no model load (minutes for a big
+    checkpoint), let alone a calibration."""
+    import quark.cli as cli
+
+    def no_load(_args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "_load", no_load)
+    assert main(["quantize", "--scheme", "int4_wo_64", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
 def test_non_empty_output_is_refused_before_any_work(tmp_path, capsys):
     (tmp_path / "x").write_text("keep me")
     assert main(["quantize", "--scheme", "fp8", "--output", str(tmp_path)]) == 2

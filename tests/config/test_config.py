@@ -206,3 +206,53 @@ def test_algorithm_field_overrides():
             with_field_overrides(defaults, [item])
     with pytest.raises(ValueError, match=r"the template has no default awq config"):
         with_field_overrides({"awq": None}, ["awq.num_grid=10"])
+
+
+@pytest.mark.parametrize("item,message", [
+    ("gptq.damp_percent=-1", r"GPTQConfig.damp_percent=-1; allowed: a number >= 0"),
+    ("gptq.damp_percent=NaN", r"GPTQConfig.damp_percent=nan; allowed: a number >= 0"),
+    ("gptq.block_size=0", r"GPTQConfig.block_size=0; allowed: an integer >= 1"),
+    ("gptq.block_size=64.0", r"GPTQConfig.block_size=64.0; allowed: an integer >= 1"),
+    ("gptq.desc_act=yes", r"GPTQConfig.desc_act='yes'; allowed: true or false"),
+    ("gptq.desc_act=1", r"GPTQConfig.desc_act=1; allowed: true or false"),
+    ("gptq.clip_search_min=0", r"GPTQConfig.clip_search_min=0; allowed: a number in \(0, 1\]"),
+    ("gptq.clip_search_min=1.5", r"GPTQConfig.clip_search_min=1.5; allowed: a number in \(0, 1\]"),
+    ("gptq.clip_search_steps=-2", r"GPTQConfig.clip_search_steps=-2; allowed: an integer >= 0"),
+    ("gptq.inside_layer_modules=[\"q_proj\"]", r"GPTQConfig.inside_layer_modules=\['q_proj'\]; allowed: a list of lists"),
+    ("gptaq.alpha=-0.1", r"GPTAQConfig.alpha=-0.1; allowed: a number >= 0"),
+    ("gptaq.damp_percent=true", r"GPTAQConfig.damp_percent=True; allowed: a number >= 0"),
+    ("qronos.beta=-1", r"QronosConfig.beta=-1; allowed: a number >= 0"),
+    ("qronos.block_size=0", r"QronosConfig.block_size=0; allowed: an integer >= 1"),
+    ("smoothquant.alpha=1.5", r"SmoothQuantConfig.alpha=1.5; allowed: a number in \[0, 1\]"),
+    ("smoothquant.scale_clamp_min=0", r"SmoothQuantConfig.scale_clamp_min=0; allowed: a number > 0"),
+    ("autosmoothquant.compute_scale_loss=l1", r"AutoSmoothQuantConfig.compute_scale_loss='l1'; allowed: 'mse', 'mae', 'rmse'"),
+    ("autosmoothquant.num_grid=0", r"AutoSmoothQuantConfig.num_grid=0; allowed: an integer >= 1"),
+    ("awq.num_grid=2.5", r"AWQConfig.num_grid=2.5; allowed: an integer >= 1"),
+    ("awq.clip_exclude=q_proj", r"AWQConfig.clip_exclude='q_proj'; allowed: a list of strings"),
+    ("awq.search_dtype=fp16", r"AWQConfig.search_dtype='fp16'; allowed: 'auto', 'float32', 'bfloat16'"),
+    ("rotation.r4=on", r"RotationConfig.r4='on'; allowed: true or false"),
+    ("rotation.seed=1.5", r"RotationConfig.seed=1.5; allowed: an integer"),
+    ("rotation.mlp_inputs=\"mlp.up_proj\"", r"RotationConfig.mlp_inputs='mlp.up_proj'; allowed: a list of strings"),
+])
+def test_algorithm_fields_out_of_range_fail_at_once_naming_field_value_and_range(item, message):
+    """A bad value fails when it is set (CLI --algo-config), not minutes later inside the solver."""
+    from quark.torch import LLMTemplate
+    from quark.torch.quantization.config.algo_configs import with_field_overrides
+
+    with pytest.raises(ValueError, match=message):
+        with_field_overrides(LLMTemplate.get("llama").algorithm_configs, [item])
+
+
+def test_algorithm_fields_are_checked_on_construction_and_by_get_config():
+    from quark.torch import LLMTemplate
+    from quark.torch.quantization.config.algo_configs import GPTQConfig, QronosConfig
+
+    with pytest.raises(ValueError, match=r"QronosConfig.alpha=-1; allowed: a number >= 0"):
+        QronosConfig(alpha=-1)
+    cfg = GPTQConfig(model_decoder_layers="model.layers")
+    cfg.damp_percent = -0.5  # changed after construction
+    with pytest.raises(ValueError, match=r"GPTQConfig.damp_percent=-0.5"):
+        LLMTemplate.get("llama").get_config("int4_wo_64", algorithm="gptq", algo_configs={"gptq": cfg})
+    # the boundaries themselves are allowed
+    GPTQConfig(damp_percent=0, clip_search_steps=0, clip_search_min=1, block_size=1)
+    QronosConfig(alpha=0, beta=0)

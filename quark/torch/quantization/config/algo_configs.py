@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -49,6 +50,16 @@ class AlgoConfig:
     #: attribute path of the ``nn.ModuleList`` of decoder blocks, e.g. ``"model.layers"``
     model_decoder_layers: str = ""
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field whose value is out of range or of the wrong kind
+        (with the value and what is allowed), so that a bad setting fails at once instead of deep in a
+        run. Called on construction, after each ``--algo-config`` assignment and by
+        ``LLMTemplate.get_config`` (a field may have been changed after construction)."""
+        check_text(self, "model_decoder_layers")
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         return {"name": self.name, **data}
@@ -66,7 +77,11 @@ class _ScalingConfig(AlgoConfig):
     scaling_layers: list[ScalingPair] = _pairs_field()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.scaling_layers, (list, tuple)):
+            raise ValueError(f"{type(self).__name__}.scaling_layers={self.scaling_layers!r}; allowed: a list of "
+                             "ScalingPair (or of dicts with prev_op, layers and inspect)")
         self.scaling_layers = [ScalingPair.from_any(p) for p in self.scaling_layers]
+        super().__post_init__()
 
 
 #: accepted values of ``search_dtype`` (AWQ, AutoSmoothQuant) and ``cross_term_dtype`` (GPTAQ, Qronos):
@@ -74,11 +89,67 @@ class _ScalingConfig(AlgoConfig):
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 
 
+#: losses AutoSmoothQuant may minimise over its alpha grid
+SCALE_LOSSES = ("mse", "mae", "rmse")
+
+
+# -- field checks: each raises ValueError("Class.field=value; allowed: ...") --------------------------
+def _bad(config: AlgoConfig, field_name: str, allowed: str) -> ValueError:
+    return ValueError(f"{type(config).__name__}.{field_name}={getattr(config, field_name)!r}; allowed: {allowed}")
+
+
+def check_choice(config: AlgoConfig, field_name: str, choices: tuple[str, ...]) -> None:
+    if getattr(config, field_name) not in choices:
+        raise _bad(config, field_name, ", ".join(map(repr, choices)))
+
+
 def check_dtype_choice(config: AlgoConfig, field_name: str) -> None:
+    check_choice(config, field_name, DTYPE_CHOICES)
+
+
+def check_bool(config: AlgoConfig, field_name: str) -> None:
+    if not isinstance(getattr(config, field_name), bool):
+        raise _bad(config, field_name, "true or false")
+
+
+def check_text(config: AlgoConfig, field_name: str) -> None:
+    if not isinstance(getattr(config, field_name), str):
+        raise _bad(config, field_name, "a string")
+
+
+def check_texts(config: AlgoConfig, field_name: str) -> None:
     value = getattr(config, field_name)
-    if value not in DTYPE_CHOICES:
-        raise ValueError(f"{type(config).__name__}.{field_name}={value!r}; "
-                         f"allowed: {', '.join(map(repr, DTYPE_CHOICES))}")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise _bad(config, field_name, "a list of strings")
+
+
+def check_number(config: AlgoConfig, field_name: str, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, integer: bool = False) -> None:
+    """A finite number (an integer if ``integer``; never a bool) in ``[low, high]``, or ``(low, high]``
+    if ``low_open``; None bounds are open-ended."""
+    value = getattr(config, field_name)
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    ok = ok and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low is None or (value > low if low_open else value >= low)) and (high is None or value <= high)
+    if not ok:
+        where = ""
+        if low is not None and high is not None:
+            where = f" in {'(' if low_open else '['}{low:g}, {high:g}]"
+        elif low is not None:
+            where = f" {'>' if low_open else '>='} {low:g}"
+        raise _bad(config, field_name, ("an integer" if integer else "a number") + where)
+
+
+def check_solver_fields(config: AlgoConfig) -> None:
+    """The fields GPTQ, GPTAQ and Qronos share: lazy blocks, the clipping search and the layer groups."""
+    check_number(config, "block_size", 1, integer=True)
+    check_number(config, "clip_search_steps", 0, integer=True)
+    check_number(config, "clip_search_min", 0, 1, low_open=True)
+    groups = config.inside_layer_modules
+    if not isinstance(groups, (list, tuple)) or not all(
+            isinstance(g, (list, tuple)) and all(isinstance(n, str) for n in g) for g in groups):
+        raise _bad(config, "inside_layer_modules", "a list of lists of layer-name patterns, e.g. "
+                   "[['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'], ['self_attn.o_proj']]")
 
 
 @dataclass
@@ -98,8 +169,11 @@ class AWQConfig(_ScalingConfig):
     #: model where bfloat16 products are fast), "float32" or "bfloat16" (``quark.torch.algorithm.precision``)
     search_dtype: str = "auto"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
+        check_number(self, "num_grid", 1, integer=True)
+        check_bool(self, "clip_search")
+        check_texts(self, "clip_exclude")
         check_dtype_choice(self, "search_dtype")
 
 
@@ -110,6 +184,11 @@ class SmoothQuantConfig(_ScalingConfig):
     name: ClassVar[str] = "smoothquant"
     alpha: float = 0.5
     scale_clamp_min: float = 1e-3
+
+    def validate(self) -> None:
+        super().validate()
+        check_number(self, "alpha", 0, 1)
+        check_number(self, "scale_clamp_min", 0, low_open=True)
 
 
 @dataclass
@@ -124,8 +203,11 @@ class AutoSmoothQuantConfig(_ScalingConfig):
     #: precision of the alpha search's candidate forwards (see ``AWQConfig.search_dtype``)
     search_dtype: str = "auto"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
+        check_choice(self, "compute_scale_loss", SCALE_LOSSES)
+        check_number(self, "num_grid", 1, integer=True)
+        check_number(self, "scale_clamp_min", 0, low_open=True)
         check_dtype_choice(self, "search_dtype")
 
 
@@ -147,6 +229,13 @@ class GPTQConfig(AlgoConfig):
     #: already-quantized previous groups ("true sequential")
     inside_layer_modules: list[list[str]] = field(default_factory=list)
 
+    def validate(self) -> None:
+        super().validate()
+        check_number(self, "damp_percent", 0)
+        check_bool(self, "desc_act")
+        check_bool(self, "static_groups")
+        check_solver_fields(self)
+
 
 @dataclass
 class GPTAQConfig(GPTQConfig):
@@ -160,7 +249,9 @@ class GPTAQConfig(GPTQConfig):
     #: solver multiplies D's rounding by H^-1, large in the weakly excited directions)
     cross_term_dtype: str = "float32"
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        super().validate()
+        check_number(self, "alpha", 0)
         check_dtype_choice(self, "cross_term_dtype")
 
 
@@ -186,7 +277,11 @@ class QronosConfig(AlgoConfig):
     #: ``GPTAQConfig.cross_term_dtype`` (bfloat16: SmolLM2 int4_wo_64 32.08 -> 32.50 ppl)
     cross_term_dtype: str = "float32"
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        super().validate()
+        check_number(self, "alpha", 0)
+        check_number(self, "beta", 0)
+        check_solver_fields(self)
         check_dtype_choice(self, "cross_term_dtype")
 
 
@@ -236,6 +331,16 @@ class RotationConfig(AlgoConfig):
     down_proj: str = "mlp.down_proj"
     mlp_outputs: list[str] = field(default_factory=list)
     stream_writers: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("r1", "r2", "r3", "r4", "random", "fused_qkv", "kv_per_head"):
+            check_bool(self, name)
+        check_number(self, "seed", integer=True)
+        for name in ("lm_head", "final_norm", "attn_norm", "v_proj", "o_proj", "mlp_norm", "down_proj"):
+            check_text(self, name)
+        for name in ("embedding_layers", "attn_inputs", "mlp_inputs", "mlp_outputs", "stream_writers"):
+            check_texts(self, name)
 
 
 ALGO_CONFIG_CLASSES: dict[str, type[AlgoConfig]] = {
@@ -294,6 +399,5 @@ def with_field_overrides(defaults: dict[str, AlgoConfig], assignments: list[str]
         except json.JSONDecodeError:
             value = raw
         setattr(out[name], key, value)
-        if hasattr(out[name], "__post_init__"):
-            out[name].__post_init__()
+        out[name].__post_init__()  # validates (and normalises scaling pairs given as dicts)
     return out

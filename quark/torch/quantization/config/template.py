@@ -180,6 +180,7 @@ class LLMTemplate:
                 raise TypeError(
                     f"algo_configs[{name!r}] must be a {ALGO_CONFIG_CLASSES[name].__name__}, got {type(cfg).__name__}"
                 )
+            cfg.validate()  # a field may have been changed since the config was built
             out.append(copy.deepcopy(cfg))
         return out
 
