@@ -178,6 +178,28 @@ def _check_algo_config(args: argparse.Namespace) -> None:
         raise CLIError(f"--algo-config: {exc}") from None
 
 
+def _check_schemes(args: argparse.Namespace) -> None:
+    """--scheme, --layer-scheme, --kv-cache-scheme, --attention-scheme and --calib-data, before the
+    model loads."""
+    from quark.torch import LLMTemplate
+    from quark.torch.quantization.config.template import (
+        SUPPORTED_ATTENTION_SCHEMES,
+        SUPPORTED_KV_CACHE_SCHEMES,
+    )
+
+    known = LLMTemplate.list_schemes()
+    wanted = [("--scheme", args.scheme)] + [("--layer-scheme", s) for _, s in args.layer_scheme or []]
+    for flag, name in wanted:
+        if name not in known:
+            raise CLIError(f"{flag}: unknown scheme {name!r}; available: {', '.join(known)} (see `quark schemes`)")
+    for flag, name, allowed in (("--kv-cache-scheme", args.kv_cache_scheme, SUPPORTED_KV_CACHE_SCHEMES),
+                                ("--attention-scheme", args.attention_scheme, SUPPORTED_ATTENTION_SCHEMES)):
+        if name is not None and name not in allowed:
+            raise CLIError(f"{flag}: unknown scheme {name!r}; allowed: {', '.join(allowed)}")
+    if args.calib_data and not Path(args.calib_data).is_file():
+        raise CLIError(f"--calib-data {args.calib_data}: no such file")
+
+
 def _export(model: Any, tokenizer: Any, args: argparse.Namespace) -> None:
     fmt = getattr(args, "format", "safetensors")
     if fmt == "gguf":
@@ -197,6 +219,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from quark.torch.utils.model_loading import model_size_bytes
 
     _check_output(args)
+    _check_schemes(args)
     _check_algo_config(args)
     model, tokenizer = _load(args)
     rows = []

@@ -114,3 +114,25 @@ def test_dtype_choices(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "--dtype", "fp8"])
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--scheme", "int4_wo_65"], "--scheme: unknown scheme 'int4_wo_65'; available: "),
+        (["--scheme", "int8", "--layer-scheme", "*down_proj", "fp9"], "--layer-scheme: unknown scheme 'fp9'"),
+        (["--scheme", "int8", "--kv-cache-scheme", "int8"], "--kv-cache-scheme: unknown scheme 'int8'; allowed: fp8"),
+        (["--scheme", "int8", "--attention-scheme", "fp4"], "--attention-scheme: unknown scheme 'fp4'; allowed: fp8"),
+        (["--scheme", "int8", "--calib-data", "/nonexistent/calib.txt"], "--calib-data /nonexistent/calib.txt: no such file"),
+    ],
+)
+def test_scheme_and_data_mistakes_are_refused_before_the_model_loads(monkeypatch, argv, message, capsys):
+    import quark.cli as cli
+
+    def no_load(_args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "_load", no_load)
+    assert main(["quantize", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
