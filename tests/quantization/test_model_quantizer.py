@@ -265,3 +265,23 @@ def test_weight_cache_only_inside_weight_caching_and_follows_changes():
     with weight_caching():  # grad enabled and a weight that requires grad: no cache (training)
         q(x), q(x)
     assert len(calls) == 8
+
+
+@pytest.mark.parametrize("data, error, message", [
+    (None, ValueError, r"algorithm\(s\) gptq need calibration data: pass dataloader="),
+    ([], ValueError, r"dataloader is empty"),
+    (["some text"], TypeError, r"calibration batch 0 holds text \(str\), not tokens: the dataloader must yield token ids"),
+    ([{"input_ids": torch.zeros(1, 8, dtype=torch.long)}, {"text": "x"}], TypeError, r"calibration batch 1 holds text \(dict\)"),
+    (torch.zeros(2, 8, dtype=torch.long), ValueError, r"calibration batch 0 is 1-D token ids \[8\]: give \[batch, seq\]"),
+    ([{"input_ids": torch.zeros(8, dtype=torch.long)}], ValueError, r"calibration batch 0 is 1-D token ids \[8\]"),
+])
+def test_unusable_calibration_data_is_refused_before_any_work(data, error, message):
+    """Missing, empty, untokenized or 1-D calibration data fails before the model is touched, with the
+    fix in the message (a [batch, seq] tensor passed as the dataloader iterates into 1-D rows)."""
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=message):
+        ModelQuantizer(LLMTemplate.get("llama").get_config("int4_wo_32", algorithm="gptq")).quantize_model(
+            model, data, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())

@@ -92,6 +92,26 @@ def _update_weight_qparams(module: nn.Module) -> None:
             m.update_weight_qparams()
 
 
+def check_calibration_batch(batch: Any, index: int) -> None:
+    """Refuse the batches a language model cannot take, naming the batch and the fix: text that was
+    not tokenized, and 1-D token ids (iterating a ``[batch, seq]`` tensor yields its rows)."""
+    hint = ("the dataloader must yield token ids: a tensor [batch, seq], or a dict with 'input_ids' "
+            "(e.g. quark.torch.evaluation.calibration_dataloader(tokenizer, ...))")
+    if isinstance(batch, dict):
+        values = list(batch.values())
+    elif isinstance(batch, (list, tuple)):
+        values = list(batch)
+    else:
+        values = [batch]
+    if any(isinstance(v, (str, bytes)) for v in values):
+        raise TypeError(f"calibration batch {index} holds text ({type(batch).__name__}), not tokens: {hint}")
+    ids = batch.get("input_ids") if isinstance(batch, dict) else batch if isinstance(batch, torch.Tensor) else None
+    if isinstance(ids, torch.Tensor) and ids.dim() == 1 and not ids.is_floating_point():
+        raise ValueError(f"calibration batch {index} is 1-D token ids {list(ids.shape)}: give [batch, seq] "
+                         "(a 2-D tensor is not a dataloader: iterating it yields 1-D rows; pass [ids] or "
+                         "list(ids.split(1)))")
+
+
 class ModelQuantizer:
     """Quantize a model according to a :class:`QConfig`.
 
@@ -120,6 +140,8 @@ class ModelQuantizer:
         batches = list(dataloader) if dataloader is not None else None
         if batches is not None and len(batches) == 0:
             raise ValueError("dataloader is empty: give at least one calibration batch")
+        for i, batch in enumerate(batches or []):
+            check_calibration_batch(batch, i)
         if batches is None and cfg.needs_calibration():
             raise ValueError(
                 "this config has static activation quantization (is_dynamic=False), whose scales come from "
