@@ -598,6 +598,30 @@ def test_a_memoized_output_changed_in_place_is_computed_again(in_place):
     assert calls["inner"] == (3 if in_place else 1) * len(hidden)
 
 
+@pytest.mark.parametrize("budget, cached", [(None, {"self_attn"}), (0, {"self_attn", "mlp.gate_proj", "mlp.up_proj"})])
+def test_only_outputs_a_later_pass_reads_are_kept(batches, monkeypatch, budget, cached):
+    """At the output pass, the runner holds the attention's outputs (replayed there) and the MLP's
+    down_proj tail, not q/k/v/o's or gate/up's outputs (their enclosing module replays instead: those
+    were [tokens, features] tensors per layer held to the block's end for nothing). Without the
+    budget for down_proj's tail, gate/up's outputs are what the output pass replays, so they stay."""
+    from quark.torch.algorithm import gptq
+
+    if budget is not None:
+        monkeypatch.setattr(gptq.BlockRunner, "TAIL_BUDGET_BYTES", budget)
+    seen = []
+    original = gptq.GPTQ.output_pass
+
+    def output_pass(self, ctx, config):
+        runner = ctx.scratch[self.name][0]
+        seen.append(({n for n, c in runner._cache.items() if c}, {n for n, t in runner._tails.items() if t}))
+        return original(self, ctx, config)
+
+    monkeypatch.setattr(gptq.GPTQ, "output_pass", output_pass)
+    quantize(tiny_llama(), "int4_wo_32", batches, "gptq")
+    assert seen and all(c == cached for c, _ in seen)
+    assert all(t == ({"mlp"} if budget is None else set()) for _, t in seen)
+
+
 def test_widening_layer_inputs_are_only_kept_within_the_budget(batches, monkeypatch):
     """down_proj's inputs are wider than the hidden states: with no budget for them the MLP is
     computed in the output pass (the attention is still replayed), with the same result."""

@@ -189,12 +189,20 @@ class BlockRunner:
         return forward
 
     @contextlib.contextmanager
-    def _memoized(self, store: bool) -> Iterator[None]:
-        patched = []
-        for name, module in self.ctx.block.named_modules():
+    def _memoized(self, store: bool, recording: str | None = None) -> Iterator[None]:
+        """Memoize (``store``) or replay the outermost submodules whose linears are all final. Not
+        their descendants: the outer module replays, so theirs would never be read (q/k/v's outputs,
+        or gate/up's, [tokens, intermediate] each, held to the block's end for nothing); nor those
+        inside the submodule whose tail is ``recording`` in this pass, which replays from the tail."""
+        patched, names = [], []
+        for name, module in self.ctx.block.named_modules():  # parents before their children
             ids = self._linears.get(name)
-            if ids and ids <= self.final and (store or self._cache.get(name) or self._tails.get(name)):
-                patched.append((module, self._memo(name, module, store)))
+            if not (ids and ids <= self.final and (store or self._cache.get(name) or self._tails.get(name))):
+                continue
+            if any(name.startswith(outer + ".") for outer in names + ([recording] if recording else [])):
+                continue
+            names.append(name)
+            patched.append((module, self._memo(name, module, store)))
         with forwards_replaced(patched):
             yield
 
@@ -313,7 +321,7 @@ class BlockRunner:
 
         tail = self._tail(layers) if memo and not last else None
         handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in layers.items()]
-        memoized = self._memoized(store=not last) if memo else contextlib.nullcontext()
+        memoized = self._memoized(store=not last, recording=tail) if memo else contextlib.nullcontext()
         recording = self._recording_tail(tail, *layers.values()) if tail else contextlib.nullcontext()
         state = {"skip": False}
         try:
