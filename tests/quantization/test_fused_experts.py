@@ -226,13 +226,17 @@ def test_routers_excluded_and_shared_experts_quantized(data):
     assert not any(isinstance(x, QuantLinear) or hasattr(x, "fused_quant") for x in router.modules())
 
 
-@pytest.mark.parametrize("algorithm, scheme", [("gptq", "int4_wo_32"), ("awq", "int4_wo_32"), ("smoothquant", "int8")])
-def test_algorithms_skip_fused_experts(algorithm, scheme, data, caplog):
+@pytest.mark.parametrize("algorithm, scheme, solved", [
+    ("gptq", "int4_wo_32", True), ("awq", "int4_wo_32", False), ("smoothquant", "int8", False),
+])
+def test_scaling_algorithms_skip_fused_experts_and_gptq_solves_them(algorithm, scheme, solved, data, caplog):
     with caplog.at_level(logging.INFO, logger="quark.torch.quantization.api"):
         model, ref = _quantized("qwen3_moe", scheme, data, algorithm=algorithm)
-    assert f"{algorithm}: skipped on the 1 fused-experts modules" in caplog.text
+    assert (f"{algorithm}: skipped on the 1 fused-experts modules" in caplog.text) is not solved
     (_, m), = fused_experts_modules(model)
     assert all(fp.weight_quantizer.has_qparams for _, fp in m.quantized_projections())
+    # GPTQ's per-expert qparams are kept (fixed), min-max ones follow the weight
+    assert all(fp.weight_qparams_fixed is solved for _, fp in m.quantized_projections())
     assert _rel(logits(model, data[0]), ref) < 0.35
 
 

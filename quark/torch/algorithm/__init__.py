@@ -92,6 +92,9 @@ class BlockAlgorithm:
     #: whether ``apply`` corrects each layer's weight error against its calibration inputs (a
     #: GPTQ-style solver) rather than rounding to nearest
     corrects_weight_error: bool = False
+    #: whether the algorithm also acts on fused MoE experts (3-D expert parameters), not only on
+    #: ``nn.Linear`` layers
+    acts_on_fused_experts: bool = False
     #: whether ``prepare_model`` must leave the float model's function unchanged (checked by the
     #: quantizer on a calibration batch, :mod:`.float_check`)
     keeps_float_function: bool = False

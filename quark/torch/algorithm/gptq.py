@@ -35,10 +35,12 @@ import torch.nn as nn
 
 from quark.torch.quantization.config.algo_configs import GPTQConfig
 from quark.torch.quantization.driver import forwards_replaced, module_device, move_to
+from quark.torch.quantization.fused_experts import ExpertsWeightQuantizer, QuantFusedExperts
 from quark.torch.quantization.modules import QuantLinear
 from quark.torch.quantization.tensor_quantizer import TensorQuantizer
 
 from . import BlockAlgorithm, BlockContext, precision, quantizers_off, switched_off
+from .gptq_experts import RoutedRecord, block_experts, quantize_experts
 from .hessian_solver import Gram, quantize_weight
 
 logger = logging.getLogger(__name__)
@@ -49,7 +51,10 @@ class _Stop(Exception):
 
 
 def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["input"]
+    """A layer's input: the first argument of its call (a linear's ``input``, fused experts' hidden states)."""
+    if args:
+        return args[0]
+    return kwargs["input"] if "input" in kwargs else next(iter(kwargs.values()))
 
 
 def layer_groups(ctx: BlockContext, groups: list[list[str]]) -> list[dict[str, QuantLinear]]:
@@ -66,9 +71,17 @@ def layer_groups(ctx: BlockContext, groups: list[list[str]]) -> list[dict[str, Q
 
 
 def _activation_quantizers(block: nn.Module) -> list[TensorQuantizer]:
-    """The block's quantizers other than its linears' weight quantizers."""
+    """The block's quantizers other than its linears' and fused experts' weight quantizers."""
     weight_quantizers = {id(m.weight_quantizer) for m in block.modules() if isinstance(m, QuantLinear)}
-    return [q for q in block.modules() if isinstance(q, TensorQuantizer) and id(q) not in weight_quantizers]
+    return [q for q in block.modules() if isinstance(q, TensorQuantizer) and id(q) not in weight_quantizers
+            and not isinstance(q, ExpertsWeightQuantizer)]
+
+
+def _solved_unit(m: nn.Module) -> bool:
+    """A module whose weights the GPTQ family changes: a weight-quantized linear, or fused experts."""
+    if isinstance(m, QuantLinear):
+        return m.weight_quantizer is not None
+    return isinstance(m, QuantFusedExperts) and any(fp.weight_quantizer is not None for _, fp in m.quantized_projections())
 
 
 def _uncalibrated_static(block: nn.Module) -> list[TensorQuantizer]:
@@ -143,9 +156,9 @@ class BlockRunner:
         self.ctx = ctx
         self.final: set[int] = set()
         self._cache: dict[str, dict[tuple[int, int], tuple[Any, Any]]] = {}
+        #: submodule name -> the units (linears, fused experts) under it, itself included
         self._linears = {
-            name: {id(q) for q in m.modules() if isinstance(q, QuantLinear) and q.weight_quantizer is not None}
-            for name, m in ctx.block.named_modules() if name
+            name: {id(q) for q in m.modules() if _solved_unit(q)} for name, m in ctx.block.named_modules() if name
         }
         self._batch = 0
         self._calls: dict[str, int] = {}
@@ -295,11 +308,13 @@ class BlockRunner:
                 h.remove()
 
     def inputs(
-        self, layers: dict[str, nn.Module], hidden: list[torch.Tensor] | None = None, last: bool = False
-    ) -> Iterator[dict[str, torch.Tensor]]:
+        self, layers: dict[str, nn.Module], hidden: list[torch.Tensor] | None = None, last: bool = False,
+        arguments: bool = False,
+    ) -> Iterator[dict[str, Any]]:
         """Per batch, ``{name: input}`` of ``layers`` (layers fed the same tensor get the same
         object). ``hidden`` replaces the cached hidden states (the float stream); ``last``: no later
-        pass will come (not even a :meth:`replay`), so nothing new is memoized."""
+        pass will come (not even a :meth:`replay`), so nothing new is memoized; ``arguments``: each
+        layer's whole call ``(args, kwargs)`` instead of its first input (fused experts' routing)."""
         ctx = self.ctx
         memo = hidden is None
         hidden = ctx.inputs.hidden if hidden is None else hidden
@@ -313,13 +328,13 @@ class BlockRunner:
                     seen.update((n, x) for n in layers)
                     raise _Stop
                 if name not in seen:
-                    seen[name] = _layer_input(args, kwargs)
+                    seen[name] = (args, kwargs) if arguments else _layer_input(args, kwargs)
                 if len(seen) == len(layers) and tail is None:
                     raise _Stop
 
             return pre
 
-        tail = self._tail(layers) if memo and not last else None
+        tail = self._tail(layers) if memo and not last and not arguments else None
         handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in layers.items()]
         memoized = self._memoized(store=not last, recording=tail) if memo else contextlib.nullcontext()
         recording = self._recording_tail(tail, *layers.values()) if tail else contextlib.nullcontext()
@@ -396,6 +411,7 @@ class GPTQ(BlockAlgorithm):
 
     name = "gptq"
     corrects_weight_error = True  # and so do GPTAQ and Qronos, its subclasses
+    acts_on_fused_experts = True  # expert by expert, with GPTQ's update (.gptq_experts)
 
     # -- hooks for the variants ------------------------------------------------------------------
     def new_stats(self, cross_dtype: torch.dtype | None = None) -> dict[str, Gram]:
@@ -411,8 +427,9 @@ class GPTQ(BlockAlgorithm):
         stats["H"].add_batch(x_quant)
 
     def solve_stack(self, weight: torch.Tensor, stats: dict[str, Gram], spec: Any, splits: list[int],
-                    config: GPTQConfig):
-        """Quantize the stacked weight; returns a :class:`~.hessian_solver.Solution`."""
+                    config: GPTQConfig, zero_dead: bool = True):
+        """Quantize the stacked weight; returns a :class:`~.hessian_solver.Solution` (``zero_dead``:
+        see :func:`~.hessian_solver.quantize_weight`)."""
         return quantize_weight(
             weight, stats["H"].value, spec,
             damp_percent=config.damp_percent,
@@ -423,6 +440,7 @@ class GPTQ(BlockAlgorithm):
             clip_steps=config.clip_search_steps,
             clip_min=config.clip_search_min,
             residual=self.residual(stats, config),
+            zero_dead=zero_dead,
         )
 
     def residual(self, stats: dict[str, Gram], config: GPTQConfig):
@@ -445,6 +463,7 @@ class GPTQ(BlockAlgorithm):
     def _record_float(self, ctx: BlockContext, config: GPTQConfig) -> Iterator[None]:
         layers = {n: m for g in layer_groups(ctx, config.inside_layer_modules) for n, m in g.items()}
         with_outputs = self.float_output_layers(layers, config)
+        layers.update(block_experts(ctx.block))  # (their hidden states)
         batches: list[dict[str, torch.Tensor]] = []
         outputs: list[dict[str, torch.Tensor]] = []
 
@@ -493,17 +512,20 @@ class GPTQ(BlockAlgorithm):
     def apply(self, ctx: BlockContext, config: GPTQConfig) -> None:
         groups = layer_groups(ctx, config.inside_layer_modules)
         all_layers = {n: m for g in groups for n, m in g.items()}
-        floats, float_outs = self.float_inputs(ctx, all_layers) if self.needs_float_stream else (None, None)
+        experts = block_experts(ctx.block)
+        floats, float_outs = (self.float_inputs(ctx, {**all_layers, **experts}) if self.needs_float_stream
+                              else (None, None))
         runner = BlockRunner(ctx)
         cross_dtype = cross_term_dtype(config, all_layers)
-        # the output pass can replay what the last group's pass records unless static activation
+        # the output pass can replay what the last pass records unless static activation
         # quantizers (off during these passes) are calibrated in between
         replayable = not _uncalibrated_static(ctx.block)
         for i, group in enumerate(groups):
             stacks: list[list[str]] | None = None
             stats: list[dict[str, Gram]] = []
+            last = i == len(groups) - 1 and not experts and not replayable
             with uncalibrated_off(ctx.block):
-                for b, inputs in enumerate(runner.inputs(group, last=i == len(groups) - 1 and not replayable)):
+                for b, inputs in enumerate(runner.inputs(group, last=last)):
                     if stacks is None:
                         stacks = shared_inputs(inputs, group)
                         stats = [self.new_stats(cross_dtype) for _ in stacks]
@@ -519,7 +541,26 @@ class GPTQ(BlockAlgorithm):
             for names, st in zip(stacks or [], stats):
                 self._quantize_stack(ctx, [group[n] for n in names], names, st, config)
             runner.finalize(list(group.values()))
+        if experts:
+            self._quantize_experts(ctx, runner, experts, floats, config, last=not replayable)
         ctx.scratch[self.name] = (runner, _signature(ctx.block), _activation_state(ctx.block))
+
+    def _quantize_experts(self, ctx: BlockContext, runner: BlockRunner, experts: dict[str, QuantFusedExperts],
+                          floats: list[dict[str, torch.Tensor]] | None, config: GPTQConfig, last: bool) -> None:
+        """After the linears: every fused-experts module of the block, expert by expert
+        (:mod:`.gptq_experts`), from what one pass of the block routes to them (``floats``: per batch,
+        the float stream's inputs, the experts modules' hidden states among them)."""
+        records = {name: RoutedRecord(m) for name, m in experts.items()}
+        with uncalibrated_off(ctx.block):
+            for b, calls in enumerate(runner.inputs(experts, last=last, arguments=True)):
+                for name, (args, kwargs) in calls.items():
+                    records[name].add_call(args, kwargs, None if floats is None else floats[b].pop(name))
+            for name, record in records.items():
+                unrouted = quantize_experts(record, self, config)
+                if unrouted:
+                    logger.info("%s block %d: %s: experts %s received no calibration token and keep "
+                                "round-to-nearest weights", self.name, ctx.index, name, unrouted)
+        runner.finalize(list(experts.values()))
 
     def output_pass(self, ctx: BlockContext, config: GPTQConfig) -> contextlib.AbstractContextManager:
         """Replay the attention outputs memoized during the last groups' passes (same inputs, same

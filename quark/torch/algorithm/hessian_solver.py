@@ -643,6 +643,7 @@ def quantize_weight(
     residual: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
     clip_steps: int = 0,
     clip_min: float = 0.6,
+    zero_dead: bool = True,
 ) -> Solution:
     """GPTQ-quantize ``W`` ``[rows, n]`` for the Hessian ``H`` ``[n, n]`` (Frantar et al. 2022).
 
@@ -651,10 +652,13 @@ def quantize_weight(
     without act-order. ``clip_steps`` > 0 chooses every group's qparams by a clipping search weighted
     by ``diag H`` (:func:`search_clipped_qparams`) instead of min-max. Returns the fake-quantized weight
     (natural order) and the qparams with which ``fake_quantize`` of it reproduces it, per stacked layer.
+    ``zero_dead``: inputs that were zero on every calibration token get zero weights; off, they are
+    rounded (a MoE expert saw only some tokens: an input dead on those may not be dead on others).
     """
     W = W.detach().float().clone()
     H, dead = damp(H.float(), damp_percent)
-    W[:, dead] = 0
+    if zero_dead:
+        W[:, dead] = 0
     quantizer = ColumnQuantizer(spec, W, row_splits, static_groups, importance=torch.diagonal(H),
                                 clip_steps=clip_steps, clip_min=clip_min)
     perm = torch.argsort(torch.diagonal(H), descending=True) if desc_act else None

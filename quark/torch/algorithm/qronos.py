@@ -87,15 +87,21 @@ def qronos_quantize(
     clip_steps: int = 0,
     clip_min: float = 0.6,
     WG: torch.Tensor | None = None,
+    zero_dead: bool = True,
 ) -> Solution:
     """Qronos on ``W`` ``[rows, n]`` with ``H = 2/N X~^T X~`` and ``G = 2/N X~^T X`` (quantized-stream
     and float-stream inputs of the same tokens). The float stream only enters through ``W G^T`` (row
     ``r``: ``2/N sum_t y_tr x~_t`` with ``y = X W^T`` the float outputs): ``WG`` gives it directly
     instead of ``G`` (then the float outputs of features dead on the quantized stream stay in the
-    target). Returns the fake-quantized weight and its qparams."""
+    target). ``zero_dead``: as :func:`~.hessian_solver.quantize_weight` (off: such inputs are treated
+    as live ones, their columns kept by the ridge and rounded). Returns the fake-quantized weight and
+    its qparams."""
     W = W.detach().float().clone()
     Hd, dead = damp(H.float(), alpha)
-    W[:, dead] = 0
+    if zero_dead:
+        W[:, dead] = 0
+    else:
+        dead = torch.zeros_like(dead)
     if WG is None:
         G = G.float().clone()
         G[dead] = 0
@@ -151,13 +157,13 @@ class Qronos(GPTQ):
         stats["C"].add_batch(x_quant, x_float.to(x_quant.device) - x_quant)
 
     def solve_stack(self, weight: torch.Tensor, stats: dict[str, Gram], spec: Any, splits: list[int],
-                    config: QronosConfig) -> Solution:
+                    config: QronosConfig, zero_dead: bool = True) -> Solution:
         H = stats["H"].value
         WG = stats["WG"].value
         return qronos_quantize(
             weight, H, None if WG is not None else H + stats["C"].value, spec,
             alpha=config.alpha, beta=config.beta, block_size=config.block_size, row_splits=splits,
-            clip_steps=config.clip_search_steps, clip_min=config.clip_search_min, WG=WG,
+            clip_steps=config.clip_search_steps, clip_min=config.clip_search_min, WG=WG, zero_dead=zero_dead,
         )
 
 

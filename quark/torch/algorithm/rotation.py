@@ -517,6 +517,7 @@ def restore_online_rotations(model: nn.Module, quant_config: object) -> list[str
 class RotationAlgorithm(BlockAlgorithm):
     name = "rotation"
     keeps_float_function = True
+    acts_on_fused_experts = True  # R1 rotates their gate/up and down matrices
 
     def prepare_model(self, model: nn.Module, config: RotationConfig) -> None:
         """Rotate the model's weights in place (R1, R2, R4 as configured); float outputs unchanged."""

@@ -370,10 +370,12 @@ class ModelQuantizer:
                                             float_check.tolerances(model), algo.name)
         warn_if_round_to_nearest_follows(algorithms, self._min_weight_bits())
         experts = fused_experts_modules(layers)
-        if algorithms and experts:
+        skipping = [a.name for algo, a in algorithms if not algo.acts_on_fused_experts]
+        if skipping and experts:
             logger.info(
-                "%s: skipped on the %d fused-experts modules (algorithms act on nn.Linear layers); their "
-                "weights are quantized min-max per expert", ", ".join(a.name for _, a in algorithms), len(experts),
+                "%s: skipped on the %d fused-experts modules (acting on nn.Linear layers only); their weights are "
+                "quantized min-max per expert unless GPTQ, GPTAQ or Qronos solves them", ", ".join(skipping),
+                len(experts),
             )
         # the capture runs one block per block class for real (to learn what blocks return): in float,
         # as the blocks' static quantizers are not calibrated yet

@@ -390,6 +390,16 @@ class FusedProjection(nn.Module):
             self.weight_qparams_fixed = False
             self._cache = None
 
+    def set_weight_qparams(self, qparams: Any) -> None:
+        """Store weight qparams an algorithm computed (stacked over the experts, as
+        :func:`stack_qparams` gives them): later :meth:`update_weight_qparams` calls keep them (see
+        ``QuantLinear.set_weight_qparams``)."""
+        if self.weight_quantizer is None or self.frozen:
+            raise RuntimeError("set_weight_qparams needs a weight quantizer on a non-frozen projection")
+        self.weight_quantizer.set_qparams(qparams)
+        self.weight_qparams_fixed = True
+        self._cache = None
+
     def effective_weight(self, w: torch.Tensor | None) -> torch.Tensor:
         """The weight as the forward uses it, in the parameter's own shape and orientation."""
         if self.frozen:
@@ -628,37 +638,59 @@ class QuantFusedExperts(nn.Module):
         bound.apply_defaults()
         return list(bound.arguments.values())[1:]
 
-    def _mlp(self, x: torch.Tensor, e: int, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Expert ``e`` on tokens ``x``: up (and gate), activation, down, each with its quantizers."""
+    def _run(self, role: str, x: torch.Tensor, e: int, weights: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Projection ``role`` of expert ``e`` on ``x`` with its quantizers (None: the class has none)."""
+        proj = self.fused_layout.projection(role)
+        if proj is None:
+            return None
+        bias = self.bias(proj)
+        if proj.alias in self.fused_quant:
+            return self.fused_quant[proj.alias].apply(x, weights[proj.path], e, bias)
+        we = _expert_matrix(weights[proj.path], int(self.num_experts), e)
+        y = x @ we if proj.transposed else linear(x, we)
+        return y if bias is None else y + bias[e]
+
+    def expert_hidden(self, x: torch.Tensor, e: int, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Expert ``e``'s down-projection input on tokens ``x``: up (and gate) with their quantizers,
+        then the activation (``weights``: :meth:`_weights`, the effective fused weights)."""
+        weights = self._weights() if weights is None else weights
         lay = self.fused_layout
-
-        def run(role: str, inp: torch.Tensor) -> torch.Tensor | None:
-            proj = lay.projection(role)
-            if proj is None:
-                return None
-            bias = self.bias(proj)
-            if proj.alias in self.fused_quant:
-                return self.fused_quant[proj.alias].apply(inp, weights[proj.path], e, bias)
-            we = _expert_matrix(weights[proj.path], int(self.num_experts), e)
-            y = inp @ we if proj.transposed else linear(inp, we)
-            return y if bias is None else y + bias[e]
-
         act = operator.attrgetter(lay.act)(self) if hasattr(self, lay.act.split(".")[0]) else None
-        gate_up = run("gate_up", x)
+        gate_up = self._run("gate_up", x, e, weights)
         if gate_up is not None:
             apply_gate = getattr(self, "_apply_gate", None)
             if apply_gate is not None:
-                h = apply_gate(gate_up)
-            else:
-                gate, up = gate_up.chunk(2, dim=-1)
-                h = act(gate) * up
-        else:
-            gate, up = run("gate", x), run("up", x)
-            h = act(up) if gate is None else act(gate) * up
-        y = run("down", h)
-        if lay.post_norm is not None:
-            y = getattr(self, lay.post_norm)(y)
+                return apply_gate(gate_up)
+            gate, up = gate_up.chunk(2, dim=-1)
+            return act(gate) * up
+        gate, up = self._run("gate", x, e, weights), self._run("up", x, e, weights)
+        return act(up) if gate is None else act(gate) * up
+
+    def _mlp(self, x: torch.Tensor, e: int, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Expert ``e`` on tokens ``x``: up (and gate), activation, down, each with its quantizers."""
+        y = self._run("down", self.expert_hidden(x, e, weights), e, weights)
+        if self.fused_layout.post_norm is not None:
+            y = getattr(self, self.fused_layout.post_norm)(y)
         return y
+
+    def routed_tokens(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """What each expert receives from one call of the forward (same arguments): the token rows
+        ``x [N, hidden]`` and, per expert, the indices of its rows in ``x`` (empty: no token). With
+        top-k routing ``x`` is the hidden states and an expert's rows are the tokens routed to it
+        (once, whatever their rank); with dense routing the router-scaled rows of each expert's
+        block that are not zero."""
+        num = int(self.num_experts)
+        if self.fused_layout.routing == "dense":
+            (hidden,) = self._arguments(args, kwargs)[:1]
+            blocks = hidden.reshape(num, -1, hidden.shape[-1])
+            kept = [blocks[e][blocks[e].abs().amax(dim=-1) > 0] for e in range(num)]
+            sizes = torch.tensor([0] + [k.shape[0] for k in kept], device=hidden.device).cumsum(0).tolist()
+            rows = [torch.arange(a, b, device=hidden.device) for a, b in zip(sizes, sizes[1:])]
+            return torch.cat(kept), rows
+        hidden, top_k_index = self._arguments(args, kwargs)[:2]
+        x = hidden.reshape(-1, hidden.shape[-1])
+        index = top_k_index.reshape(x.shape[0], -1)
+        return x, [(index == e).any(dim=-1).nonzero()[:, 0] for e in range(num)]
 
     def _expert_loop(self, weights: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
         """The experts forward with per-expert activation quantization (transformers' eager experts
