@@ -494,15 +494,16 @@ def test_every_rotation_default_keeps_its_architecture_float(model_type, variant
     """The template's rotation roles, applied to a tiny model of every variant of the architecture
     (MoE ones: a router and fused experts, Qwen2-MoE a shared expert, the Qwen ones a dense first
     block; DeepSeek-V2 with and without q-LoRA, GLM-5 a block sharing its indexer): same logits, and
-    every matrix reading or writing the residual stream was rotated. R4 on a MoE model is refused
-    before anything changes (no down-projection linear in a MoE block)."""
+    every matrix reading or writing the residual stream was rotated. R4 on an unquantized MoE model
+    is refused before anything changes (only quantized fused experts rotate their down input online:
+    :func:`test_r4_rotates_the_fused_experts_down_inputs_online`)."""
     from quark.torch.utils.tiny_models import build_model
 
     reference, model = build_model(model_type, variant), build_model(model_type, variant)
     config = copy.deepcopy(LLMTemplate.get(model_type).algorithm_configs["rotation"])
     config.r4 = r4
     if r4 and model_type in MOE_ROTATION:
-        with pytest.raises(ValueError, match=r"r4: .*set r4=False"):
+        with pytest.raises(ValueError, match=r"r4: .*fused experts that are not quantized.*set r4=False"):
             ALGORITHM.prepare_model(model, config)
         assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
         return
@@ -517,6 +518,39 @@ def test_every_rotation_default_keeps_its_architecture_float(model_type, variant
     rotated_online = [n for n, m in model.named_modules() if online_rotation(m) is not None]
     blocks = len(model.get_submodule(config.model_decoder_layers))
     assert rotated_online == ([f"{config.model_decoder_layers}.{i}.{config.down_proj}" for i in range(blocks)] if r4 else [])
+
+
+@pytest.mark.parametrize("model_type", MOE_ROTATION)
+def test_r4_rotates_the_fused_experts_down_inputs_online(model_type):
+    """W8A8 with rotation(r4) on every MoE template: every block's MLP outputs (fused experts, shared
+    experts' and dense blocks' down projections) rotate their input online; the fused experts' down
+    matrices absorbed R4 (they differ from R1's alone, gate/up do not) and the float function is
+    unchanged (the quantizer also checks this before and after the rotation)."""
+    from quark.torch.quantization.fused_experts import QuantFusedExperts
+    from quark.torch.utils.tiny_models import build_model
+
+    def rotated(r4: bool) -> nn.Module:
+        model = build_model(model_type)
+        config = copy.deepcopy(LLMTemplate.get(model_type).algorithm_configs["rotation"])
+        config.r4 = r4
+        qconfig = LLMTemplate.get(model_type).get_config("int8", algorithm="rotation", algo_configs={"rotation": config})
+        return ModelQuantizer(qconfig).quantize_model(model, data, progress=False)
+
+    reference = build_model(model_type)
+    data = token_batches(2, seq=16, vocab=reference.config.get_text_config().vocab_size)
+    with_r4, without = rotated(True), rotated(False)
+    online = {n: m for n, m in with_r4.named_modules() if online_rotation(m) is not None}
+    experts = [n for n, m in online.items() if isinstance(m, QuantFusedExperts)]
+    assert experts and not any(online_rotation(m) for m in without.modules())
+    blocks = with_r4.get_submodule(LLMTemplate.get(model_type).algorithm_configs["rotation"].model_decoder_layers)
+    assert all(any(online_rotation(m) is not None for m in block.modules()) for block in blocks)
+    for name in experts:
+        module, plain = with_r4.get_submodule(name), without.get_submodule(name)
+        for proj, _ in module.quantized_projections():
+            a, b = module.float_weight(proj), plain.float_weight(proj)
+            assert torch.equal(a, b) == (proj.role != "down"), (name, proj.path)
+    with torch.no_grad(), quantizers_off(with_r4):
+        assert _rel(logits(with_r4, data), logits(reference, data)) < 1e-4
 
 
 @pytest.mark.parametrize("model_type", [t for t in _types_with_rotation_defaults()
@@ -760,7 +794,7 @@ def test_layer_norm_rotation_keeps_the_float_model(model_type, r4, batches):
     vector keeps its mean and the logits are unchanged; the norms are plain normalisations afterwards,
     except OPT's final norm, whose bias stays (rotated) because lm_head has no bias to take it."""
     if r4 and model_type in MOE_ROTATION:
-        pytest.skip("R4 is refused on MoE blocks (test_every_rotation_default_keeps_its_architecture_float)")
+        pytest.skip("R4 on fused experts needs them quantized (test_r4_rotates_the_fused_experts_down_inputs_online)")
     reference, model = _layer_norm_model(model_type), _layer_norm_model(model_type)
     config = copy.deepcopy(LLMTemplate.get(model_type).algorithm_configs["rotation"])
     config.r4 = r4

@@ -141,6 +141,38 @@ def test_online_rotation_is_restored_by_both_loaders(batches, tmp_path):
     assert not (tmp_path / "awq").exists() and not (tmp_path / "gguf").exists()
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
+def test_online_rotation_of_fused_experts_is_restored_by_both_loaders(model_type, tmp_path):
+    """rotation with r4 then GPTQ on MoE models: the fused experts' down matrices (and dense blocks' and
+    shared experts' down projections) absorbed R4; both loaders re-attach the online rotations, to the
+    experts modules too, and give the quantized model's logits."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from quark.torch.algorithm.rotation import online_rotated_layers
+    from quark.torch.export.api import import_model_from_safetensors
+    from quark.torch.utils.tiny_models import build_model
+
+    template = LLMTemplate.get(model_type)
+    rotation = copy.deepcopy(template.algorithm_configs["rotation"])
+    rotation.r4 = True
+    model = build_model(model_type)
+    data = token_batches(2, seq=16, vocab=model.config.vocab_size)
+    config = template.get_config("int8", algorithm=["rotation", "gptq"], algo_configs={"rotation": rotation})
+    ModelQuantizer(config).quantize_model(model, data, progress=False)
+    rotated = online_rotated_layers(model)
+    assert any(name.endswith("mlp.experts") for name in rotated)
+    with torch.no_grad():
+        ref = model(**data[0]).logits
+    export_safetensors(model, tmp_path / "out")
+    for loaded in (import_model_from_safetensors(None, tmp_path / "out"),
+                   AutoModelForCausalLM.from_pretrained(tmp_path / "out")):
+        assert online_rotated_layers(loaded) == rotated
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**data[0]).logits, ref, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # fused MoE experts (transformers 5 holds them as 3-D parameters; the export is per expert)
 # ---------------------------------------------------------------------------------------------

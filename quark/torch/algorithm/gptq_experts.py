@@ -10,7 +10,7 @@ unchanged, with statistics over that expert's routed calibration tokens only: th
 Order (true sequential, after the block's ``nn.Linear`` groups): for each expert, its input
 projections (``gate_up``, or ``gate`` and ``up``, stacked when they share a weight spec), then its
 ``down`` projection, whose inputs are computed from the expert's tokens with its just-quantized
-gate/up (and their activation quantizers, as the quantized model runs them). Experts do not feed
+gate/up (and their activation quantizers, and rotation's online R4, as the quantized model runs them). Experts do not feed
 each other, so expert after expert is the same as stage after stage.
 
 The float stream (GPTAQ, Qronos): a token's float input to an expert is the float model's input of
@@ -135,11 +135,11 @@ def quantize_experts(record: RoutedRecord, algorithm: GPTQ, config: Any) -> list
         float_down = None
         if any(fp.proj.role in DOWN_ROLES for fp in stages[-1]) and any(xq is not xf for xq, xf in inputs):
             with torch.no_grad(), quantizers_off(module):  # the float hidden, before gate/up change
-                float_down = [module.expert_hidden(xf, e, raw) for _, xf in inputs]
+                float_down = [module.down_input(xf, e, raw) for _, xf in inputs]
         for stage in stages:
             if stage[0].proj.role in DOWN_ROLES:
                 with torch.no_grad():
-                    quant_down = [module.expert_hidden(xq, e, raw) for xq, _ in inputs]
+                    quant_down = [module.down_input(xq, e, raw) for xq, _ in inputs]
                 pairs = list(zip(quant_down, float_down or quant_down))
             else:
                 pairs = inputs

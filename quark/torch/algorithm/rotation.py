@@ -30,9 +30,10 @@ smaller range. Where the rotations go:
   MLA's ``kv_b_proj`` with ``kv_per_head``) and o_proj's input columns of that
   head ``W_o[:, h] <- W_o[:, h] H``. Attention probabilities mix rows of V,
   so the rotation passes through them; with grouped K/V heads every head uses the same ``H``.
-- **R4** (intermediate size, online): down_proj's input is rotated at run time by a forward
-  pre-hook (so down_proj's input quantizer sees the rotated activations) and its weight
-  ``W <- W H`` absorbs the inverse.
+- **R4** (intermediate size, online): the input of every MLP output (``mlp_outputs``, else
+  ``down_proj``) is rotated at run time, before its input quantizer, and its weight ``W <- W H``
+  absorbs the inverse: a linear's by a forward pre-hook; quantized fused MoE experts' inside their
+  per-expert loop (each expert's down input; every expert's down matrix absorbs ``H``).
 - **R3** (online rotation of Q and K after RoPE) is not implemented: this toolkit quantizes Q/K at
   the projections' outputs, before RoPE, so no quantized tensor would change.
 
@@ -51,6 +52,7 @@ the per-block step does nothing. Module roles come from :class:`RotationConfig` 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 
@@ -59,7 +61,7 @@ import torch.nn as nn
 
 from quark.torch.quantization.config.algo_configs import AlgoConfig, RotationConfig
 from quark.torch.quantization.driver import find_decoder_layers, get_submodule
-from quark.torch.quantization.fused_experts import expert_view, experts_layout
+from quark.torch.quantization.fused_experts import QuantFusedExperts, expert_view, experts_layout
 
 from . import BlockAlgorithm, match_modules
 from .hadamard import HadamardTransform, MeanPreservingTransform, construction, random_signs
@@ -343,20 +345,71 @@ def online_rotated_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if online_rotation(m) is not None]
 
 
-def attach_online_rotation(linear: nn.Linear, rot: HadamardTransform, absorb: bool = True) -> OnlineHadamard:
+def attach_online_rotation(module: nn.Module, rot: HadamardTransform, absorb: bool = True) -> OnlineHadamard:
     """``W <- W H`` (unless the weight already ``absorb``-ed it, as in a loaded checkpoint) and rotate
-    the input online by ``H``: the layer's output is unchanged."""
+    the input online by ``H``: the layer's output is unchanged. ``module`` is a linear (a forward
+    pre-hook rotates its input) or quantized fused MoE experts (every expert's down matrix absorbs
+    ``H`` and the experts' loop rotates each expert's down input,
+    :meth:`~quark.torch.quantization.fused_experts.QuantFusedExperts.down_input`)."""
+    experts = experts_layout(module) is not None
     if absorb:
-        rotate_input_side(linear.weight, rot)
+        if experts:
+            for view in _down_matrices(module):  # [E, hidden, intermediate]
+                for e in range(view.shape[0]):
+                    rotate_input_side(view[e], rot)
+        else:
+            rotate_input_side(module.weight, rot)
     online = OnlineHadamard(rot)
-    if linear.weight.device.type != "meta":  # (a model being loaded: the transform follows its input)
-        online = online.to(linear.weight.device)
+    device = next(itertools.chain(module.parameters(), module.buffers())).device
+    if device.type != "meta":  # (a model being loaded: the transform follows its input)
+        online = online.to(device)
     # a plain attribute, not a registered submodule: its (non-persistent) buffers stay out of the
     # module tree, where a loader that re-creates every tensor missing from the checkpoint
     # (transformers) would overwrite them with uninitialised memory
-    linear.__dict__["online_rotation"] = online
-    linear.register_forward_pre_hook(online.pre_hook)
+    module.__dict__["online_rotation"] = online
+    if not experts:
+        module.register_forward_pre_hook(online.pre_hook)
     return online
+
+
+def _down_matrices(module: nn.Module) -> list[torch.Tensor]:
+    """The ``[E, out, in]`` views of a fused-experts module's float down projection (none once frozen)."""
+    out = []
+    for proj in experts_layout(module).projections:
+        head, _, leaf = proj.path.rpartition(".")
+        w = getattr(module.get_submodule(head) if head else module, leaf, None)
+        if proj.role == "down" and isinstance(w, torch.Tensor):
+            out.append(expert_view(w.detach(), w.shape[0] if w.dim() == 3 else int(module.num_experts), proj.transposed))
+    return out
+
+
+def r4_input_size(module: nn.Module, path: str) -> int:
+    """The size R4 rotates for an MLP output (``RotationConfig.mlp_outputs`` / ``down_proj``): a
+    linear's input features, or the intermediate size of fused experts' down projections. Refuses
+    fused experts that are not quantized (only the quantized experts' loop can rotate online)."""
+    if experts_layout(module) is None:
+        return _linear(module, path).in_features
+    if not isinstance(module, QuantFusedExperts):
+        raise ValueError(f"rotation r4: {path} holds fused experts that are not quantized (excluded by the config): "
+                         "only quantized experts rotate their down input online; set r4=False")
+    for proj, fp in module.quantized_projections():
+        if proj.role == "down":
+            return fp.in_features
+    return _down_matrices(module)[0].shape[-1]
+
+
+def r4_targets(layers: nn.ModuleList, cfg: RotationConfig, path: str) -> list[tuple[str, nn.Module]]:
+    """What R4 rotates online, block by block: each block's MLP outputs (``cfg.mlp_outputs``, else
+    ``cfg.down_proj``) that it has; every block needs one."""
+    outputs = cfg.mlp_outputs or [cfg.down_proj]
+    targets = []
+    for i, block in enumerate(layers):
+        prefix = f"{path}.{i}" if path else str(i)
+        found = [r for r in (find_role(block, entry) for entry in outputs) if r is not None]
+        if not found:
+            raise ValueError(f"rotation r4: block {prefix} has none of the MLP outputs {outputs}")
+        targets.extend((f"{prefix}.{name}", m) for name, m in found)
+    return targets
 
 
 # -- model-level helpers -----------------------------------------------------------------------------
@@ -485,10 +538,11 @@ R4_SEED_OFFSET = 2
 
 
 def restore_online_rotations(model: nn.Module, quant_config: object) -> list[str]:
-    """Re-create R4's online rotations on a model loaded from a checkpoint whose down_proj weights
-    already absorb them (``import_model_from_safetensors`` and transformers' loader call this
-    through ``_map_to_quark``): the pre-hooks only, weights untouched, from the ``rotation`` entry
-    of ``quant_config.algo_config``. Returns the rotated layers' names."""
+    """Re-create R4's online rotations on a model loaded from a checkpoint whose MLP outputs (down_proj
+    weights, fused experts' down matrices) already absorb them (``import_model_from_safetensors`` and
+    transformers' loader call this through ``_map_to_quark``): the online transforms only, weights
+    untouched, from the ``rotation`` entry of ``quant_config.algo_config``. Returns the rotated
+    modules' names."""
     names = []
     for cfg in getattr(quant_config, "algo_config", None) or []:
         if not (isinstance(cfg, RotationConfig) and cfg.r4):
@@ -497,20 +551,18 @@ def restore_online_rotations(model: nn.Module, quant_config: object) -> list[str
         if found is None:
             raise ValueError("the checkpoint was rotated with r4 but the model has no stack of decoder layers; "
                              "set model_decoder_layers in its rotation config")
-        path, layers = found
         transforms: dict[int, HadamardTransform] = {}
-        for i, block in enumerate(layers):
-            lin = _linear(get_submodule(block, cfg.down_proj), f"{path}.{i}.{cfg.down_proj}")
-            if online_rotation(lin) is not None:
+        for name, module in r4_targets(found[1], cfg, found[0]):
+            if online_rotation(module) is not None:
                 continue
-            n = lin.in_features
+            n = r4_input_size(module, name)
             # real tensors even when the loader builds the model under a meta-device context (transformers);
             # the transform moves its factors to its input's device
             with torch.device("cpu"):
                 if n not in transforms:
                     transforms[n] = RotationAlgorithm._rotation(n, cfg, cfg.seed + R4_SEED_OFFSET, "r4")
-                attach_online_rotation(lin, HadamardTransform(n, transforms[n].signs), absorb=False)
-            names.append(f"{path}.{i}.{cfg.down_proj}")
+                attach_online_rotation(module, HadamardTransform(n, transforms[n].signs), absorb=False)
+            names.append(name)
     return names
 
 
@@ -718,27 +770,19 @@ class RotationAlgorithm(BlockAlgorithm):
         return apply
 
     def _plan_r4(self, layers: nn.ModuleList, cfg: RotationConfig, seed: int) -> Callable[[], None]:
-        downs = []
-        for i, block in enumerate(layers):
-            prefix = f"{cfg.model_decoder_layers}.{i}" if cfg.model_decoder_layers else str(i)
-            try:
-                downs.append(_linear(get_submodule(block, cfg.down_proj), f"{prefix}.{cfg.down_proj}"))
-            except ValueError as exc:
-                raise ValueError(
-                    f"rotation r4: {exc}; R4 rotates one down-projection linear per block online (fused MoE "
-                    "experts have none): set r4=False"
-                ) from None
+        targets = r4_targets(layers, cfg, cfg.model_decoder_layers)
+        sizes = [r4_input_size(module, name) for name, module in targets]
         rots: dict[int, HadamardTransform] = {}
-        for lin in downs:
-            if lin.in_features not in rots:
-                rots[lin.in_features] = self._rotation(lin.in_features, cfg, seed, "r4")
+        for n in sizes:
+            if n not in rots:
+                rots[n] = self._rotation(n, cfg, seed, "r4")
 
         def apply() -> None:
-            for lin in downs:
-                attach_online_rotation(lin, HadamardTransform(lin.in_features, rots[lin.in_features].signs))
+            for (_, module), n in zip(targets, sizes):
+                attach_online_rotation(module, HadamardTransform(n, rots[n].signs))
             logger.warning(
-                "rotation r4: %s inputs are rotated online (a forward pre-hook); a runtime loading an exported "
-                "checkpoint must apply the same Hadamard transform", cfg.down_proj
+                "rotation r4: the inputs of %d MLP outputs (e.g. %s) are rotated online; a runtime loading an "
+                "exported checkpoint must apply the same Hadamard transform", len(targets), targets[0][0]
             )
 
         return apply

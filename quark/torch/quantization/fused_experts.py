@@ -623,7 +623,9 @@ class QuantFusedExperts(nn.Module):
                 "transformers' from_pretrained or quark.torch.import_model_from_safetensors)"
             )
         weights = self._weights()
-        if any(fp.activations_active() for _, fp in self.quantized_projections()):
+        if self.__dict__.get("online_rotation") is not None or any(
+            fp.activations_active() for _, fp in self.quantized_projections()
+        ):  # the class's own forward has no place for them
             return self._expert_loop(weights, *args, **kwargs)
         with self._swapped(weights):
             return super().forward(*args, **kwargs)
@@ -666,9 +668,17 @@ class QuantFusedExperts(nn.Module):
         gate, up = self._run("gate", x, e, weights), self._run("up", x, e, weights)
         return act(up) if gate is None else act(gate) * up
 
+    def down_input(self, x: torch.Tensor, e: int, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """What expert ``e``'s down projection receives: :meth:`expert_hidden`, rotated when an
+        online rotation (rotation's R4, ``online_rotation``) is attached to the module."""
+        h = self.expert_hidden(x, e, weights)
+        rot = self.__dict__.get("online_rotation")
+        return h if rot is None else rot(h)
+
     def _mlp(self, x: torch.Tensor, e: int, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Expert ``e`` on tokens ``x``: up (and gate), activation, down, each with its quantizers."""
-        y = self._run("down", self.expert_hidden(x, e, weights), e, weights)
+        """Expert ``e`` on tokens ``x``: up (and gate), activation, (R4's rotation,) down, each with its
+        quantizers."""
+        y = self._run("down", self.down_input(x, e, weights), e, weights)
         if self.fused_layout.post_norm is not None:
             y = getattr(self, self.fused_layout.post_norm)(y)
         return y

@@ -299,7 +299,7 @@ class RotationConfig(AlgoConfig):
     be found in at least one, and every block must have one of each; an entry ``a|b`` names
     alternatives (the first one a block has), e.g. ``q_proj`` or ``q_a_proj`` by checkpoint; so may
     ``o_proj`` and ``v_proj`` (``self_attn.o_proj|mamba.out_proj`` in a hybrid model), which every block needs.
-    ``down_proj`` is R4's layer (one linear per block). ``stream_writers`` are model-level paths
+    R4 rotates the input of every MLP output a block has (``mlp_outputs``, else ``down_proj``). ``stream_writers`` are model-level paths
     (fnmatch patterns allowed) of modules outside the decoder blocks whose output enters the
     residual stream besides the embeddings, e.g. a multimodal projector's last linear, whose image
     features replace image-token embeddings: they are rotated like ``o_proj`` (``W <- Qᵀ W``, bias
