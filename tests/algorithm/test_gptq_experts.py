@@ -1,6 +1,8 @@
 """GPTQ on fused MoE experts, one expert at a time (``quark/torch/algorithm/gptq_experts.py``)."""
 
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,8 @@ from quark.torch.quantization.fused_experts import fused_experts_modules
 from quark.torch.quantization.modules import QuantLinear
 from quark.torch.quantization.tensor_quantize import compute_qparams, fake_quantize
 from quark.torch.utils.tiny_models import build_model
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def calibration(model, n: int = 4, seq: int = 32, seed: int = 0) -> list[dict]:
@@ -157,22 +161,12 @@ def test_input_features_dead_on_an_expert_are_rounded_not_zeroed(rtn_experts):
 
 
 def expert_output_error(model, reference, batches) -> float:
-    """Squared error of every experts module's output against the float experts on the same calls."""
-    calls = []
-    modules = [m for _, m in fused_experts_modules(model)]
-    handles = [m.register_forward_pre_hook(lambda m, a, k: calls.append((m, a, k)), with_kwargs=True) for m in modules]
-    with torch.no_grad():
-        for b in batches:
-            model(**b)
-    for h in handles:
-        h.remove()
-    names = {id(m): n for n, m in fused_experts_modules(model)}
-    total = 0.0
-    with torch.no_grad():
-        for m, a, k in calls:
-            float_module = reference.get_submodule(names[id(m)])
-            total += (m(*a, **k) - float_module(*a, **k)).pow(2).sum().item()
-    return total
+    """``bench/moe_experts.py``'s measure: the experts' output error against the float experts on the
+    quantized model's own calls."""
+    spec = importlib.util.spec_from_file_location("bench_moe_experts", ROOT / "bench" / "moe_experts.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.experts_output_error(model, reference, batches)
 
 
 @pytest.mark.parametrize("model_type,algorithm,ratio", [
