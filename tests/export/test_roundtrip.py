@@ -173,6 +173,56 @@ def test_awq_layout_roundtrip(scheme, batches, tmp_path):
     torch.testing.assert_close(logits(back, batches), logits(model, batches), rtol=0, atol=0)
 
 
+def _moe(model_type: str, scheme: str, algorithm=None, **kwargs):
+    from quark.torch.utils.tiny_models import build_model
+
+    model = build_model(model_type)
+    data = token_batches(2, seq=16, vocab=model.config.get_text_config().vocab_size)
+    config = LLMTemplate.get(model_type).get_config(scheme, algorithm=algorithm, **kwargs)
+    return ModelQuantizer(config).quantize_model(model, data, progress=False), data
+
+
+@pytest.mark.parametrize("model_type,names", [
+    ("qwen3_moe", ("gate_proj", "up_proj", "down_proj")), ("mixtral", ("w1", "w3", "w2")),
+    ("deepseek_v3", ("gate_proj", "up_proj", "down_proj")),
+])
+def test_awq_layout_writes_fused_experts_per_expert(model_type, names, tmp_path):
+    """GPTQ-quantized fused experts in the AWQ layout: every expert is a linear of the original
+    checkpoint's names (as AutoAWQ MoE checkpoints and vLLM's AWQ MoE loader have them), gate and up
+    split out of the fused gate/up; the codes are the experts' own, and the reimport is exact."""
+    from quark.torch.export.awq import from_awq
+    from quark.torch.quantization.fused_experts import fused_experts_modules
+
+    model, data = _moe(model_type, "uint4_wo_32", "gptq")
+    export_safetensors(model, tmp_path / "awq", custom_mode="awq")
+    t = shard(tmp_path / "awq")
+    name, experts = fused_experts_modules(model)[0]
+    gate, up, down = names
+    (gu_proj, gu), = [(p, fp) for p, fp in experts.quantized_projections() if p.role == "gate_up"]
+    inter = gu.out_features // 2
+    assert not [k for k in t if k.startswith(f"{name}.") and k.endswith((".weight", "_proj"))]
+    for e in range(int(experts.num_experts)):
+        codes, qparams = gu.expert_codes(experts.float_weight(gu_proj), e)
+        for ckpt, rows in ((gate, slice(0, inter)), (up, slice(inter, 2 * inter))):
+            layer = {k: t[f"{name}.{e}.{ckpt}.{k}"] for k in ("qweight", "qzeros", "scales")}
+            got, qp = from_awq(layer, gu.weight_quantizer.spec, inter)
+            assert torch.equal(got, codes[rows]) and torch.equal(qp.scale, qparams.scale[rows])
+        assert f"{name}.{e}.{down}.qweight" in t
+    back = import_model_from_safetensors(None, tmp_path / "awq")
+    torch.testing.assert_close(logits(back, data), logits(model, data), rtol=0, atol=0)
+
+
+def test_awq_refuses_fused_experts_it_has_no_names_for(tmp_path):
+    model, _ = _moe("gpt_oss", "uint4_wo_32")
+    with pytest.raises(ValueError, match=r"experts.gate_up_proj: GptOssExperts's original checkpoints keep the "
+                                         r"experts fused.*custom_mode='quark'"):
+        export_safetensors(model, tmp_path / "a", custom_mode="awq")
+    model, _ = _moe("qwen3_moe", "uint4_wo_32", exclude_layers=["*experts.down_proj"])
+    with pytest.raises(ValueError, match=r"experts: its down_proj is not quantized"):
+        export_safetensors(model, tmp_path / "b", custom_mode="awq")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_awq_refuses_what_it_cannot_hold(batches, tmp_path):
     with pytest.raises(ValueError, match="int4/uint4"):
         export_safetensors(quantized("mxfp4_weight_only", batches), tmp_path / "a", custom_mode="awq")

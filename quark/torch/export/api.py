@@ -49,6 +49,7 @@ from quark.torch.quantization.fused_experts import (
     find_fused_experts,
     fused_experts_modules,
     projection_configs,
+    slice_rows,
 )
 from quark.torch.quantization.modules import ROLES, QuantLinear, quantized_linears
 from quark.torch.quantization.tensor_quantize import fake_quantize
@@ -288,39 +289,74 @@ def _check_real_quantized(model: nn.Module) -> None:
 
 
 def _check_awq(model: nn.Module) -> tuple[Any, list[str]]:
-    """The single weight spec of an AWQ export and the names of the linears left in float."""
+    """The single weight spec of an AWQ export and the names of the linears left in float. Fused MoE
+    experts are written per expert under their original checkpoint names (``experts.<e>.gate_proj.qweight``
+    ...), as AutoAWQ MoE checkpoints hold them; classes whose original checkpoints keep the experts
+    fused (GPT-OSS, Llama 4 ...) have no such names and are refused."""
     layers = quantized_linears(model)
-    if not layers:
-        raise ValueError("custom_mode='awq': the model has no quantized layers")
     experts = fused_experts_modules(model)
-    if experts:
-        raise ValueError(
-            f"custom_mode='awq' cannot export the quantized fused MoE experts ({experts[0][0]} ...): the AutoAWQ "
-            "layout is written for nn.Linear layers only; use custom_mode='quark'"
-        )
+    if not layers and not experts:
+        raise ValueError("custom_mode='awq': the model has no quantized layers")
+    units = [(name, q.weight_quantizer, q.input_quantizer is not None or q.output_quantizer is not None,
+              [q.out_features]) for name, q in layers]
+    merged = merged_projections(model) if experts else {}
+    for name, m in experts:
+        quantized = {p.path for p, _ in m.quantized_projections()}
+        floats = [p.path for p in m.fused_layout.projections if p.path not in quantized]
+        if floats:
+            raise ValueError(f"custom_mode='awq' cannot export {name}: its {floats[0]} is not quantized (AWQ MoE "
+                             "checkpoints quantize every expert projection); use custom_mode='quark'")
+        for proj, fp in m.quantized_projections():
+            parts = merged.get((name, proj.path))
+            if parts is None:
+                original = next(c for c in type(m).__mro__[1:] if c is not QuantFusedExperts).__name__
+                raise ValueError(
+                    f"custom_mode='awq' cannot export {name}.{proj.path}: {original}'s original checkpoints keep "
+                    "the experts fused, so AWQ loaders have no per-expert names for them; use custom_mode='quark'")
+            rows = [fp.out_features if r is None else r.stop - r.start for _, r in parts]
+            units.append((f"{name}.{proj.path}", fp.weight_quantizer, fp.has_activation_quantizers, rows))
     spec = None
-    for name, q in layers:
-        wq = q.weight_quantizer
-        reason = "the layer has no weight quantization" if wq is None else awq_unsupported_reason(
-            wq.spec, q.input_quantizer is not None or q.output_quantizer is not None
-        )
+    for name, wq, activations, outs in units:
+        reason = "the layer has no weight quantization" if wq is None else awq_unsupported_reason(wq.spec, activations)
         if reason is None and spec is not None and wq.spec != spec:
             reason = "AWQ checkpoints hold one weight format for every layer; this layer differs from the others"
         if reason is not None:
             raise ValueError(f"custom_mode='awq' cannot export layer {name!r}: {reason}")
         spec = wq.spec
-        if q.out_features % 8:
-            raise ValueError(f"custom_mode='awq': layer {name!r} has out_features={q.out_features}, not a multiple of 8")
+        if any(n % 8 for n in outs):
+            raise ValueError(f"custom_mode='awq': layer {name!r} has out_features={outs}, not multiples of 8")
     quantized = {n for n, _ in layers}
     left = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
     return spec, left
 
 
+def _awq_expert_tensors(name: str, module: QuantFusedExperts, parts: dict[tuple[str, str], Any]
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every expert's AWQ tensors, ``<name>.<e>.<checkpoint name>.{qweight, qzeros, scales}``."""
+    for proj, fp in module.quantized_projections():
+        w = module.float_weight(proj)
+        for e in range(fp.num_experts):
+            codes, qparams = fp.expert_codes(w, e)
+            for ckpt, rows in parts[(name, proj.path)]:
+                c = codes if rows is None else codes[rows]
+                q = qparams if rows is None else slice_rows(qparams, rows)
+                for key, value in to_awq(c, q, fp.weight_quantizer.spec, fp.weight_dtype).items():
+                    yield f"{name}.{e}.{ckpt}.{key}", value
+
+
 def _iter_awq_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     layers = dict(quantized_linears(model))
+    experts = dict(fused_experts_modules(model))
+    owned = owned_keys(model) if experts else {}
+    parts = merged_projections(model) if experts else {}
     done: set[str] = set()
     seen: set[tuple] = set()
     for key, tensor in model.state_dict(keep_vars=True).items():
+        if key in owned:
+            if owned[key] not in done:
+                done.add(owned[key])
+                yield from _awq_expert_tensors(owned[key], experts[owned[key]], parts)
+            continue
         owner = _owner(key, layers)
         if owner is not None:
             if owner in done:
@@ -663,6 +699,7 @@ def _import_awq(model: nn.Module, qc: dict[str, Any], tensors: dict[str, torch.T
         for key, value in stored.items():
             tensors[f"{name}.{'weight' if key == 'weight' else 'weight_' + key}"] = value
         _set_module(model, name, q)
+    tensors = _awq_experts_state(model, qconfig, quantized, tensors, where)
     missing = {n for n in quantized if not isinstance(model.get_submodule(n), QuantLinear)}
     if missing:
         raise CheckpointError(f"{where}: AWQ tensors for {sorted(missing)[:5]} have no matching linear layer")
@@ -671,6 +708,34 @@ def _import_awq(model: nn.Module, qc: dict[str, Any], tensors: dict[str, torch.T
     model._quark_qconfig = qconfig
     _load_state(model, {_to_module_key(k): v for k, v in tensors.items()}, where)
     return model
+
+
+def _awq_experts_state(model: nn.Module, qconfig: QConfig, quantized: set[str], tensors: dict[str, torch.Tensor],
+                       where: Path) -> dict[str, torch.Tensor]:
+    """The fused experts of an AWQ checkpoint (per-expert ``qweight`` / ``qzeros`` / ``scales`` under the
+    original checkpoint names): quantized placeholders, and ``tensors`` with their stacked state in place
+    of the per-expert AWQ tensors (``quantized`` loses those names)."""
+    experts = [(name, m) for name, m, _ in find_fused_experts(model)
+               if any(k.startswith(f"{name}.") for k in quantized)]
+    if not experts:
+        return tensors
+    _placeholder_experts(model, qconfig, {name: "real_quantized" for name, _ in experts}, "reorder")
+    parts = expert_parts(model)
+    spec = qconfig.global_quant_config.weight
+    layout = WeightLayout(spec)
+    for name, m in experts:
+        for proj, fp in m.quantized_projections():
+            for e in range(fp.num_experts):
+                for ckpt, rows in parts[(name, proj.path)]:
+                    head = f"{name}.{e}.{ckpt}"
+                    layer = {n: tensors.pop(f"{head}.{n}") for n in AWQ_NAMES if f"{head}.{n}" in tensors}
+                    if len(layer) != len(AWQ_NAMES):
+                        raise CheckpointError(f"{where}: expert layer {head} lacks some of {AWQ_NAMES}")
+                    out = fp.out_features if rows is None else rows.stop - rows.start
+                    for key, value in layout.store(*from_awq(layer, spec, out)).items():
+                        tensors[f"{head}.{'weight' if key == 'weight' else 'weight_' + key}"] = value
+                    quantized.discard(head)
+    return fused_state_from_checkpoint(model, tensors, "real_quantized", "reorder", where)
 
 
 def import_model_from_safetensors(
