@@ -13,6 +13,9 @@ one stacked matrix (GPTQ treats rows independently, so this is exact and saves w
 Each block pass stops as soon as every layer of the group has received its input, so collecting
 q/k/v's inputs costs a norm, o_proj's the attention, and so on.
 
+Fused MoE experts (3-D expert parameters, not ``nn.Linear`` layers) come after the block's linear
+groups, expert by expert on the tokens routed to each (:mod:`.gptq_experts`).
+
 After the solver a layer's weight holds the fake-quantized result ``Q`` and its weight quantizer
 the solver's qparams, fixed with :meth:`QuantLinear.set_weight_qparams`: ``fake_quantize(Q)`` with
 those qparams is ``Q`` exactly, whereas min-max qparams recomputed from ``Q`` need not be (an int4
@@ -411,7 +414,7 @@ class GPTQ(BlockAlgorithm):
 
     name = "gptq"
     corrects_weight_error = True  # and so do GPTAQ and Qronos, its subclasses
-    acts_on_fused_experts = True  # expert by expert, with GPTQ's update (.gptq_experts)
+    acts_on_fused_experts = True  # expert by expert, with the algorithm's own statistics and solver (.gptq_experts)
 
     # -- hooks for the variants ------------------------------------------------------------------
     def new_stats(self, cross_dtype: torch.dtype | None = None) -> dict[str, Gram]:

@@ -15,8 +15,9 @@ for a subclass, :class:`QuantFusedExperts`; names and parameters stay where they
   token gets the qparams of the observed expert with the largest scale (logged);
 * the forward fake-quantizes the weights (cached until they change) and, without activation
   quantizers, runs the class's own forward on them (any ``experts_implementation``); with activation
-  quantizers it runs a per-expert loop (:meth:`QuantFusedExperts._expert_loop`) mirroring
-  transformers' eager experts forward with each expert's quantizers applied;
+  quantizers (or rotation's online R4 on the experts' down inputs) it runs a per-expert loop
+  (:meth:`QuantFusedExperts._expert_loop`) mirroring transformers' eager experts forward with each
+  expert's quantizers applied;
 * ``freeze`` stores every expert's weight in the export layout (:mod:`quark.torch.export.layouts`),
   stacked over the experts (``stored_weight [E, ...]``, ``stored_scale [E, ...]``), and drops the
   float parameter; the forward dequantizes them (outputs equal the fake-quantized ones).
