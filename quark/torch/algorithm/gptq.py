@@ -44,6 +44,7 @@ from quark.torch.quantization.tensor_quantizer import TensorQuantizer
 
 from . import BlockAlgorithm, BlockContext, precision, quantizers_off, switched_off
 from .gptq_experts import RoutedRecord, block_experts, quantize_experts
+from .gptq_experts import solvable as experts_solvable
 from .hessian_solver import Gram, quantize_weight
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def _solved_unit(m: nn.Module) -> bool:
     """A module whose weights the GPTQ family changes: a weight-quantized linear, or fused experts."""
     if isinstance(m, QuantLinear):
         return m.weight_quantizer is not None
-    return isinstance(m, QuantFusedExperts) and any(fp.weight_quantizer is not None for _, fp in m.quantized_projections())
+    return experts_solvable(m)
 
 
 def _uncalibrated_static(block: nn.Module) -> list[TensorQuantizer]:

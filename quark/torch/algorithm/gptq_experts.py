@@ -49,12 +49,15 @@ INPUT_ROLES = ("gate_up", "gate", "up")
 DOWN_ROLES = ("down",)
 
 
+def solvable(module: nn.Module) -> bool:
+    """Whether ``module`` is fused experts with some projection these algorithms solve (a static
+    weight quantizer on a float, not yet frozen, weight)."""
+    return isinstance(module, QuantFusedExperts) and bool(_quantized(module, INPUT_ROLES + DOWN_ROLES))
+
+
 def block_experts(block: nn.Module) -> dict[str, QuantFusedExperts]:
-    """The block's fused-experts modules with some projection whose weight is quantized, by name."""
-    return {
-        name: m for name, m in block.named_modules()
-        if isinstance(m, QuantFusedExperts) and _quantized(m, INPUT_ROLES + DOWN_ROLES)
-    }
+    """The block's solvable fused-experts modules, by name."""
+    return {name: m for name, m in block.named_modules() if solvable(m)}
 
 
 def _quantized(module: QuantFusedExperts, roles: tuple[str, ...]) -> list[FusedProjection]:

@@ -372,15 +372,10 @@ def attach_online_rotation(module: nn.Module, rot: HadamardTransform, absorb: bo
     return online
 
 
-def _down_matrices(module: nn.Module) -> list[torch.Tensor]:
-    """The ``[E, out, in]`` views of a fused-experts module's float down projection (none once frozen)."""
-    out = []
-    for proj in experts_layout(module).projections:
-        head, _, leaf = proj.path.rpartition(".")
-        w = getattr(module.get_submodule(head) if head else module, leaf, None)
-        if proj.role == "down" and isinstance(w, torch.Tensor):
-            out.append(expert_view(w.detach(), w.shape[0] if w.dim() == 3 else int(module.num_experts), proj.transposed))
-    return out
+def _down_matrices(module: QuantFusedExperts) -> list[torch.Tensor]:
+    """The ``[E, out, in]`` views of quantized fused experts' float down projection (none once frozen)."""
+    weights = [(proj, module.float_weight(proj)) for proj in module.fused_layout.projections if proj.role == "down"]
+    return [expert_view(w.detach(), int(module.num_experts), proj.transposed) for proj, w in weights if w is not None]
 
 
 def r4_input_size(module: nn.Module, path: str) -> int:

@@ -692,12 +692,7 @@ def _import_awq(model: nn.Module, qc: dict[str, Any], tensors: dict[str, torch.T
         dtype, device = _linear_dtype_device(module)
         q = QuantLinear.placeholder(module.in_features, module.out_features, module.bias is not None,
                                     QLayerConfig(weight=spec), dtype=dtype, device=device)
-        layer = {n: tensors.pop(f"{name}.{n}") for n in AWQ_NAMES if f"{name}.{n}" in tensors}
-        if len(layer) != len(AWQ_NAMES):
-            raise CheckpointError(f"{where}: layer {name} lacks some of {AWQ_NAMES}")
-        stored = q.weight_layout.store(*from_awq(layer, spec, module.out_features))
-        for key, value in stored.items():
-            tensors[f"{name}.{'weight' if key == 'weight' else 'weight_' + key}"] = value
+        _awq_to_stored(tensors, name, spec, module.out_features, q.weight_layout, where)
         _set_module(model, name, q)
     tensors = _awq_experts_state(model, qconfig, quantized, tensors, where)
     missing = {n for n in quantized if not isinstance(model.get_submodule(n), QuantLinear)}
@@ -708,6 +703,17 @@ def _import_awq(model: nn.Module, qc: dict[str, Any], tensors: dict[str, torch.T
     model._quark_qconfig = qconfig
     _load_state(model, {_to_module_key(k): v for k, v in tensors.items()}, where)
     return model
+
+
+def _awq_to_stored(tensors: dict[str, torch.Tensor], name: str, spec: Any, out_features: int, layout: WeightLayout,
+                   where: Path, what: str = "layer") -> None:
+    """Replace, in ``tensors``, the AWQ tensors of layer ``name`` by those of quark's stored layout
+    (``<name>.weight``, ``<name>.weight_scale`` ...)."""
+    layer = {n: tensors.pop(f"{name}.{n}") for n in AWQ_NAMES if f"{name}.{n}" in tensors}
+    if len(layer) != len(AWQ_NAMES):
+        raise CheckpointError(f"{where}: {what} {name} lacks some of {AWQ_NAMES}")
+    for key, value in layout.store(*from_awq(layer, spec, out_features)).items():
+        tensors[f"{name}.{'weight' if key == 'weight' else 'weight_' + key}"] = value
 
 
 def _awq_experts_state(model: nn.Module, qconfig: QConfig, quantized: set[str], tensors: dict[str, torch.Tensor],
@@ -728,12 +734,8 @@ def _awq_experts_state(model: nn.Module, qconfig: QConfig, quantized: set[str], 
             for e in range(fp.num_experts):
                 for ckpt, rows in parts[(name, proj.path)]:
                     head = f"{name}.{e}.{ckpt}"
-                    layer = {n: tensors.pop(f"{head}.{n}") for n in AWQ_NAMES if f"{head}.{n}" in tensors}
-                    if len(layer) != len(AWQ_NAMES):
-                        raise CheckpointError(f"{where}: expert layer {head} lacks some of {AWQ_NAMES}")
                     out = fp.out_features if rows is None else rows.stop - rows.start
-                    for key, value in layout.store(*from_awq(layer, spec, out)).items():
-                        tensors[f"{head}.{'weight' if key == 'weight' else 'weight_' + key}"] = value
+                    _awq_to_stored(tensors, head, spec, out, layout, where, "expert layer")
                     quantized.discard(head)
     return fused_state_from_checkpoint(model, tensors, "real_quantized", "reorder", where)
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import logging
 import operator
 from collections.abc import Iterator
@@ -695,8 +696,8 @@ class QuantFusedExperts(nn.Module):
             (hidden,) = self._arguments(args, kwargs)[:1]
             blocks = hidden.reshape(num, -1, hidden.shape[-1])
             kept = [blocks[e][blocks[e].abs().amax(dim=-1) > 0] for e in range(num)]
-            sizes = torch.tensor([0] + [k.shape[0] for k in kept], device=hidden.device).cumsum(0).tolist()
-            rows = [torch.arange(a, b, device=hidden.device) for a, b in zip(sizes, sizes[1:])]
+            ends = list(itertools.accumulate(k.shape[0] for k in kept))
+            rows = [torch.arange(end - k.shape[0], end, device=hidden.device) for k, end in zip(kept, ends)]
             return torch.cat(kept), rows
         hidden, top_k_index = self._arguments(args, kwargs)[:2]
         x = hidden.reshape(-1, hidden.shape[-1])
