@@ -173,6 +173,25 @@ def test_per_block_flow_equals_whole_model_flow(batches):
     with torch.no_grad():
         torch.testing.assert_close(a(**batches[0]).logits, b(**batches[0]).logits, rtol=0, atol=0)
 
+def test_calibration_batches_go_to_the_models_own_device(batches, monkeypatch):
+    """A model already on a GPU is calibrated with batches the dataloader left on the CPU: the capture
+    pass must move them to the model's device (it once ran them where they were, and the embedding
+    lookup failed on the H200: "index is on cpu, different from other tensors on cuda:0")."""
+    import quark.torch.quantization.api as api
+
+    seen = []
+    real = api.capture_block_inputs
+
+    def spy(model, layers, data, device=None, progress=True):
+        seen.append(device)
+        return real(model, layers, data, device=device, progress=progress)
+
+    monkeypatch.setattr(api, "capture_block_inputs", spy)
+    cfg = LLMTemplate.get("llama").get_config("int8")
+    ModelQuantizer(cfg).quantize_model(tiny_llama(), batches, progress=False)
+    assert seen == [torch.device("cpu")]
+
+
 
 def test_calibration_is_sequential_on_quantized_inputs(batches):
     """Block 1's input scale is observed on block 0's *quantized* output."""

@@ -380,7 +380,8 @@ class ModelQuantizer:
         # the capture runs one block per block class for real (to learn what blocks return): in float,
         # as the blocks' static quantizers are not calibrated yet
         with quantizers_off(layers):
-            inputs = capture_block_inputs(model, layers, batches, progress=progress)
+            # at the model's own device (where its embeddings are): the batches may be elsewhere
+            inputs = capture_block_inputs(model, layers, batches, device=module_device(model), progress=progress)
         if inputs.skipped:
             self._skipped_blocks(path, layers, inputs.skipped, [a.name for _, a in algorithms])
         float_stream = any(algo.needs_float_stream for algo, _ in algorithms)

@@ -190,8 +190,8 @@ class PerTensorPercentileObserver(_HistogramObserver):
         centres = self._centres()
         lo_idx = int(torch.searchsorted(cdf, torch.tensor(tail, dtype=cdf.dtype, device=cdf.device)))
         hi_idx = int(torch.searchsorted(cdf, torch.tensor(1.0 - tail, dtype=cdf.dtype, device=cdf.device)))
-        lo = torch.minimum(centres[min(lo_idx, self.bins - 1)], torch.zeros((), dtype=centres.dtype))
-        hi = torch.maximum(centres[min(hi_idx, self.bins - 1)], torch.zeros((), dtype=centres.dtype))
+        lo = torch.minimum(centres[min(lo_idx, self.bins - 1)], torch.zeros((), dtype=centres.dtype, device=centres.device))
+        hi = torch.maximum(centres[min(hi_idx, self.bins - 1)], torch.zeros((), dtype=centres.dtype, device=centres.device))
         return torch.stack([lo, hi]).float()
 
 
