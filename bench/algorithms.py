@@ -41,8 +41,9 @@ UINT4_G32_NOTE = (
 
 
 def run_cell(scheme: str, algorithm: str, template: str, threads: int | None, samples: int, seq_len: int,
-             windows: int, dtype: str = "float32") -> dict:
-    """One cell, in this process (called in a subprocess by :func:`main`)."""
+             windows: int, dtype: str = "float32", device: str = "cpu", model_path: str | None = None) -> dict:
+    """One cell, in this process (called in a subprocess by :func:`main`). ``device``: where the model
+    is loaded, quantized and evaluated; ``model_path``: a GGUF file or HF directory (None: SmolLM2)."""
     sys.path.insert(0, str(ROOT))
     import torch
 
@@ -58,9 +59,15 @@ def run_cell(scheme: str, algorithm: str, template: str, threads: int | None, sa
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return usage.ru_utime + usage.ru_stime
 
-    gflops = gemm_gflops()
+    on_cpu = torch.device(device).type == "cpu"
+    gflops = gemm_gflops() if on_cpu else None
+
+    def sync() -> None:
+        if not on_cpu and hasattr(torch, device.split(":")[0]):
+            getattr(torch, device.split(":")[0]).synchronize()
+
     t0 = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(dtype=getattr(torch, dtype))
+    model, tokenizer = load_model_and_tokenizer(model_path, device=device, dtype=getattr(torch, dtype))
     load_s = time.perf_counter() - t0
     quant_s = quant_cpu = 0.0
     rss = None
@@ -74,10 +81,12 @@ def run_cell(scheme: str, algorithm: str, template: str, threads: int | None, sa
         calib = calibration_dataloader(tokenizer, samples, seq_len)
         t0, c0 = time.perf_counter(), cpu()
         with PeakResident(interval=0.02) as rss:
-            ModelQuantizer(config).quantize_model(model, calib, progress=False)
+            ModelQuantizer(config).quantize_model(model, calib, device=device, progress=False)
+            sync()
         quant_s, quant_cpu = time.perf_counter() - t0, cpu() - c0
     t0 = time.perf_counter()
     ppl = evaluate_shared_protocol(model, tokenizer, num_windows=windows, seq_len=seq_len, progress=False)
+    sync()
     eval_s = time.perf_counter() - t0
     return {
         "scheme": scheme,
@@ -97,6 +106,9 @@ def run_cell(scheme: str, algorithm: str, template: str, threads: int | None, sa
         "rss_budget_gb": round((1.3 * float_bytes + samples * seq_len * hidden * 4) / 2**30, 3),
         "threads": torch.get_num_threads(),
         "gemm_gflops": gflops,
+        "device": device if on_cpu or not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "device_peak_gb": None if on_cpu or not torch.cuda.is_available()
+        else round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "calibration": f"{samples}x{seq_len}",
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "host": platform.node(),
@@ -202,6 +214,8 @@ def markdown(results: list[dict]) -> str:
         label = r["scheme"] if _dtype(r) == "float32" else f"{r['scheme']} ({_dtype(r)})"
         if r["scheme"] == "fp32" and _dtype(r) != "float32":
             label = f"unquantized ({_dtype(r)})"
+        if not str(r.get("device", "cpu")).startswith("cpu"):
+            label += f" on {r['device']}"
         lines.append(
             f"| {label} | {r['algorithm']} | {r['ppl']:.2f} | {closed} | {r['quant_s']:.0f} | "
             f"{r.get('quant_cpu_s', float('nan')):.0f} | {r['eval_s']:.0f} | "
@@ -247,12 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="dtype the model is loaded, calibrated and evaluated in")
+    parser.add_argument("--device", default="cpu", help="where each cell loads, quantizes and evaluates (cpu, cuda, ...)")
+    parser.add_argument("--model", default=None, help="a GGUF file or HF directory (default: the bundled SmolLM2)")
     parser.add_argument("--out", type=Path, default=RESULTS / "algorithms.json")
     parser.add_argument("--cell", nargs=2, metavar=("SCHEME", "ALGORITHM"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.cell:
-        cell = run_cell(*args.cell, args.template, args.threads, args.samples, args.seq_len, args.windows, args.dtype)
+        cell = run_cell(*args.cell, args.template, args.threads, args.samples, args.seq_len, args.windows, args.dtype,
+                        args.device, args.model)
         print("CELL " + json.dumps(cell), flush=True)
         return 0
 
@@ -262,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     for scheme, algorithm in cells:
         cmd = [sys.executable, __file__, "--cell", scheme, algorithm, "--template", args.template,
                "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--windows", str(args.windows),
-               "--dtype", args.dtype]
+               "--dtype", args.dtype, "--device", args.device]
+        if args.model:
+            cmd += ["--model", args.model]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         print(f"== {scheme} / {algorithm} ({args.dtype})", flush=True)
