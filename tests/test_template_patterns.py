@@ -227,10 +227,6 @@ def _dim_out(module: nn.Module) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.weight.numel()
 
 
-def _dim_in(module: nn.Module) -> int:
-    return module.weight.shape[-1]
-
-
 #: (model type, layout) whose rotation default names another layout's modules (rotation refuses it by name)
 ROTATION_REFUSED = {("minimax_m2", "MiniMaxM2ForCausalLM (remote)")}
 
@@ -309,14 +305,18 @@ def _check_scaling(model_type: str, name: str, cfg: Any, layout: Layout) -> None
             layers = [n for e in p.layers for n in _match_rel(block, e)]
             assert len(set(layers)) == len(layers), f"{model_type}: {p} lists a layer twice"
             for n in layers:
-                assert block[n] in ("Linear", "Router") or "Router" in block[n], (
-                    f"{model_type}: {n} is a {block[n]}"
+                # SmoothQuant and AWQ also scale fused MoE experts (their gate/up input columns)
+                fused = name in ("smoothquant", "awq") and block[n].endswith("Experts")
+                assert block[n] in ("Linear", "Router") or "Router" in block[n] or fused, (
+                    f"{model_type}/{name}: {n} is a {block[n]}"
                 )
             if blocks is not None:
+                from quark.torch.algorithm.scaling import _reader_width
+
                 module = blocks[i]
                 width = _dim_out(module.get_submodule(_match_rel(block, p.prev_op)[0]))
                 for n in layers:
-                    assert _dim_in(module.get_submodule(n)) == width, (
+                    assert _reader_width(n, module.get_submodule(n)) == width, (
                         f"{model_type}: {p.prev_op} -> {n} shapes"
                     )
 
@@ -372,7 +372,14 @@ def _fold(prev: nn.Module, layers: list[nn.Module], scale: torch.Tensor) -> None
         if getattr(prev, "bias", None) is not None:
             prev.bias.div_(scale)
         for layer in layers:
-            layer.weight.mul_(scale)
+            if isinstance(getattr(layer, "weight", None), torch.Tensor):
+                layer.weight.mul_(scale)
+                continue
+            # fused MoE experts: every expert's gate/up matrix reads the input (rotation's reader view)
+            from quark.torch.algorithm.rotation import StreamModule
+
+            for m in StreamModule(layer, "experts", writes=False).matrices():
+                m.mul_(scale)
 
 
 def _text_model(model_type: str, index: int) -> tuple[nn.Module, str]:

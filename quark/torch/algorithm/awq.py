@@ -185,10 +185,10 @@ class AWQ(BlockAlgorithm):
     name = "awq"
 
     def prepare_model(self, model: nn.Module, config: AWQConfig) -> None:
-        check_pairs(model, config)
+        check_pairs(model, config, readers=True)
 
     def apply(self, ctx: BlockContext, config: AWQConfig) -> None:
-        sites = resolve_sites(ctx, config.scaling_layers, algorithm=self.name)
+        sites = resolve_sites(ctx, config.scaling_layers, algorithm=self.name, readers=True)
         clip = {}
         if config.clip_search:
             for name, layer in ctx.linears().items():

@@ -34,6 +34,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -42,12 +43,13 @@ from quark.torch.quantization.config.algo_configs import ScalingPair, _ScalingCo
 from quark.torch.quantization.config.config import first_stage
 from quark.torch.quantization.config.type import QSchemeType
 from quark.torch.quantization.driver import BlockInputs, find_decoder_layers, run_block
+from quark.torch.quantization.fused_experts import QuantFusedExperts
 from quark.torch.quantization.tensor_quantize import compute_qparams, fake_quantize
 from quark.torch.quantization.tensor_quantizer import TensorQuantizer
 from quark.torch.utils.linear import linear
 
 from . import BlockContext, match_modules, precision, quantizers_off
-from .rotation import online_rotation
+from .rotation import StreamModule, online_rotation
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +79,13 @@ class Site:
 
     @property
     def in_features(self) -> int:
-        return next(iter(self.layers.values())).in_features
+        return _reader_width(*next(iter(self.layers.items())))
+
+    @property
+    def linear_only(self) -> bool:
+        """Whether every layer is an ``nn.Linear`` (else: routers or fused experts, see
+        :func:`_match_readers`; only SmoothQuant scales those)."""
+        return all(isinstance(m, nn.Linear) for m in self.layers.values())
 
     def describe(self) -> str:
         return f"{self.pair.prev_op} -> {', '.join(self.layers)}"
@@ -90,15 +98,48 @@ def _find(block: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
-def _match_linears(block: nn.Module, pattern: str) -> dict[str, nn.Linear]:
+def _match_linears(block: nn.Module, pattern: str, readers: bool = False) -> dict[str, nn.Module]:
+    """The modules ``pattern`` matches in ``block``: linear layers, and with ``readers`` also routers
+    holding a ``[n, in]`` weight and fused MoE experts modules (their gate/up matrices read the input)."""
     found = match_modules(block, pattern)
     for n, m in found.items():
-        if not isinstance(m, nn.Linear):
+        if isinstance(m, nn.Linear):
+            continue
+        if not readers:
             raise TypeError(
-                f"scaling pair layer {n!r} is a {type(m).__name__}, not an nn.Linear: scaling pairs may only "
-                "list linear layers"
+                f"scaling pair layer {n!r} is a {type(m).__name__}, not an nn.Linear: this algorithm's scaling "
+                "pairs may only list linear layers (SmoothQuant and AWQ also take routers and fused MoE experts)"
             )
+        try:
+            StreamModule(m, n, writes=False)
+        except ValueError as exc:
+            raise TypeError(f"scaling pair layer {n!r}: {exc}") from None
     return found
+
+
+def _reader_width(name: str, module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    widths = StreamModule(module, name, writes=False).features()
+    if len(widths) != 1:
+        raise ValueError(f"scaling pair layer {name!r}: its matrices take different input widths {sorted(widths)}")
+    return widths.pop()
+
+
+def _reader_matrices(name: str, module: nn.Module) -> list[torch.Tensor]:
+    """Views of a router's ``[n, in]`` weight or of every expert's gate/up ``[E, out, in]`` matrices
+    (:class:`~.rotation.StreamModule`): scaling them in place scales the module's weights."""
+    return StreamModule(module, name, writes=False).matrices()
+
+
+def _reader_specs(module: nn.Module) -> list[Any]:
+    """The weight quantization spec of each of :func:`_reader_matrices`' matrices (None: not quantized;
+    routers other than linears never are)."""
+    if not isinstance(module, QuantFusedExperts):
+        return [None]
+    specs = {proj.path: fp.weight_quantizer.spec for proj, fp in module.quantized_projections()
+             if fp.weight_quantizer is not None}
+    return [specs.get(p.path) for p in module.fused_layout.projections if p.role != "down"]
 
 
 def _prev_features(pair: ScalingPair, prev: nn.Module) -> int:
@@ -113,14 +154,15 @@ def _prev_features(pair: ScalingPair, prev: nn.Module) -> int:
     )
 
 
-def resolve_pair(block: nn.Module, pair: ScalingPair) -> tuple[Site | None, list[str], str]:
+def resolve_pair(block: nn.Module, pair: ScalingPair, readers: bool = False) -> tuple[Site | None, list[str], str]:
     """``(site, missing, why)``: the site, or None with the names the block lacks (the pair does not
-    apply to this kind of block) or why its shapes rule it out."""
+    apply to this kind of block) or why its shapes rule it out. ``readers``: the pair may list routers
+    and fused MoE experts besides linears (:func:`_match_linears`)."""
     prev = _find(block, pair.prev_op)
     missing = [] if prev is not None else [pair.prev_op]
     layers: dict[str, nn.Linear] = {}
     for pattern in pair.layers:
-        found = _match_linears(block, pattern)
+        found = _match_linears(block, pattern, readers)
         if not found:
             missing.append(pattern)
         layers.update(found)
@@ -128,7 +170,7 @@ def resolve_pair(block: nn.Module, pair: ScalingPair) -> tuple[Site | None, list
         raise ValueError(f"scaling pair with prev_op {pair.prev_op!r} lists no layers")
     if missing:
         return None, missing, ""
-    widths = {m.in_features for m in layers.values()}
+    widths = {_reader_width(n, m) for n, m in layers.items()}
     if len(widths) != 1:
         raise ValueError(
             f"scaling pair {pair.prev_op!r} -> {list(layers)}: the layers take different input widths "
@@ -153,7 +195,7 @@ def resolve_pair(block: nn.Module, pair: ScalingPair) -> tuple[Site | None, list
 
 
 def resolve_sites(ctx: BlockContext, pairs: list[ScalingPair], through_online_rotation: bool = False,
-                  algorithm: str = "") -> list[Site]:
+                  algorithm: str = "", readers: bool = False) -> list[Site]:
     """The pairs that apply to this block (a pair whose modules the block lacks, or whose shapes do
     not allow a scale, is skipped; :func:`check_pairs` reports those once per model).
 
@@ -165,9 +207,9 @@ def resolve_sites(ctx: BlockContext, pairs: list[ScalingPair], through_online_ro
     first_block = ctx.index == min(ctx.inputs.called, default=ctx.index)
     sites = []
     for pair in pairs:
-        site, missing, why = resolve_pair(ctx.block, pair)
+        site, missing, why = resolve_pair(ctx.block, pair, readers)
         if site is not None and not through_online_rotation and any(
-            online_rotation(layer) is not None for layer in site.layers.values()
+            _input_rotation(layer) is not None for layer in site.layers.values()
         ):
             if first_block:
                 logger.warning("%s: scaling pair %s -> %s skipped: its layers rotate their input online "
@@ -182,7 +224,13 @@ def resolve_sites(ctx: BlockContext, pairs: list[ScalingPair], through_online_ro
     return sites
 
 
-def check_pairs(model: nn.Module, config: _ScalingConfig) -> None:
+def _input_rotation(layer: nn.Module):
+    """The online rotation of a linear's input (R4); a fused experts module's online rotation acts
+    on its down matrices' input, not on what the scaling site feeds it."""
+    return online_rotation(layer) if isinstance(layer, nn.Linear) else None
+
+
+def check_pairs(model: nn.Module, config: _ScalingConfig, readers: bool = False) -> None:
     """Fail early when no scaling pair applies to any decoder block (naming the first pair's missing
     modules); log the pairs that apply to no block (a template may list one pair per variant of an
     architecture, e.g. DeepSeek-V2 and V2-Lite, or a name may be mistyped) and the pairs skipped
@@ -197,7 +245,7 @@ def check_pairs(model: nn.Module, config: _ScalingConfig) -> None:
     for pair in config.scaling_layers:
         applied, skipped, missing_first = 0, [], None
         for block in layers:
-            site, missing, why = resolve_pair(block, pair)
+            site, missing, why = resolve_pair(block, pair, readers)
             if site is not None:
                 applied += 1
             elif why:
@@ -280,7 +328,10 @@ def _first_tensor(output: object) -> torch.Tensor:
 
 
 def _linear_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["input"]
+    """A reader's input: a linear's ``input``, a router's or fused experts module's ``hidden_states``."""
+    if args:
+        return args[0]
+    return kwargs["input"] if "input" in kwargs else kwargs["hidden_states"]
 
 
 def _evenly(n: int, k: int) -> list[int]:
@@ -410,6 +461,17 @@ def quantized_scaled_weight(layer: nn.Linear, w: torch.Tensor, s: torch.Tensor) 
     return fake_quantize(w * sw, q.spec) / sw
 
 
+def quantized_scaled_matrix(w: torch.Tensor, s: torch.Tensor, spec: Any) -> torch.Tensor:
+    """:func:`quantized_scaled_weight` for a router's or fused experts' matrix (``[out, in]`` or
+    ``[E, out, in]``, quantized per expert with ``spec``; None: unquantized, ``w`` itself)."""
+    if spec is None:
+        return w
+    sw = s.to(w.device, w.dtype)
+    if w.dim() == 2:
+        return fake_quantize(w * sw, spec) / sw
+    return torch.stack([fake_quantize(w[e] * sw, spec) / sw for e in range(w.shape[0])])
+
+
 class ScaleEvaluator:
     """Output error of a site with its layers quantized as if a candidate scale were folded in.
 
@@ -426,11 +488,20 @@ class ScaleEvaluator:
         if loss not in LOSSES:
             raise ValueError(f"compute_scale_loss={loss!r}; allowed: {', '.join(LOSSES)}")
         self.site, self.data, self.loss = site, data, loss
-        weight = next(iter(site.layers.values())).weight
+        if site.inspect is None and not site.linear_only:
+            raise ValueError(f"scaling pair {site.pair.prev_op!r} -> {site.pair.layers}: a pair with routers or fused "
+                             "experts needs an inspect module (the MoE block) to evaluate candidate scales")
+        first_name, first = next(iter(site.layers.items()))
+        weight = first.weight if isinstance(first, nn.Linear) else _reader_matrices(first_name, first)[0]
         #: autocast dtype of the candidates' forwards (:mod:`.precision`; None: the model's own)
         self.autocast = precision.resolve(search_dtype, weight.device, weight.dtype)
         self.device = weight.device
-        self.original = {name: layer.weight.data for name, layer in site.layers.items()}
+        self.original = {name: layer.weight.data for name, layer in site.layers.items()
+                         if isinstance(layer, nn.Linear)}
+        #: routers' and fused experts' matrices: their float values, restored on exit
+        self.readers = {name: (_reader_matrices(name, layer), _reader_specs(layer))
+                        for name, layer in site.layers.items() if not isinstance(layer, nn.Linear)}
+        self.reader_original = {name: [m.clone() for m in views] for name, (views, _) in self.readers.items()}
         self.act: dict[str, Callable | None] = {}
         self.layer_inputs: dict[str, torch.Tensor] = {}
         self.layer_targets: dict[str, torch.Tensor] = {}
@@ -454,8 +525,12 @@ class ScaleEvaluator:
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
-        for name, layer in self.site.layers.items():
-            layer.weight.data = self.original[name]
+        for name, weight in self.original.items():
+            self.site.layers[name].weight.data = weight
+        with torch.no_grad():
+            for name, (views, _) in self.readers.items():
+                for view, orig in zip(views, self.reader_original[name]):
+                    view.copy_(orig)
 
     def _input_hook(self, name: str) -> Callable:
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -470,10 +545,14 @@ class ScaleEvaluator:
 
     def __call__(self, s: torch.Tensor) -> float:
         """The loss of scale ``s`` (``torch.ones`` = no scaling, i.e. plain rounding)."""
-        for name, layer in self.site.layers.items():
-            w = self.original[name]
+        for name, w in self.original.items():
+            layer = self.site.layers[name]
             self.act[name] = _act_quant(layer, s.to(w.device), self.data.stats)
             layer.weight.data = quantized_scaled_weight(layer, w, s.to(w.device))
+        with torch.no_grad():  # a router or fused experts: weights only (their input quantization is not simulated)
+            for name, (views, specs) in self.readers.items():
+                for view, orig, spec in zip(views, self.reader_original[name], specs):
+                    view.copy_(quantized_scaled_matrix(orig, s, spec))
         sq, ab, n = 0.0, 0.0, 0
         with torch.no_grad(), precision.search_autocast(self.autocast, self.device):
             if self.site.inspect is not None:
@@ -568,7 +647,11 @@ def fold(site: Site, s: torch.Tensor) -> None:
         bias = getattr(prev, "bias", None)
         if isinstance(bias, torch.Tensor):
             bias.copy_(bias.float() / sp)
-        for layer in site.layers.values():
+        for name, layer in site.layers.items():
+            if not isinstance(layer, nn.Linear):  # a router or fused experts: every matrix's input columns
+                for m in _reader_matrices(name, layer):
+                    m.copy_(m.float() * s.to(m.device, torch.float32))
+                continue
             lw = layer.weight
             rot = online_rotation(layer)
             if rot is None:
@@ -586,5 +669,13 @@ def input_basis_weight(layer: nn.Linear) -> torch.Tensor:
 
 
 def weight_absmax(site: Site) -> torch.Tensor:
-    """Per input channel, the largest |w| over every layer of the site."""
-    return torch.stack([input_basis_weight(layer).float().abs().amax(0) for layer in site.layers.values()]).amax(0)
+    """Per input channel, the largest |w| over every layer of the site (over every matrix of a router or
+    fused experts module: each expert's gate/up)."""
+    per_layer = []
+    for name, layer in site.layers.items():
+        if isinstance(layer, nn.Linear):
+            per_layer.append(input_basis_weight(layer).float().abs().amax(0))
+        else:
+            per_layer += [m.float().abs().reshape(-1, m.shape[-1]).amax(0) for m in _reader_matrices(name, layer)]
+    devices = per_layer[0].device
+    return torch.stack([t.to(devices) for t in per_layer]).amax(0)

@@ -16,6 +16,11 @@ online; SmoothQuant then scales in the unrotated basis (statistics of the input 
 ``W <- (W Q^T diag(s)) Q`` for the stored ``W Q``), i.e. it smooths and *then* rotates, the
 combination SmoothRot (Czakó et al. 2025, arXiv:2506.05413) describes: the rotation spreads what
 smoothing moved into the weights and whatever outliers are left in the activations.
+
+In MoE blocks the MLP norm feeds a router and the fused experts (3-D weights) besides any shared
+expert: a pair may list those (``post_attention_layernorm -> mlp.gate, mlp.experts``); the scale
+multiplies the router's columns and every expert's gate/up input columns, and ``max|W_j|`` is over all
+of them. The MoE templates derive that pair from rotation's ``mlp_inputs`` (the same readers).
 """
 
 from __future__ import annotations
@@ -47,10 +52,11 @@ class SmoothQuant(BlockAlgorithm):
     name = "smoothquant"
 
     def prepare_model(self, model: nn.Module, config: SmoothQuantConfig) -> None:
-        check_pairs(model, config)
+        check_pairs(model, config, readers=True)
 
     def apply(self, ctx: BlockContext, config: SmoothQuantConfig) -> None:
-        sites = resolve_sites(ctx, config.scaling_layers, through_online_rotation=True, algorithm=self.name)
+        sites = resolve_sites(ctx, config.scaling_layers, through_online_rotation=True, algorithm=self.name,
+                              readers=True)
         datas, _ = capture(ctx, sites, search=False)
         scales = [smooth_candidate(site, data.stats.absmax, config.alpha, config.scale_clamp_min)
                   for site, data in zip(sites, datas)]

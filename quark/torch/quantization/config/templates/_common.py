@@ -23,8 +23,10 @@ Conventions for the names inside algorithm configs (what the algorithms may rely
   dropped for that block and empty groups are skipped. Excluded layers are never listed.
 * Transformers 5 stores the routed experts of most MoE models as fused 3-D parameters inside one
   module (``mlp.experts.gate_up_proj`` / ``down_proj``); such experts are not ``nn.Linear`` layers
-  and are left out of the scaling pairs and GPTQ groups (the norm feeding them then has no exact
-  scaling site either). ``ModelQuantizer`` quantizes them per expert, min-max, in place
+  and are left out of the GPTQ groups (GPTQ, GPTAQ and Qronos solve them per expert after the
+  groups) and of AutoSmoothQuant's pairs. SmoothQuant and AWQ get one more pair per MoE template,
+  the MLP norm -> every reader of it (router, fused experts, shared expert), derived from rotation's
+  ``mlp_inputs`` by :func:`moe_norm_pairs`. ``ModelQuantizer`` quantizes them per expert, min-max, in place
   (:mod:`quark.torch.quantization.fused_experts`; each fused parameter resolves the config like a
   linear named ``<experts>.<parameter>``, so exclusions such as ``*mlp.gate`` leave them alone and
   ``*mlp.experts.*`` would exclude them). Remote-code models with one ``nn.Linear`` per expert list them.
@@ -137,11 +139,36 @@ def merge_groups(*layouts: list[list[str]]) -> list[list[str]]:
     return merged
 
 
-def scaling_algorithms(decoder_layers: str, pairs: list[ScalingPair]) -> dict[str, Any]:
-    """AWQ, SmoothQuant and AutoSmoothQuant defaults sharing one list of scaling sites."""
+def moe_norm_pairs(pairs: list[ScalingPair], rotation_config: RotationConfig | None) -> list[ScalingPair]:
+    """SmoothQuant's site at a MoE block's MLP norm: ``mlp_norm -> mlp_inputs`` of the rotation config
+    (which lists every reader of that norm: router, fused experts, shared expert and its gate, and the
+    dense MLP of the model's dense blocks) less the layers a pair from the same norm already lists
+    (the dense blocks' site). Only for templates whose rotation names MoE outputs (``mlp_outputs``)."""
+    if rotation_config is None or not rotation_config.mlp_outputs:
+        return []
+    dense = {name for p in pairs if p.prev_op == rotation_config.mlp_norm for name in p.layers}
+    readers = [name for name in rotation_config.mlp_inputs if name not in dense]
+    if not readers:
+        return []
+    # AWQ evaluates candidates on the smallest module holding every reader (the MoE block, or "": the decoder block)
+    parts = [r.split(".")[:-1] for r in readers]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return [pair(rotation_config.mlp_norm, readers, ".".join(common))]
+
+
+def scaling_algorithms(decoder_layers: str, pairs: list[ScalingPair],
+                       moe: list[ScalingPair] | None = None) -> dict[str, Any]:
+    """AWQ, SmoothQuant and AutoSmoothQuant defaults sharing one list of scaling sites; ``moe``: sites
+    with routers or fused experts, which SmoothQuant and AWQ scale (AutoSmoothQuant's search would have
+    to simulate the experts' input quantization, which it does not)."""
+    extra = list(moe or [])
     return {
-        "awq": AWQConfig(model_decoder_layers=decoder_layers, scaling_layers=list(pairs)),
-        "smoothquant": SmoothQuantConfig(model_decoder_layers=decoder_layers, scaling_layers=list(pairs)),
+        "awq": AWQConfig(model_decoder_layers=decoder_layers, scaling_layers=list(pairs) + extra),
+        "smoothquant": SmoothQuantConfig(model_decoder_layers=decoder_layers, scaling_layers=list(pairs) + extra),
         "autosmoothquant": AutoSmoothQuantConfig(
             model_decoder_layers=decoder_layers, scaling_layers=list(pairs)
         ),
@@ -189,7 +216,7 @@ def algorithms(
     """All seven algorithm keys: defaults where the architecture has them, ``None`` elsewhere."""
     configs: dict[str, Any] = dict.fromkeys(ALGORITHMS)
     if pairs:
-        configs.update(scaling_algorithms(decoder_layers, pairs))
+        configs.update(scaling_algorithms(decoder_layers, pairs, moe_norm_pairs(pairs, rotation_config)))
     if groups:
         configs.update(sequential_algorithms(decoder_layers, groups))
     configs["rotation"] = rotation_config
