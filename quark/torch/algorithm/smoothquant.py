@@ -20,7 +20,8 @@ smoothing moved into the weights and whatever outliers are left in the activatio
 In MoE blocks the MLP norm feeds a router and the fused experts (3-D weights) besides any shared
 expert: a pair may list those (``post_attention_layernorm -> mlp.gate, mlp.experts``); the scale
 multiplies the router's columns and every expert's gate/up input columns, and ``max|W_j|`` is over all
-of them. The MoE templates derive that pair from rotation's ``mlp_inputs`` (the same readers).
+of them. The MoE templates derive that pair from rotation's ``mlp_inputs`` (the same readers). Inside
+each fused expert, ``up -> down`` gets the expert's own scale (:mod:`.expert_scaling`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch.nn as nn
 from quark.torch.quantization.config.algo_configs import SmoothQuantConfig
 
 from . import BlockAlgorithm, BlockContext
+from .expert_scaling import smooth_block_experts
 from .scaling import Site, capture, check_pairs, fold, resolve_sites, weight_absmax
 
 #: floor of the statistics before the powers (a dead channel would otherwise give 0 or inf)
@@ -62,6 +64,9 @@ class SmoothQuant(BlockAlgorithm):
                   for site, data in zip(sites, datas)]
         for site, s in zip(sites, scales):  # all statistics come from the unscaled block
             fold(site, s)
+        # inside every fused MoE expert: up -> down, from a float pass of the block as folded so far
+        first_block = ctx.index == min(ctx.inputs.called, default=ctx.index)
+        smooth_block_experts(ctx, config.alpha, config.scale_clamp_min, first_block)
 
 
 ALGORITHM = SmoothQuant()

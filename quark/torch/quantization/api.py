@@ -373,9 +373,9 @@ class ModelQuantizer:
         skipping = [a.name for algo, a in algorithms if not algo.acts_on_fused_experts]
         if skipping and experts:
             logger.info(
-                "%s: skipped on the %d fused-experts modules (acting on nn.Linear layers only); their weights are "
-                "quantized min-max per expert unless GPTQ, GPTAQ or Qronos solves them", ", ".join(skipping),
-                len(experts),
+                "%s: the %d fused-experts modules are not solved (SmoothQuant and AWQ scale their gate/up inputs "
+                "only); their weights are quantized min-max per expert unless GPTQ, GPTAQ or Qronos solves them",
+                ", ".join(skipping), len(experts),
             )
         # the capture runs one block per block class for real (to learn what blocks return): in float,
         # as the blocks' static quantizers are not calibrated yet

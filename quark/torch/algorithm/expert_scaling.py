@@ -1,0 +1,150 @@
+"""SmoothQuant's ``up -> down`` site inside every fused MoE expert.
+
+A dense gated MLP computes ``down(act(gate(x)) * up(x))``: the down projection's input is linear in
+each row of ``up``, so SmoothQuant (Xiao et al. 2022, arXiv:2211.10438) divides up's output row ``j``
+by ``s_j`` and multiplies down's input column ``j`` by it (the template pair ``mlp.up_proj ->
+mlp.down_proj``). In a transformers-5 fused experts module every expert has its own up rows and down
+columns, and its own tokens, so each expert gets its own scale::
+
+    s_e = max|H_e|^alpha / max|W_down,e|^(1 - alpha)      (per hidden channel, at least clamp_min)
+
+with ``H_e`` the expert's down input on the calibration tokens routed to it (float model) and the
+maximum of ``|W_down,e|`` over its output rows. The fold is exact when the down input is linear in each
+up row: separate gate and up projections with ``act(gate) * up``, or a fused ``gate_up`` whose gate
+function (the class's ``_apply_gate``, else ``act(gate) * up`` on the two halves) passes a probe
+(scaling the up channels, concatenated ``[gate; up]`` or interleaved, scales its output by the same
+factors). It does not apply where the gate function fails the probe (GPT-OSS clamps ``up`` and adds
+one), where rotation's R4 rotates the down input online, or to experts without a gate. An expert that
+got no calibration token keeps its weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections.abc import Callable
+
+import torch
+
+from quark.torch.quantization.driver import run_block
+from quark.torch.quantization.fused_experts import Projection, QuantFusedExperts, expert_view
+
+from . import BlockContext, quantizers_off
+from .gptq_experts import RoutedRecord
+
+logger = logging.getLogger(__name__)
+
+
+def _gate_function(module: QuantFusedExperts) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What a fused ``gate_up`` projection's output goes through (as :meth:`QuantFusedExperts.expert_hidden`)."""
+    apply_gate = getattr(module, "_apply_gate", None)
+    if apply_gate is not None:
+        return apply_gate
+    act = operator.attrgetter(module.fused_layout.act)(module)
+
+    def gate(z: torch.Tensor) -> torch.Tensor:
+        g, u = z.chunk(2, dim=-1)
+        return act(g) * u
+
+    return gate
+
+
+def _probe_up_rows(module: QuantFusedExperts, width: int) -> torch.Tensor | None:
+    """The rows of a fused ``gate_up`` output that the gate function's output ``j`` is linear in
+    (``[width]`` indices), or None when neither the concatenated nor the interleaved layout passes."""
+    fn = _gate_function(module)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(16, 2 * width, generator=g, dtype=torch.float64)
+    c = torch.rand(width, generator=g, dtype=torch.float64) * 3 + 0.25
+    device = module.float_weight(module.fused_layout.projection("gate_up")).device
+    base = fn(z.to(device)).double().cpu()
+    for rows in (torch.arange(width, 2 * width), torch.arange(1, 2 * width, 2)):
+        scaled = z.clone()
+        scaled[:, rows] *= c
+        if torch.allclose(fn(scaled.to(device)).double().cpu(), base * c, rtol=1e-9, atol=1e-12):
+            return rows
+    return None
+
+
+def down_site(module: QuantFusedExperts) -> tuple[Projection, torch.Tensor | slice, Projection] | str:
+    """``(up projection, its rows feeding the down input, down projection)`` of an experts module whose
+    down input is linear in those rows, or why it is not (a message)."""
+    lay = module.fused_layout
+    if module.__dict__.get("online_rotation") is not None:
+        return "rotation's R4 rotates its down input online"
+    down = lay.projection("down")
+    up = lay.projection("gate_up") or (lay.projection("up") if lay.projection("gate") is not None else None)
+    if down is None or up is None or module.float_weight(down) is None or module.float_weight(up) is None:
+        return "it has no gated up projection with float weights"
+    if up.role == "up":
+        return up, slice(None), down
+    width = expert_view(module.float_weight(down), int(module.num_experts), down.transposed).shape[-1]
+    rows = _probe_up_rows(module, width)
+    if rows is None:
+        return "its gate function is not linear in the up half (e.g. GPT-OSS's clamped SwiGLU)"
+    return up, rows.to(module.float_weight(up).device), down
+
+
+def record_calls(ctx: BlockContext, modules: dict[str, QuantFusedExperts]) -> dict[str, RoutedRecord]:
+    """One float pass of the block (quantizers off) recording what each experts module receives."""
+    records = {name: RoutedRecord(m) for name, m in modules.items()}
+    hooks = [m.register_forward_pre_hook(lambda _m, a, k, r=records[name]: r.add_call(a, k), with_kwargs=True)
+             for name, m in modules.items()]
+    try:
+        with quantizers_off(ctx.block), torch.no_grad():
+            run_block(ctx.block, ctx.inputs, ctx.index)
+    finally:
+        for h in hooks:
+            h.remove()
+    return records
+
+
+@torch.no_grad()
+def smooth_expert_downs(record: RoutedRecord, alpha: float, clamp_min: float) -> int:
+    """Scale every expert of ``record.module`` (see the module doc); returns how many were scaled."""
+    from .smoothquant import smooth_scale
+
+    module = record.module
+    site = down_site(module)
+    if isinstance(site, str):
+        raise ValueError(site)
+    up, rows, down = site
+    num = int(module.num_experts)
+    up_w = expert_view(module.float_weight(up).detach(), num, up.transposed)  # [E, I or 2I, hidden]
+    down_w = expert_view(module.float_weight(down).detach(), num, down.transposed)  # [E, hidden, I]
+    up_bias = module.bias(up)
+    scaled = 0
+    for e in range(num):
+        inputs = record.expert_inputs(e)
+        if not inputs:
+            continue
+        with quantizers_off(module):
+            amax = torch.stack([module.expert_hidden(x, e).abs().amax(0) for x, _ in inputs]).amax(0)
+        s = smooth_scale(amax, down_w[e].float().abs().amax(0), alpha, clamp_min).to(up_w.device)
+        up_w[e, rows] = (up_w[e, rows].float() / s[:, None]).to(up_w.dtype)
+        if up_bias is not None:
+            up_bias.data[e, rows] = (up_bias.data[e, rows].float() / s).to(up_bias.dtype)
+        down_w[e].copy_(down_w[e].float() * s)
+        scaled += 1
+    return scaled
+
+
+def smooth_block_experts(ctx: BlockContext, alpha: float, clamp_min: float, first_block: bool) -> None:
+    """SmoothQuant's per-expert ``up -> down`` scales for every fused experts module of the block
+    (the statistics come from a float pass after the block's other folds)."""
+    modules: dict[str, QuantFusedExperts] = {}
+    for name, m in ctx.block.named_modules():
+        if not isinstance(m, QuantFusedExperts):
+            continue
+        why = down_site(m)
+        if isinstance(why, str):
+            if first_block:
+                logger.info("smoothquant: %s's experts keep unscaled down projections: %s", name, why)
+            continue
+        modules[name] = m
+    if not modules:
+        return
+    for name, record in record_calls(ctx, modules).items():
+        scaled = smooth_expert_downs(record, alpha, clamp_min)
+        logger.debug("smoothquant block %d: %s: %d of %d experts' down inputs scaled", ctx.index, name, scaled,
+                     int(record.module.num_experts))
