@@ -45,6 +45,7 @@ from quark.torch.quantization.modules import QuantLinear
 from quark.torch.quantization.tensor_quantize import fake_quantize
 
 from . import BlockAlgorithm, BlockContext, scaling
+from .expert_scaling import awq_rule, scale_block_experts
 from .scaling import ScaleEvaluator, capture, check_pairs, fold, resolve_sites, search
 
 logger = logging.getLogger(__name__)
@@ -218,6 +219,9 @@ class AWQ(BlockAlgorithm):
         for name, layer in clip.items():
             if name in samples:  # a layer no calibration token reached (an idle expert) keeps its range
                 clip_layer(layer, samples[name], config.num_grid)
+        # inside every fused MoE expert: up -> down, searched on the expert's own tokens
+        first_block = ctx.index == min(ctx.inputs.called, default=ctx.index)
+        scale_block_experts(ctx, awq_rule(config.num_grid), self.name, first_block)
 
 
 ALGORITHM = AWQ()

@@ -1,4 +1,4 @@
-"""SmoothQuant's ``up -> down`` site inside every fused MoE expert.
+"""The ``up -> down`` scaling site inside every fused MoE expert (SmoothQuant and AWQ).
 
 A dense gated MLP computes ``down(act(gate(x)) * up(x))``: the down projection's input is linear in
 each row of ``up``, so SmoothQuant (Xiao et al. 2022, arXiv:2211.10438) divides up's output row ``j``
@@ -9,7 +9,10 @@ columns, and its own tokens, so each expert gets its own scale::
     s_e = max|H_e|^alpha / max|W_down,e|^(1 - alpha)      (per hidden channel, at least clamp_min)
 
 with ``H_e`` the expert's down input on the calibration tokens routed to it (float model) and the
-maximum of ``|W_down,e|`` over its output rows. The fold is exact when the down input is linear in each
+maximum of ``|W_down,e|`` over its output rows. AWQ (Lin et al. 2023, arXiv:2306.00978) instead
+searches ``s_e = mean|H_e|^alpha`` (normalised, ``alpha`` on its grid) for the lowest error of the
+expert's down output with its weight quantized as after the fold, ``Q(W_down,e diag(s)) diag(s)^-1``
+on ``H_e`` (weights only: an input quantizer of the down projection is not simulated). The fold is exact when the down input is linear in each
 up row: separate gate and up projections with ``act(gate) * up``, or a fused ``gate_up`` whose gate
 function (the class's ``_apply_gate``, else ``act(gate) * up`` on the two halves) passes a probe
 (scaling the up channels, concatenated ``[gate; up]`` or interleaved, scales its output by the same
@@ -99,11 +102,15 @@ def record_calls(ctx: BlockContext, modules: dict[str, QuantFusedExperts]) -> di
     return records
 
 
-@torch.no_grad()
-def smooth_expert_downs(record: RoutedRecord, alpha: float, clamp_min: float) -> int:
-    """Scale every expert of ``record.module`` (see the module doc); returns how many were scaled."""
-    from .smoothquant import smooth_scale
+ScaleRule = Callable[[QuantFusedExperts, int, torch.Tensor, torch.Tensor], torch.Tensor | None]
 
+
+@torch.no_grad()
+def scale_expert_downs(record: RoutedRecord, rule: ScaleRule) -> int:
+    """Scale every expert of ``record.module`` by ``rule(module, e, H_e, W_down,e)`` (a ``[I]`` scale,
+    or None to leave the expert alone; ``H_e``: its float down inputs ``[tokens, I]``, ``W_down,e``:
+    ``[hidden, I]``): divide its up rows (and bias), multiply its down columns. Returns how many experts
+    were scaled."""
     module = record.module
     site = down_site(module)
     if isinstance(site, str):
@@ -119,8 +126,11 @@ def smooth_expert_downs(record: RoutedRecord, alpha: float, clamp_min: float) ->
         if not inputs:
             continue
         with quantizers_off(module):
-            amax = torch.stack([module.expert_hidden(x, e).abs().amax(0) for x, _ in inputs]).amax(0)
-        s = smooth_scale(amax, down_w[e].float().abs().amax(0), alpha, clamp_min).to(up_w.device)
+            hidden = torch.cat([module.expert_hidden(x, e) for x, _ in inputs])
+        s = rule(module, e, hidden, down_w[e])
+        if s is None:
+            continue
+        s = s.to(up_w.device, torch.float32)
         up_w[e, rows] = (up_w[e, rows].float() / s[:, None]).to(up_w.dtype)
         if up_bias is not None:
             up_bias.data[e, rows] = (up_bias.data[e, rows].float() / s).to(up_bias.dtype)
@@ -129,9 +139,43 @@ def smooth_expert_downs(record: RoutedRecord, alpha: float, clamp_min: float) ->
     return scaled
 
 
-def smooth_block_experts(ctx: BlockContext, alpha: float, clamp_min: float, first_block: bool) -> None:
-    """SmoothQuant's per-expert ``up -> down`` scales for every fused experts module of the block
-    (the statistics come from a float pass after the block's other folds)."""
+def smooth_rule(alpha: float, clamp_min: float) -> ScaleRule:
+    """SmoothQuant's per-expert scale (:func:`~.smoothquant.smooth_scale` of the expert's down input
+    and down weight)."""
+    from .smoothquant import smooth_scale
+
+    def rule(_module: QuantFusedExperts, _e: int, hidden: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        return smooth_scale(hidden.abs().amax(0), down.float().abs().amax(0), alpha, clamp_min)
+
+    return rule
+
+
+def awq_rule(num_grid: int) -> ScaleRule:
+    """AWQ's per-expert scale: the grid candidate (:func:`~.awq.awq_candidates` of the expert's mean
+    ``|H_e|``) with the lowest squared error of the expert's down output on ``H_e`` with its weight
+    quantized after the fold; None when the down projection has no static weight quantizer or the
+    best candidate is no scaling."""
+    from .awq import awq_candidates
+    from .scaling import quantized_scaled_matrix
+
+    def rule(module: QuantFusedExperts, _e: int, hidden: torch.Tensor, down: torch.Tensor) -> torch.Tensor | None:
+        fp = next((fp for proj, fp in module.quantized_projections() if proj.role == "down"), None)
+        if fp is None or fp.weight_quantizer is None or fp.weight_quantizer.is_dynamic:
+            return None
+        x, w = hidden.float(), down.float()
+        target = x @ w.T
+        candidates = awq_candidates(x.abs().mean(0), num_grid)
+        losses = [float((x @ quantized_scaled_matrix(w, s, fp.weight_quantizer.spec).T - target).pow(2).sum())
+                  for s in candidates]
+        best = min(range(len(losses)), key=lambda i: (losses[i], i))
+        return candidates[best] if best else None
+
+    return rule
+
+
+def scale_block_experts(ctx: BlockContext, rule: ScaleRule, algorithm: str, first_block: bool) -> None:
+    """The per-expert ``up -> down`` scales (``rule``) of every fused experts module of the block (the
+    statistics come from a float pass after the block's other folds)."""
     modules: dict[str, QuantFusedExperts] = {}
     for name, m in ctx.block.named_modules():
         if not isinstance(m, QuantFusedExperts):
@@ -139,12 +183,12 @@ def smooth_block_experts(ctx: BlockContext, alpha: float, clamp_min: float, firs
         why = down_site(m)
         if isinstance(why, str):
             if first_block:
-                logger.info("smoothquant: %s's experts keep unscaled down projections: %s", name, why)
+                logger.info("%s: %s's experts keep unscaled down projections: %s", algorithm, name, why)
             continue
         modules[name] = m
     if not modules:
         return
     for name, record in record_calls(ctx, modules).items():
-        scaled = smooth_expert_downs(record, alpha, clamp_min)
-        logger.debug("smoothquant block %d: %s: %d of %d experts' down inputs scaled", ctx.index, name, scaled,
+        scaled = scale_expert_downs(record, rule)
+        logger.debug("%s block %d: %s: %d of %d experts' down inputs scaled", algorithm, ctx.index, name, scaled,
                      int(record.module.num_experts))

@@ -32,7 +32,7 @@ import torch.nn as nn
 from quark.torch.quantization.config.algo_configs import SmoothQuantConfig
 
 from . import BlockAlgorithm, BlockContext
-from .expert_scaling import smooth_block_experts
+from .expert_scaling import scale_block_experts, smooth_rule
 from .scaling import Site, capture, check_pairs, fold, resolve_sites, weight_absmax
 
 #: floor of the statistics before the powers (a dead channel would otherwise give 0 or inf)
@@ -66,7 +66,7 @@ class SmoothQuant(BlockAlgorithm):
             fold(site, s)
         # inside every fused MoE expert: up -> down, from a float pass of the block as folded so far
         first_block = ctx.index == min(ctx.inputs.called, default=ctx.index)
-        smooth_block_experts(ctx, config.alpha, config.scale_clamp_min, first_block)
+        scale_block_experts(ctx, smooth_rule(config.alpha, config.scale_clamp_min), self.name, first_block)
 
 
 ALGORITHM = SmoothQuant()

@@ -26,7 +26,8 @@ Conventions for the names inside algorithm configs (what the algorithms may rely
   and are left out of the GPTQ groups (GPTQ, GPTAQ and Qronos solve them per expert after the
   groups) and of AutoSmoothQuant's pairs. SmoothQuant and AWQ get one more pair per MoE template,
   the MLP norm -> every reader of it (router, fused experts, shared expert), derived from rotation's
-  ``mlp_inputs`` by :func:`moe_norm_pairs`. ``ModelQuantizer`` quantizes them per expert, min-max, in place
+  ``mlp_inputs`` by :func:`moe_norm_pairs`; inside each expert, both also scale up -> down per expert
+  (:mod:`quark.torch.algorithm.expert_scaling`, no template data needed). ``ModelQuantizer`` quantizes them per expert, min-max, in place
   (:mod:`quark.torch.quantization.fused_experts`; each fused parameter resolves the config like a
   linear named ``<experts>.<parameter>``, so exclusions such as ``*mlp.gate`` leave them alone and
   ``*mlp.experts.*`` would exclude them). Remote-code models with one ``nn.Linear`` per expert list them.
