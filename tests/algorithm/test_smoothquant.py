@@ -383,3 +383,26 @@ def test_awq_inside_the_experts_lowers_the_error_of_int4_down_projections(model_
                 for b, r in zip(batches, ref):
                     assert _rel(model(**b).logits, r) < 1e-5
     assert errors["awq"] < ratio * errors[None]
+
+
+@pytest.mark.parametrize("algorithm, scheme", [("smoothquant", "int8"), ("awq", "uint4_wo_32")])
+def test_scale_expert_down_false_leaves_the_experts_down_projections_alone(algorithm, scheme):
+    from quark.torch import LLMTemplate
+    from quark.torch.quantization.api import ModelQuantizer
+    from quark.torch.quantization.config.algo_configs import with_field_overrides
+
+    reference = _boost_up_rows(_moe("mixtral"), 20.0)
+    batches = _moe_batches(reference)
+    template = LLMTemplate.get("mixtral")
+    downs = {}
+    for switch in ("true", "false"):
+        model = _boost_up_rows(_moe("mixtral"), 20.0)
+        overrides = with_field_overrides(template.algorithm_configs, [f"{algorithm}.scale_expert_down={switch}"])
+        ModelQuantizer(template.get_config(scheme, algorithm=algorithm, algo_configs=overrides)).quantize_model(
+            model, batches, progress=False)
+        downs[switch] = [b.mlp.experts.down_proj.detach().clone() for b in model.model.layers]
+    for before, on, off in zip([b.mlp.experts.down_proj for b in reference.model.layers], downs["true"], downs["false"]):
+        torch.testing.assert_close(off, before, rtol=0, atol=0)
+        assert not torch.equal(on, before)
+    with pytest.raises(ValueError, match="scale_expert_down"):
+        dataclasses.replace(template.algorithm_configs[algorithm], scale_expert_down="yes").validate()

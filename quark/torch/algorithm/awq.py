@@ -220,8 +220,9 @@ class AWQ(BlockAlgorithm):
             if name in samples:  # a layer no calibration token reached (an idle expert) keeps its range
                 clip_layer(layer, samples[name], config.num_grid)
         # inside every fused MoE expert: up -> down, searched on the expert's own tokens
-        first_block = ctx.index == min(ctx.inputs.called, default=ctx.index)
-        scale_block_experts(ctx, awq_rule(config.num_grid), self.name, first_block)
+        if config.scale_expert_down:
+            first_block = ctx.index == min(ctx.inputs.called, default=ctx.index)
+            scale_block_experts(ctx, awq_rule(config.num_grid), self.name, first_block)
 
 
 ALGORITHM = AWQ()

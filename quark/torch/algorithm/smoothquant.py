@@ -65,8 +65,9 @@ class SmoothQuant(BlockAlgorithm):
         for site, s in zip(sites, scales):  # all statistics come from the unscaled block
             fold(site, s)
         # inside every fused MoE expert: up -> down, from a float pass of the block as folded so far
-        first_block = ctx.index == min(ctx.inputs.called, default=ctx.index)
-        scale_block_experts(ctx, smooth_rule(config.alpha, config.scale_clamp_min), self.name, first_block)
+        if config.scale_expert_down:
+            first_block = ctx.index == min(ctx.inputs.called, default=ctx.index)
+            scale_block_experts(ctx, smooth_rule(config.alpha, config.scale_clamp_min), self.name, first_block)
 
 
 ALGORITHM = SmoothQuant()

@@ -168,6 +168,9 @@ class AWQConfig(_ScalingConfig):
     #: precision of the scale search's candidate forwards: "auto" (bfloat16 autocast for a float32
     #: model where bfloat16 products are fast), "float32" or "bfloat16" (``quark.torch.algorithm.precision``)
     search_dtype: str = "auto"
+    #: also scale each fused MoE expert's up rows into its down columns, searched per expert on its
+    #: routed tokens (``quark.torch.algorithm.expert_scaling``)
+    scale_expert_down: bool = True
 
     def validate(self) -> None:
         super().validate()
@@ -175,6 +178,7 @@ class AWQConfig(_ScalingConfig):
         check_bool(self, "clip_search")
         check_texts(self, "clip_exclude")
         check_dtype_choice(self, "search_dtype")
+        check_bool(self, "scale_expert_down")
 
 
 @dataclass
@@ -184,11 +188,16 @@ class SmoothQuantConfig(_ScalingConfig):
     name: ClassVar[str] = "smoothquant"
     alpha: float = 0.5
     scale_clamp_min: float = 1e-3
+    #: also scale each fused MoE expert's up rows into its down columns, per expert from its routed
+    #: tokens (``quark.torch.algorithm.expert_scaling``); it moves difficulty into the up rows, as the
+    #: dense ``up_proj -> down_proj`` pair does
+    scale_expert_down: bool = True
 
     def validate(self) -> None:
         super().validate()
         check_number(self, "alpha", 0, 1)
         check_number(self, "scale_clamp_min", 0, low_open=True)
+        check_bool(self, "scale_expert_down")
 
 
 @dataclass
