@@ -38,6 +38,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from moe_experts import calibration  # noqa: E402  (4 x 2 x 32 random tokens, the MoE benchmark's)
 
 RESULTS = ROOT / "bench" / "results" / "device_parity.json"
 
@@ -59,13 +62,6 @@ CASES: list[tuple[str, str, list[str] | None, dict]] = [
     ("mixtral", "int4_wo_32", ["gptaq"], {}),
     ("gpt_oss", "mxfp4", ["qronos"], {}),
 ]
-
-
-def calibration(vocab: int, n: int = 4, seq: int = 32, seed: int = 0) -> list[dict]:
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, vocab, (2, seq), generator=g)} for _ in range(n)]
 
 
 def logits(model, batches) -> list:
@@ -96,7 +92,7 @@ def run_case(model_type: str, scheme: str, algorithms: list[str] | None, kwargs:
     from quark.torch.utils.tiny_models import build_model
 
     reference = build_model(model_type)
-    batches = calibration(reference.config.get_text_config().vocab_size)
+    batches = calibration(reference)
     ref = logits(reference, batches)
     from quark.torch.quantization.config.algo_configs import with_field_overrides
 

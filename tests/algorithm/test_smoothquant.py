@@ -140,6 +140,32 @@ def _moe_batches(model):
     return [{"input_ids": torch.randint(0, model.config.vocab_size, (2, 32), generator=g)} for _ in range(4)]
 
 
+def _errors(make, model_type: str, scheme: str, algorithm: str, exclude: list[str],
+            float_unchanged: bool = False) -> dict:
+    """Squared logits error against ``make()``'s float model of rounding (``None``) and of ``algorithm``,
+    each on a fresh ``make()`` with ``exclude`` left in float; ``float_unchanged``: also check that the
+    quantized model with its quantizers off still gives the float logits (relative 1e-5)."""
+    from quark.torch import LLMTemplate
+    from quark.torch.quantization.api import ModelQuantizer
+
+    reference = make()
+    batches = _moe_batches(reference)
+    with torch.no_grad():
+        ref = [reference(**b).logits for b in batches]
+    errors = {}
+    for algo in (None, algorithm):
+        model = make()
+        config = LLMTemplate.get(model_type).get_config(scheme, algorithm=algo, exclude_layers=exclude)
+        ModelQuantizer(config).quantize_model(model, batches, progress=False)
+        with torch.no_grad():
+            errors[algo] = sum(float((model(**b).logits - r).pow(2).sum()) for b, r in zip(batches, ref))
+            if float_unchanged:
+                with quantizers_off(model):
+                    for b, r in zip(batches, ref):
+                        assert _rel(model(**b).logits, r) < 1e-5
+    return errors
+
+
 def test_moe_templates_give_smoothquant_and_awq_the_norm_to_router_and_experts_site():
     from quark.torch import LLMTemplate
 
@@ -198,21 +224,8 @@ def test_smoothing_the_moe_site_lowers_the_error_of_int8_experts(model_type, rat
     inputs) quantized, so the error is the site's: SmoothQuant's MoE site brings the logits error of
     W8A8 gate/up to 0.23 of rounding's. (GPT-OSS: its clamped gate keeps the experts' down inputs
     unscaled; where the per-expert up -> down site applies, it moves scale into the up rows too.)"""
-    from quark.torch import LLMTemplate
-    from quark.torch.quantization.api import ModelQuantizer
-
-    reference = _moe(model_type, boost=40.0)
-    batches = _moe_batches(reference)
-    with torch.no_grad():
-        ref = [reference(**b).logits for b in batches]
-    errors = {}
-    for algorithm in (None, "smoothquant"):
-        model = _moe(model_type, boost=40.0)
-        config = LLMTemplate.get(model_type).get_config(
-            "int8", algorithm=algorithm, exclude_layers=["*self_attn*", "lm_head", "*experts.down_proj"])
-        ModelQuantizer(config).quantize_model(model, batches, progress=False)
-        with torch.no_grad():
-            errors[algorithm] = sum(float((model(**b).logits - r).pow(2).sum()) for b, r in zip(batches, ref))
+    errors = _errors(lambda: _moe(model_type, boost=40.0), model_type, "int8", "smoothquant",
+                     ["*self_attn*", "lm_head", "*experts.down_proj"])
     assert errors["smoothquant"] < ratio * errors[None]
 
 
@@ -221,21 +234,8 @@ def test_awq_on_the_moe_site_lowers_the_error_of_int4_experts(model_type, ratio)
     """MLP norm channels x 10; only the experts' gate/up quantized (uint4, groups of 32): AWQ's scale
     for the norm -> router + experts site brings the logits error to 0.64 (Mixtral), 0.45 (GPT-OSS),
     0.50 (Qwen3-MoE) of rounding's."""
-    from quark.torch import LLMTemplate
-    from quark.torch.quantization.api import ModelQuantizer
-
-    reference = _moe(model_type, boost=10.0)
-    batches = _moe_batches(reference)
-    with torch.no_grad():
-        ref = [reference(**b).logits for b in batches]
-    errors = {}
-    for algorithm in (None, "awq"):
-        model = _moe(model_type, boost=10.0)
-        config = LLMTemplate.get(model_type).get_config(
-            "uint4_wo_32", algorithm=algorithm, exclude_layers=["*self_attn*", "lm_head", "*experts.down_proj"])
-        ModelQuantizer(config).quantize_model(model, batches, progress=False)
-        with torch.no_grad():
-            errors[algorithm] = sum(float((model(**b).logits - r).pow(2).sum()) for b, r in zip(batches, ref))
+    errors = _errors(lambda: _moe(model_type, boost=10.0), model_type, "uint4_wo_32", "awq",
+                     ["*self_attn*", "lm_head", "*experts.down_proj"])
     assert errors["awq"] < ratio * errors[None]
 
 
@@ -264,6 +264,10 @@ def _boost_up_rows(model, boost: float):
             half = experts.gate_up_proj.shape[1] // 2
             experts.gate_up_proj[:, half:half + 4] *= boost
     return model
+
+
+#: every linear and the experts' gate/up left in float: only the fused experts' down projections are quantized
+DOWN_ONLY = ["*self_attn*", "lm_head", "*experts.gate_up_proj", "*mlp.gate_proj", "*mlp.up_proj", "*mlp.down_proj"]
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
@@ -304,22 +308,7 @@ def test_each_expert_gets_its_own_up_to_down_scale_exactly(model_type):
 def test_smoothing_inside_the_experts_lowers_the_error_of_int8_down_projections(model_type, ratio):
     """Outlier channels in every expert's down input (up rows x 20), only the experts' down projections
     quantized (W8A8): SmoothQuant's per-expert scales bring the logits error to 0.20 / 0.20 of rounding's."""
-    from quark.torch import LLMTemplate
-    from quark.torch.quantization.api import ModelQuantizer
-
-    reference = _boost_up_rows(_moe(model_type), 20.0)
-    batches = _moe_batches(reference)
-    with torch.no_grad():
-        ref = [reference(**b).logits for b in batches]
-    errors = {}
-    for algorithm in (None, "smoothquant"):
-        model = _boost_up_rows(_moe(model_type), 20.0)
-        config = LLMTemplate.get(model_type).get_config(
-            "int8", algorithm=algorithm, exclude_layers=["*self_attn*", "lm_head", "*experts.gate_up_proj", "*mlp.gate_proj",
-                     "*mlp.up_proj", "*mlp.down_proj"])
-        ModelQuantizer(config).quantize_model(model, batches, progress=False)
-        with torch.no_grad():
-            errors[algorithm] = sum(float((model(**b).logits - r).pow(2).sum()) for b, r in zip(batches, ref))
+    errors = _errors(lambda: _boost_up_rows(_moe(model_type), 20.0), model_type, "int8", "smoothquant", DOWN_ONLY)
     assert errors["smoothquant"] < ratio * errors[None]
 
 
@@ -340,21 +329,8 @@ def test_gpt_oss_experts_keep_unscaled_down_projections_and_say_why(caplog):
 def test_smoothquant_on_a_whole_moe_model_with_norm_outliers():
     """Qwen3-MoE (MoE and dense blocks), MLP norm channels x 10, everything but attention W8A8: both
     MoE sites and the dense blocks' sites together bring the logits error to 0.35 of rounding's."""
-    from quark.torch import LLMTemplate
-    from quark.torch.quantization.api import ModelQuantizer
-
-    reference = _moe("qwen3_moe", boost=10.0)
-    batches = _moe_batches(reference)
-    with torch.no_grad():
-        ref = [reference(**b).logits for b in batches]
-    errors = {}
-    for algorithm in (None, "smoothquant"):
-        model = _moe("qwen3_moe", boost=10.0)
-        config = LLMTemplate.get("qwen3_moe").get_config("int8", algorithm=algorithm,
-                                                         exclude_layers=["*self_attn*", "lm_head"])
-        ModelQuantizer(config).quantize_model(model, batches, progress=False)
-        with torch.no_grad():
-            errors[algorithm] = sum(float((model(**b).logits - r).pow(2).sum()) for b, r in zip(batches, ref))
+    errors = _errors(lambda: _moe("qwen3_moe", boost=10.0), "qwen3_moe", "int8", "smoothquant",
+                     ["*self_attn*", "lm_head"])
     assert errors["smoothquant"] < 0.45 * errors[None]
 
 
@@ -363,25 +339,8 @@ def test_awq_inside_the_experts_lowers_the_error_of_int4_down_projections(model_
     """Up rows x 20 (outlier channels in every expert's down input), only the experts' down projections
     quantized (uint4, groups of 32): AWQ's per-expert search brings the logits error to 0.63 (Mixtral) /
     0.34 (Qwen3-MoE) of rounding's; the float model is unchanged (nothing else is clipped here)."""
-    from quark.torch import LLMTemplate
-    from quark.torch.quantization.api import ModelQuantizer
-
-    reference = _boost_up_rows(_moe(model_type), 20.0)
-    batches = _moe_batches(reference)
-    with torch.no_grad():
-        ref = [reference(**b).logits for b in batches]
-    errors = {}
-    for algorithm in (None, "awq"):
-        model = _boost_up_rows(_moe(model_type), 20.0)
-        config = LLMTemplate.get(model_type).get_config(
-            "uint4_wo_32", algorithm=algorithm, exclude_layers=["*self_attn*", "lm_head", "*experts.gate_up_proj",
-                                                                "*mlp.gate_proj", "*mlp.up_proj", "*mlp.down_proj"])
-        ModelQuantizer(config).quantize_model(model, batches, progress=False)
-        with torch.no_grad():
-            errors[algorithm] = sum(float((model(**b).logits - r).pow(2).sum()) for b, r in zip(batches, ref))
-            with quantizers_off(model):
-                for b, r in zip(batches, ref):
-                    assert _rel(model(**b).logits, r) < 1e-5
+    errors = _errors(lambda: _boost_up_rows(_moe(model_type), 20.0), model_type, "uint4_wo_32", "awq", DOWN_ONLY,
+                     float_unchanged=True)
     assert errors["awq"] < ratio * errors[None]
 
 

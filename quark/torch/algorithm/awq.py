@@ -221,8 +221,7 @@ class AWQ(BlockAlgorithm):
                 clip_layer(layer, samples[name], config.num_grid)
         # inside every fused MoE expert: up -> down, searched on the expert's own tokens
         if config.scale_expert_down:
-            first_block = ctx.index == min(ctx.inputs.called, default=ctx.index)
-            scale_block_experts(ctx, awq_rule(config.num_grid), self.name, first_block)
+            scale_block_experts(ctx, awq_rule(config.num_grid), self.name)
 
 
 ALGORITHM = AWQ()

@@ -106,15 +106,13 @@ ScaleRule = Callable[[QuantFusedExperts, int, torch.Tensor, torch.Tensor], torch
 
 
 @torch.no_grad()
-def scale_expert_downs(record: RoutedRecord, rule: ScaleRule) -> int:
+def scale_expert_downs(record: RoutedRecord, site: tuple[Projection, torch.Tensor | slice, Projection],
+                       rule: ScaleRule) -> int:
     """Scale every expert of ``record.module`` by ``rule(module, e, H_e, W_down,e)`` (a ``[I]`` scale,
     or None to leave the expert alone; ``H_e``: its float down inputs ``[tokens, I]``, ``W_down,e``:
-    ``[hidden, I]``): divide its up rows (and bias), multiply its down columns. Returns how many experts
-    were scaled."""
+    ``[hidden, I]``): divide its up rows (and bias), multiply its down columns. ``site``: the module's
+    :func:`down_site`. Returns how many experts were scaled."""
     module = record.module
-    site = down_site(module)
-    if isinstance(site, str):
-        raise ValueError(site)
     up, rows, down = site
     num = int(module.num_experts)
     up_w = expert_view(module.float_weight(up).detach(), num, up.transposed)  # [E, I or 2I, hidden]
@@ -173,22 +171,25 @@ def awq_rule(num_grid: int) -> ScaleRule:
     return rule
 
 
-def scale_block_experts(ctx: BlockContext, rule: ScaleRule, algorithm: str, first_block: bool) -> None:
+def scale_block_experts(ctx: BlockContext, rule: ScaleRule, algorithm: str) -> None:
     """The per-expert ``up -> down`` scales (``rule``) of every fused experts module of the block (the
-    statistics come from a float pass after the block's other folds)."""
+    statistics come from a float pass after the block's other folds). Modules without such a site are
+    logged on the first block the loop processes."""
+    first_block = ctx.index == min(ctx.inputs.called, default=ctx.index)
     modules: dict[str, QuantFusedExperts] = {}
+    sites = {}
     for name, m in ctx.block.named_modules():
         if not isinstance(m, QuantFusedExperts):
             continue
-        why = down_site(m)
-        if isinstance(why, str):
+        site = down_site(m)
+        if isinstance(site, str):
             if first_block:
-                logger.info("%s: %s's experts keep unscaled down projections: %s", algorithm, name, why)
+                logger.info("%s: %s's experts keep unscaled down projections: %s", algorithm, name, site)
             continue
-        modules[name] = m
+        modules[name], sites[name] = m, site
     if not modules:
         return
     for name, record in record_calls(ctx, modules).items():
-        scaled = scale_expert_downs(record, rule)
+        scaled = scale_expert_downs(record, sites[name], rule)
         logger.debug("%s block %d: %s: %d of %d experts' down inputs scaled", algorithm, ctx.index, name, scaled,
                      int(record.module.num_experts))

@@ -84,7 +84,7 @@ class Site:
     @property
     def linear_only(self) -> bool:
         """Whether every layer is an ``nn.Linear`` (else: routers or fused experts, see
-        :func:`_match_readers`; only SmoothQuant scales those)."""
+        :func:`_match_linears`; SmoothQuant and AWQ scale those)."""
         return all(isinstance(m, nn.Linear) for m in self.layers.values())
 
     def describe(self) -> str:
@@ -677,5 +677,5 @@ def weight_absmax(site: Site) -> torch.Tensor:
             per_layer.append(input_basis_weight(layer).float().abs().amax(0))
         else:
             per_layer += [m.float().abs().reshape(-1, m.shape[-1]).amax(0) for m in _reader_matrices(name, layer)]
-    devices = per_layer[0].device
-    return torch.stack([t.to(devices) for t in per_layer]).amax(0)
+    device = per_layer[0].device
+    return torch.stack([t.to(device) for t in per_layer]).amax(0)

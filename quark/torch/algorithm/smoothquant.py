@@ -66,8 +66,7 @@ class SmoothQuant(BlockAlgorithm):
             fold(site, s)
         # inside every fused MoE expert: up -> down, from a float pass of the block as folded so far
         if config.scale_expert_down:
-            first_block = ctx.index == min(ctx.inputs.called, default=ctx.index)
-            scale_block_experts(ctx, smooth_rule(config.alpha, config.scale_clamp_min), self.name, first_block)
+            scale_block_experts(ctx, smooth_rule(config.alpha, config.scale_clamp_min), self.name)
 
 
 ALGORITHM = SmoothQuant()

@@ -141,7 +141,7 @@ def merge_groups(*layouts: list[list[str]]) -> list[list[str]]:
 
 
 def moe_norm_pairs(pairs: list[ScalingPair], rotation_config: RotationConfig | None) -> list[ScalingPair]:
-    """SmoothQuant's site at a MoE block's MLP norm: ``mlp_norm -> mlp_inputs`` of the rotation config
+    """SmoothQuant's and AWQ's site at a MoE block's MLP norm: ``mlp_norm -> mlp_inputs`` of the rotation config
     (which lists every reader of that norm: router, fused experts, shared expert and its gate, and the
     dense MLP of the model's dense blocks) less the layers a pair from the same norm already lists
     (the dense blocks' site). Only for templates whose rotation names MoE outputs (``mlp_outputs``)."""
