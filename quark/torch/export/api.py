@@ -49,7 +49,6 @@ from quark.torch.quantization.fused_experts import (
     find_fused_experts,
     fused_experts_modules,
     projection_configs,
-    slice_rows,
 )
 from quark.torch.quantization.modules import ROLES, QuantLinear, quantized_linears
 from quark.torch.quantization.tensor_quantize import fake_quantize
@@ -60,6 +59,7 @@ from .config.config import PACK_METHODS, WEIGHT_FORMATS, JsonExporterConfig
 from .experts import (
     attach_checkpoint_slots,
     expert_parts,
+    expert_parts_codes,
     fused_checkpoint_tensors,
     fused_state_from_checkpoint,
     merged_projections,
@@ -333,15 +333,9 @@ def _check_awq(model: nn.Module) -> tuple[Any, list[str]]:
 def _awq_expert_tensors(name: str, module: QuantFusedExperts, parts: dict[tuple[str, str], Any]
                         ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every expert's AWQ tensors, ``<name>.<e>.<checkpoint name>.{qweight, qzeros, scales}``."""
-    for proj, fp in module.quantized_projections():
-        w = module.float_weight(proj)
-        for e in range(fp.num_experts):
-            codes, qparams = fp.expert_codes(w, e)
-            for ckpt, rows in parts[(name, proj.path)]:
-                c = codes if rows is None else codes[rows]
-                q = qparams if rows is None else slice_rows(qparams, rows)
-                for key, value in to_awq(c, q, fp.weight_quantizer.spec, fp.weight_dtype).items():
-                    yield f"{name}.{e}.{ckpt}.{key}", value
+    for prefix, _, fp, _, _, codes, qparams in expert_parts_codes(name, module, parts):
+        for key, value in to_awq(codes, qparams, fp.weight_quantizer.spec, fp.weight_dtype).items():
+            yield f"{prefix}.{key}", value
 
 
 def _iter_awq_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -151,42 +151,50 @@ def owned_keys(model: nn.Module) -> dict[str, str]:
     return owned
 
 
+def expert_parts_codes(name: str, module: QuantFusedExperts, parts: dict[tuple[str, str], Parts]
+                       ) -> Iterator[tuple[str, Projection, Any, int, slice | None, torch.Tensor | None, Any]]:
+    """Every checkpoint part of every expert of ``module``'s quantized projections, in checkpoint order:
+    ``(prefix, proj, quantizers, e, rows, codes, qparams)``. ``prefix`` is ``<name>.<e>.<checkpoint name>``,
+    ``quantizers`` the projection's (``weight_quantizer``, ``activation_qparams`` ...), ``rows`` the
+    part's rows of the expert's ``[out, in]`` matrix (None: all of them), ``codes`` / ``qparams`` that
+    part's weight codes and qparams (None for a projection without weight quantization). Both the
+    ``quark`` and the ``awq`` export layouts are written from it."""
+    for proj, fp in module.quantized_projections():
+        w = module.float_weight(proj)
+        for e in range(fp.num_experts):
+            codes, qparams = fp.expert_codes(w, e) if fp.weight_quantizer is not None else (None, None)
+            for ckpt, rows in parts[(name, proj.path)]:
+                if codes is not None and rows is not None:
+                    yield f"{name}.{e}.{ckpt}", proj, fp, e, rows, codes[rows], slice_rows(qparams, rows)
+                else:
+                    yield f"{name}.{e}.{ckpt}", proj, fp, e, rows, codes, qparams
+
+
 def fused_checkpoint_tensors(name: str, module: QuantFusedExperts, parts: dict[tuple[str, str], Parts],
                              weight_format: str, pack_method: str) -> Iterator[tuple[str, torch.Tensor]]:
     """The per-expert checkpoint tensors of one quantized experts module (``real_quantized``: the
     serving layout; ``fake_quantized``: dequantized weights plus natural qparams)."""
-    for proj, fp in module.quantized_projections():
+    targets: dict[int, WeightLayout] = {}
+    for prefix, proj, fp, e, rows, codes, qparams in expert_parts_codes(name, module, parts):
         wq = fp.weight_quantizer
-        w = module.float_weight(proj)
-        target = WeightLayout(wq.spec, pack_method=pack_method) if wq is not None else None
-        for e in range(fp.num_experts):
-            acts: dict[str, torch.Tensor] = {}
-            for role, qp in fp.activation_qparams(e).items():
-                acts.update(qparam_tensors(role, qp))
-            if wq is not None:
-                codes, qparams = fp.expert_codes(w, e)
-            for ckpt, rows in parts[(name, proj.path)]:
-                prefix = f"{name}.{e}.{ckpt}"
-                if wq is None:
-                    matrix = expert_view(w, fp.num_experts, proj.transposed)[e]
-                    yield f"{prefix}.weight", (matrix if rows is None else matrix[rows]).detach()
-                else:
-                    c = codes if rows is None else codes[rows]
-                    q = qparams if rows is None else slice_rows(qparams, rows)
-                    if weight_format == "real_quantized":
-                        for key, value in target.store(c, q).items():
-                            yield f"{prefix}.{'weight' if key == 'weight' else 'weight_' + key}", value
-                    else:
-                        dense = dequantize(c, wq.spec, q, fp.weight_dtype)
-                        if not torch.equal(fake_quantize(dense, wq.spec, q), dense):
-                            raise ValueError(
-                                f"weight_format='fake_quantized': the dequantized weight of {prefix} is not reproduced "
-                                "by quantizing it again with its scales; export it with weight_format='real_quantized'"
-                            )
-                        yield f"{prefix}.weight", dense
-                        yield from qparam_tensors(f"{prefix}.weight", q).items()
-                for key, value in acts.items():
-                    yield f"{prefix}.{key}", value
+        if wq is None:
+            matrix = expert_view(module.float_weight(proj), fp.num_experts, proj.transposed)[e]
+            yield f"{prefix}.weight", (matrix if rows is None else matrix[rows]).detach()
+        elif weight_format == "real_quantized":
+            target = targets.setdefault(id(fp), WeightLayout(wq.spec, pack_method=pack_method))
+            for key, value in target.store(codes, qparams).items():
+                yield f"{prefix}.{'weight' if key == 'weight' else 'weight_' + key}", value
+        else:
+            dense = dequantize(codes, wq.spec, qparams, fp.weight_dtype)
+            if not torch.equal(fake_quantize(dense, wq.spec, qparams), dense):
+                raise ValueError(
+                    f"weight_format='fake_quantized': the dequantized weight of {prefix} is not reproduced "
+                    "by quantizing it again with its scales; export it with weight_format='real_quantized'"
+                )
+            yield f"{prefix}.weight", dense
+            yield from qparam_tensors(f"{prefix}.weight", qparams).items()
+        for role, qp in fp.activation_qparams(e).items():
+            yield from qparam_tensors(f"{prefix}.{role}", qp).items()
 
 
 def _group_by_head(tensors: dict[str, torch.Tensor]) -> dict[str, list[str]]:
