@@ -24,7 +24,8 @@ range is shrunk to ``[r_lo min, r_hi max]`` with ratios on a grid of ``num_grid`
 ``||x (W - Q(clip(W)))^T||^2`` on the layer's (scaled) calibration inputs: both ends together as in
 the paper, then each end alone (:func:`clip_layer`); the weights are clamped to the chosen ranges.
 The error of a group only depends on its own range, so all groups are searched at once through the
-per-group Gram matrices ``X_g^T X_g`` of the inputs.
+per-group Gram matrices ``X_g^T X_g`` of the inputs. Fused MoE experts (:func:`clip_block_experts`)
+get the same search per expert: its gate/up and down matrices on the tokens routed to it.
 
 Cost: the scale search runs the inspect module ``num_grid`` times on about
 :data:`~.scaling.SEARCH_TOKENS` calibration tokens (whole sequences); statistics use every token.
@@ -41,11 +42,12 @@ import torch.nn as nn
 from quark.torch.quantization.config.algo_configs import AWQConfig
 from quark.torch.quantization.config.config import first_stage
 from quark.torch.quantization.config.type import QSchemeType
+from quark.torch.quantization.fused_experts import FusedProjection, QuantFusedExperts
 from quark.torch.quantization.modules import QuantLinear
 from quark.torch.quantization.tensor_quantize import fake_quantize
 
-from . import BlockAlgorithm, BlockContext, scaling
-from .expert_scaling import awq_rule, scale_block_experts
+from . import BlockAlgorithm, BlockContext, quantizers_off, scaling
+from .expert_scaling import awq_rule, record_calls, scale_block_experts
 from .scaling import ScaleEvaluator, capture, check_pairs, fold, resolve_sites, search
 
 logger = logging.getLogger(__name__)
@@ -64,25 +66,44 @@ def awq_candidates(absmean: torch.Tensor, num_grid: int) -> list[torch.Tensor]:
     return out
 
 
-def _clip_groups(layer: QuantLinear) -> int | None:
-    """The group width the clipping search works on (``in_features`` for per-row scales), or None when
-    the weight's scales are not per row / per group (per-tensor, two-stage)."""
-    q = layer.weight_quantizer
-    if q is None or isinstance(q.spec, list):
+def clip_group_width(spec: object, in_features: int) -> int | None:
+    """The group width the clipping search works on for a weight of ``spec`` (``in_features`` for
+    per-row scales), or None when its scales are not per row / per group (per-tensor, two-stage)."""
+    if spec is None or isinstance(spec, list):
         return None
-    spec = first_stage(q.spec)
+    spec = first_stage(spec)
     if spec.qscheme is QSchemeType.per_group and spec.group_size:
         return int(spec.group_size)
     if spec.qscheme is QSchemeType.per_channel and (spec.ch_axis or 0) == 0:
-        return layer.in_features
+        return in_features
     return None
+
+
+def _clip_groups(layer: QuantLinear) -> int | None:
+    q = layer.weight_quantizer
+    return None if q is None else clip_group_width(q.spec, layer.in_features)
 
 
 def clip_layer(layer: QuantLinear, x: torch.Tensor, num_grid: int, max_shrink: float = MAX_SHRINK,
                refine_rounds: int = 2) -> torch.Tensor:
     """Clamp the layer's weight, per quantization group, to the range with the lowest output error on
-    inputs ``x`` ([tokens, in_features]); returns the chosen ``(low, high)`` ratios per (row, group),
-    ``[rows, groups, 2]``.
+    inputs ``x`` ([tokens, in_features]) (:func:`clip_matrix`); returns the chosen ``(low, high)``
+    ratios per (row, group), ``[rows, groups, 2]``."""
+    g = _clip_groups(layer)
+    if g is None:
+        raise ValueError("clip_layer needs a per-group or per-row weight quantizer")
+    clipped, ratios = clip_matrix(layer.weight.detach(), layer.weight_quantizer.spec, g, x, num_grid, max_shrink,
+                                  refine_rounds)
+    with torch.no_grad():
+        layer.weight.copy_(clipped)
+    return ratios
+
+
+def clip_matrix(w: torch.Tensor, spec: object, g: int, x: torch.Tensor, num_grid: int,
+                max_shrink: float = MAX_SHRINK, refine_rounds: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``[out, in]`` weight ``w`` (quantized as ``spec`` in groups of ``g`` input columns) clamped,
+    per group, to the range with the lowest output error on inputs ``x`` ([tokens, in]), and the
+    chosen ``(low, high)`` ratios per (row, group), ``[rows, groups, 2]``.
 
     The range ``[r_lo * min, r_hi * max]`` of each group is searched on the grid ``r = 1, 1 -
     max_shrink / num_grid, ...`` (``num_grid`` values): first both ends together (``r_lo = r_hi``),
@@ -92,11 +113,7 @@ def clip_layer(layer: QuantLinear, x: torch.Tensor, num_grid: int, max_shrink: f
     unclipped weight on ``x``. From the second round on, a sweep skips the groups whose other end has
     not moved since that end's last sweep (it would evaluate the same pairs again): the same result
     as evaluating every group, with about a third fewer evaluations."""
-    g = _clip_groups(layer)
-    if g is None:
-        raise ValueError("clip_layer needs a per-group or per-row weight quantizer")
-    spec = layer.weight_quantizer.spec
-    w = layer.weight.detach()
+    w = w.detach()
     n, k = w.shape
     groups = k // g
     wf = w.float()
@@ -176,10 +193,58 @@ def clip_layer(layer: QuantLinear, x: torch.Tensor, num_grid: int, max_shrink: f
         before = best_lo.clone()
         sweep(every if round_ == 0 else select(moved_hi), "lo")
         moved_lo = best_lo != before
-    with torch.no_grad():
-        final = clamp(flat, lo * best_lo, hi * best_hi)  # group-major, as the search
-        layer.weight.copy_(final.view(groups, n, g).transpose(0, 1).reshape(n, k))
-    return torch.stack([best_lo.view(groups, n).t(), best_hi.view(groups, n).t()], -1)  # [n, G, 2]
+    final = clamp(flat, lo * best_lo, hi * best_hi)  # group-major, as the search
+    clipped = final.view(groups, n, g).transpose(0, 1).reshape(n, k).to(w.dtype)
+    return clipped, torch.stack([best_lo.view(groups, n).t(), best_hi.view(groups, n).t()], -1)  # [n, G, 2]
+
+
+def clip_block_experts(ctx: BlockContext, num_grid: int, exclude: list[str] | tuple[str, ...] = ()) -> int:
+    """AWQ's clipping search (:func:`clip_matrix`) on every expert of every fused experts module of the
+    block: each expert's gate/up and down matrices, on the float inputs of the calibration tokens
+    routed to it (one float pass of the block after its scales are folded; the down projection's
+    inputs are computed before the expert's gate/up matrices are clipped). Projections matching
+    ``exclude`` (``<module>.<parameter path>``), without per-group / per-row static weight scales, or
+    whose input is rotated online (R4) keep their range, and so do experts that got no token.
+    Returns how many expert matrices were searched."""
+    plans: dict[str, list[tuple[FusedProjection, int]]] = {}
+    modules: dict[str, QuantFusedExperts] = {}
+    for name, m in ctx.block.named_modules():
+        if not isinstance(m, QuantFusedExperts):
+            continue
+        rotated = m.__dict__.get("online_rotation") is not None
+        plan = []
+        for proj, fp in m.quantized_projections():
+            wq = fp.weight_quantizer
+            if wq is None or wq.is_dynamic or m.float_weight(proj) is None or (rotated and proj.role == "down"):
+                continue
+            if any(fnmatch.fnmatchcase(f"{name}.{proj.path}", pat) for pat in exclude):
+                continue
+            g = clip_group_width(wq.spec, fp.in_features)
+            if g is not None:
+                plan.append((fp, g))
+        if plan:
+            plans[name], modules[name] = plan, m
+    if not modules:
+        return 0
+    searched = 0
+    for name, record in record_calls(ctx, modules).items():
+        m = record.module
+        for e in range(int(m.num_experts)):
+            inputs = record.expert_inputs(e)
+            if not inputs:
+                continue
+            x = torch.cat([xq for xq, _ in inputs])
+            if any(fp.proj.role == "down" for fp, _ in plans[name]):
+                with quantizers_off(m), torch.no_grad():
+                    hidden = torch.cat([m.expert_hidden(xq, e) for xq, _ in inputs])
+            for fp, g in plans[name]:
+                w = fp.view(m.float_weight(fp.proj))[e]  # [out, in], a view into the fused parameter
+                clipped, _ = clip_matrix(w, fp.weight_quantizer.spec, g, hidden if fp.proj.role == "down" else x,
+                                         num_grid)
+                with torch.no_grad():
+                    w.copy_(clipped)
+                searched += 1
+    return searched
 
 
 class AWQ(BlockAlgorithm):
@@ -222,6 +287,10 @@ class AWQ(BlockAlgorithm):
         # inside every fused MoE expert: up -> down, searched on the expert's own tokens
         if config.scale_expert_down:
             scale_block_experts(ctx, awq_rule(config.num_grid), self.name)
+        if config.clip_search:  # every expert's gate/up and down ranges, on its own tokens
+            searched = clip_block_experts(ctx, config.num_grid, config.clip_exclude)
+            if searched:
+                logger.debug("awq block %d: clipping searched on %d expert matrices", ctx.index, searched)
 
 
 ALGORITHM = AWQ()

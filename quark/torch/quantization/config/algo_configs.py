@@ -158,9 +158,10 @@ class AWQConfig(_ScalingConfig):
 
     name: ClassVar[str] = "awq"
     num_grid: int = 20
-    #: run the per-layer weight clipping search after scaling
+    #: run the per-layer weight clipping search after scaling (fused MoE experts: per expert, on its tokens)
     clip_search: bool = True
-    #: layer-name patterns (relative to a block) skipped by the clipping search. AutoAWQ skips q/k
+    #: layer-name patterns (relative to a block; fused experts: ``<module>.<parameter>``, e.g.
+    #: ``mlp.experts.down_proj``) skipped by the clipping search. AutoAWQ skips q/k
     #: (attention scores being sensitive); the search minimises each layer's own output error, which
     #: holds for q/k as well, and clipping them measured better on SmolLM2 uint4_wo_64 (32.71 -> 32.49
     #: ppl). ``["*q_proj", "*k_proj", "*q_a_proj", "*q_b_proj"]`` restores AutoAWQ's choice.

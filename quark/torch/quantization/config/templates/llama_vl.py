@@ -5,7 +5,7 @@ Llama 4 (``modeling_llama4.py``): text decoder at ``language_model.model.layers`
 and a ``feed_forward`` that is either a dense ``Llama4TextMLP`` (``gate_proj``/``up_proj``/``down_proj``,
 interleaved in Maverick) or a MoE (``feed_forward.router``, an ``nn.Linear`` subclass; fused
 ``feed_forward.experts``; ``feed_forward.shared_expert.{gate,up,down}_proj``). The MoE norm also feeds
-the router and fused experts: no scaling site there. ``vision_model`` and ``multi_modal_projector``
+the router and fused experts: SmoothQuant's and AWQ's MoE pair (from rotation's ``mlp_inputs``). ``vision_model`` and ``multi_modal_projector``
 are excluded.
 
 Mllama (``modeling_mllama.py``): text decoder at ``model.language_model.layers`` mixing self-attention

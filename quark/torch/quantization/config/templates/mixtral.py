@@ -2,7 +2,8 @@
 
 Both keep every routed expert in fused 3-D parameters (``mlp.experts.gate_up_proj`` /
 ``down_proj``; GPT-OSS adds biases and clamps the SwiGLU), so the only linears are the attention
-projections. ``post_attention_layernorm`` feeds the router and the fused experts: no scaling site.
+projections. ``post_attention_layernorm`` feeds the router and the fused experts: SmoothQuant's and
+AWQ's MoE pair (derived from rotation's ``mlp_inputs``; AutoSmoothQuant takes linears only).
 Grouped K/V heads: no ``v -> o``. Routers: Mixtral ``mlp.gate``, GPT-OSS ``mlp.router`` (with a
 bias). GPT-OSS attention also carries per-head ``sinks`` (a parameter, not a module).
 
