@@ -422,3 +422,33 @@ def test_clipping_the_experts_lowers_the_error_of_int4_experts(model_type, ratio
                      fields={"scaling_layers": ATTENTION_ONLY, "scale_expert_down": False})
     assert errors["awq"] < ratio * errors[None]
 
+
+def test_a_search_whose_moe_forward_fails_under_bfloat16_autocast_falls_back_to_the_models_dtype(caplog):
+    """transformers' DBRX experts add their bfloat16 products into a float32 buffer (``index_add_``)
+    under autocast: the MoE site's candidates are then evaluated in float32, with the same scale as
+    a float32 search, and the search says so once."""
+    from quark.torch import LLMTemplate
+    from quark.torch.algorithm import scaling
+    from quark.torch.quantization.api import ModelQuantizer
+    from quark.torch.utils.tiny_models import build_model
+
+    template = LLMTemplate.get("dbrx")
+    reference = {n: p for n, p in build_model("dbrx").named_parameters() if "norm" in n}
+    moe_pairs = [p for p in template.algorithm_configs["awq"].scaling_layers if "experts" in " ".join(p.layers)]
+    assert moe_pairs
+    norms = {}
+    for dtype in ("bfloat16", "float32"):
+        model = build_model("dbrx")
+        awq = dataclasses.replace(template.algorithm_configs["awq"], search_dtype=dtype, scaling_layers=moe_pairs,
+                                  clip_search=False)
+        scaling._AUTOCAST_FALLBACKS.clear()
+        with caplog.at_level(logging.INFO, logger="quark.torch.algorithm.scaling"):
+            ModelQuantizer(template.get_config("uint4_wo_32", algorithm="awq", algo_configs={"awq": awq})).quantize_model(
+                model, _moe_batches(model), progress=False)
+        norms[dtype] = {n: p.detach().clone() for n, p in model.named_parameters() if n in reference}
+        fallbacks = caplog.text.count("fails under torch.bfloat16 autocast")
+        assert fallbacks == (1 if dtype == "bfloat16" else 0)
+        caplog.clear()
+    for name in reference:
+        torch.testing.assert_close(norms["bfloat16"][name], norms["float32"][name], rtol=0, atol=0)
+    assert any(not torch.equal(norms["float32"][n], ref) for n, ref in reference.items())  # the site scaled

@@ -52,6 +52,8 @@ from . import BlockContext, match_modules, precision, quantizers_off
 from .rotation import StreamModule, online_rotation
 
 logger = logging.getLogger(__name__)
+#: sites whose search fell back from autocast (logged at INFO once, then per block at DEBUG)
+_AUTOCAST_FALLBACKS: set[str] = set()
 
 #: calibration tokens a scale search evaluates each candidate on (see the module doc)
 SEARCH_TOKENS = 2048
@@ -553,6 +555,26 @@ class ScaleEvaluator:
             for name, (views, specs) in self.readers.items():
                 for view, orig, spec in zip(views, self.reader_original[name], specs):
                     view.copy_(quantized_scaled_matrix(orig, s, spec))
+        try:
+            sq, ab, n = self._errors()
+        except RuntimeError as exc:
+            if self.autocast is None:
+                raise
+            # modelling code that is not autocast-safe (transformers' DBRX experts index_add_ their
+            # bfloat16 products into a float32 buffer): this site searches at the model's precision
+            where = self.site.describe()
+            log = logger.debug if where in _AUTOCAST_FALLBACKS else logger.info
+            _AUTOCAST_FALLBACKS.add(where)
+            log("scale search of %s: its forward fails under %s autocast (%s); searching in the model's dtype",
+                where, self.autocast, str(exc).splitlines()[0][:200])
+            self.autocast = None
+            sq, ab, n = self._errors()
+        if self.loss == "mae":
+            return ab / n
+        return sq / n if self.loss == "mse" else math.sqrt(sq / n)
+
+    def _errors(self) -> tuple[float, float, int]:
+        """Squared and absolute error sums and the element count of the current candidate's outputs."""
         sq, ab, n = 0.0, 0.0, 0
         with torch.no_grad(), precision.search_autocast(self.autocast, self.device):
             if self.site.inspect is not None:
@@ -565,9 +587,7 @@ class ScaleEvaluator:
                     fn = self.act[name]
                     out = linear(fn(x) if fn is not None else x, layer.weight, layer.bias)
                     sq, ab, n = self._accumulate(out, self.layer_targets[name], sq, ab, n)
-        if self.loss == "mae":
-            return ab / n
-        return sq / n if self.loss == "mse" else math.sqrt(sq / n)
+        return sq, ab, n
 
     def _accumulate(self, out: torch.Tensor, target: torch.Tensor, sq: float, ab: float, n: int
                     ) -> tuple[float, float, int]:
