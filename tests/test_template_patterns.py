@@ -305,8 +305,8 @@ def _check_scaling(model_type: str, name: str, cfg: Any, layout: Layout) -> None
             layers = [n for e in p.layers for n in _match_rel(block, e)]
             assert len(set(layers)) == len(layers), f"{model_type}: {p} lists a layer twice"
             for n in layers:
-                # SmoothQuant and AWQ also scale fused MoE experts (their gate/up input columns)
-                fused = name in ("smoothquant", "awq") and block[n].endswith("Experts")
+                # SmoothQuant, AWQ and AutoSmoothQuant also scale fused MoE experts (their gate/up input columns)
+                fused = name in ("smoothquant", "awq", "autosmoothquant") and block[n].endswith("Experts")
                 assert block[n] in ("Linear", "Router") or "Router" in block[n] or fused, (
                     f"{model_type}/{name}: {n} is a {block[n]}"
                 )

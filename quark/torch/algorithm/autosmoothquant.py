@@ -12,7 +12,11 @@ calibration set (what a min-max observer records after the fold). The scale is t
 SmoothQuant's.
 
 Every pair is searched on the unmodified block (the other layers float) and the scales are folded
-afterwards. Cost: ``num_grid + 1`` evaluations of the inspect module on about
+afterwards. A pair may list a MoE router and fused experts (the MLP norm's site of the MoE
+templates): the candidates scale the router's and every expert's gate/up columns, and the experts'
+input quantization is simulated with one per-tensor range for all experts (the calibration set's;
+each expert's own observer sees a sub-range of it). Inside each fused expert, ``up -> down`` gets
+its own searched scale (:func:`~.expert_scaling.autosmooth_rule`, ``scale_expert_down``). Cost: ``num_grid + 1`` evaluations of the inspect module on about
 :data:`~.scaling.SEARCH_TOKENS` calibration tokens (whole sequences) per pair.
 """
 
@@ -26,6 +30,7 @@ import torch.nn as nn
 from quark.torch.quantization.config.algo_configs import AutoSmoothQuantConfig
 
 from . import BlockAlgorithm, BlockContext, scaling
+from .expert_scaling import autosmooth_rule, scale_block_experts
 from .scaling import ScaleEvaluator, capture, check_pairs, fold, resolve_sites, search
 from .smoothquant import smooth_candidate
 
@@ -43,10 +48,10 @@ class AutoSmoothQuant(BlockAlgorithm):
     name = "autosmoothquant"
 
     def prepare_model(self, model: nn.Module, config: AutoSmoothQuantConfig) -> None:
-        check_pairs(model, config)
+        check_pairs(model, config, readers=True)
 
     def apply(self, ctx: BlockContext, config: AutoSmoothQuantConfig) -> None:
-        sites = resolve_sites(ctx, config.scaling_layers, algorithm=self.name)
+        sites = resolve_sites(ctx, config.scaling_layers, algorithm=self.name, readers=True)
         single = {n: m for site in sites if site.inspect is None for n, m in site.layers.items()}
         datas, samples = capture(ctx, sites, search=True, stats_tokens=scaling.STATS_TOKENS, sample_layers=single)
         alphas = alpha_grid(config.num_grid)
@@ -66,6 +71,9 @@ class AutoSmoothQuant(BlockAlgorithm):
         for site, s in zip(sites, scales):
             if s is not None:
                 fold(site, s)
+        # inside every fused MoE expert: up -> down, searched on the expert's own tokens
+        if config.scale_expert_down:
+            scale_block_experts(ctx, autosmooth_rule(alphas, config.scale_clamp_min), self.name)
 
 
 ALGORITHM = AutoSmoothQuant()

@@ -10,9 +10,10 @@ columns, and its own tokens, so each expert gets its own scale::
 
 with ``H_e`` the expert's down input on the calibration tokens routed to it (float model) and the
 maximum of ``|W_down,e|`` over its output rows. AWQ (Lin et al. 2023, arXiv:2306.00978) instead
-searches ``s_e = mean|H_e|^alpha`` (normalised, ``alpha`` on its grid) for the lowest error of the
-expert's down output with its weight quantized as after the fold, ``Q(W_down,e diag(s)) diag(s)^-1``
-on ``H_e`` (weights only: an input quantizer of the down projection is not simulated). The fold is exact when the down input is linear in each
+searches ``s_e = mean|H_e|^alpha`` (normalised, ``alpha`` on its grid), and AutoSmoothQuant searches
+SmoothQuant's ``s_e`` over its ``alpha`` grid, for the lowest error of the expert's down output with
+its weight and input quantized as after the fold, ``Q_in(H_e / s) Q_w(W_down,e diag(s))^T`` against
+``H_e W_down,e^T``. The fold is exact when the down input is linear in each
 up row: separate gate and up projections with ``act(gate) * up``, or a fused ``gate_up`` whose gate
 function (the class's ``_apply_gate``, else ``act(gate) * up`` on the two halves) passes a probe
 (scaling the up channels, concatenated ``[gate; up]`` or interleaved, scales its output by the same
@@ -26,6 +27,7 @@ from __future__ import annotations
 import logging
 import operator
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -148,27 +150,71 @@ def smooth_rule(alpha: float, clamp_min: float) -> ScaleRule:
     return rule
 
 
-def awq_rule(num_grid: int) -> ScaleRule:
-    """AWQ's per-expert scale: the grid candidate (:func:`~.awq.awq_candidates` of the expert's mean
-    ``|H_e|``) with the lowest squared error of the expert's down output on ``H_e`` with its weight
-    quantized after the fold; None when the down projection has no static weight quantizer or the
-    best candidate is no scaling."""
-    from .awq import awq_candidates
-    from .scaling import quantized_scaled_matrix
+def _down_projection(module: QuantFusedExperts) -> Any:
+    return next((fp for proj, fp in module.quantized_projections() if proj.role == "down"), None)
+
+
+def _down_errors(fp: Any, hidden: torch.Tensor, down: torch.Tensor, candidates: list[torch.Tensor]) -> list[float]:
+    """Squared error of the expert's down output on its down inputs ``hidden`` for every candidate
+    scale, with the down projection's weight and input quantization as they act after the fold:
+    ``Q_in(H / s) Q_w(W diag(s))^T`` against ``H W^T``. ``hidden`` holds every token routed to the
+    expert, so a static per-tensor input scale is exactly the one its per-expert observer records."""
+    from .scaling import quantized_scaled_matrix, scaled_input_quant
+
+    x, w = hidden.float(), down.float()
+    target = x @ w.T
+    lo, hi = x.amin(0), x.amax(0)
+    wspec = None if fp.weight_quantizer is None else fp.weight_quantizer.spec
+    out = []
+    for s in candidates:
+        xs = x if fp.input_quantizer is None else scaled_input_quant(fp.input_quantizer, s, lo, hi)(x)
+        out.append(float((xs @ quantized_scaled_matrix(w, s, wspec).T - target).pow(2).sum()))
+    return out
+
+
+def _searched_rule(candidates_of: Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]],
+                   weights_only: bool) -> ScaleRule:
+    """A rule choosing, among ``candidates_of(H_e, W_down,e)`` (the first: no scaling), the scale with
+    the lowest :func:`_down_errors`; None when that is no scaling, or when the down projection has
+    no static weight quantizer (``weights_only``) or nothing quantized at all."""
 
     def rule(module: QuantFusedExperts, _e: int, hidden: torch.Tensor, down: torch.Tensor) -> torch.Tensor | None:
-        fp = next((fp for proj, fp in module.quantized_projections() if proj.role == "down"), None)
-        if fp is None or fp.weight_quantizer is None or fp.weight_quantizer.is_dynamic:
+        fp = _down_projection(module)
+        if fp is None:
             return None
-        x, w = hidden.float(), down.float()
-        target = x @ w.T
-        candidates = awq_candidates(x.abs().mean(0), num_grid)
-        losses = [float((x @ quantized_scaled_matrix(w, s, fp.weight_quantizer.spec).T - target).pow(2).sum())
-                  for s in candidates]
+        wq = fp.weight_quantizer
+        if weights_only and (wq is None or wq.is_dynamic):
+            return None
+        if wq is None and fp.input_quantizer is None:
+            return None
+        candidates = candidates_of(hidden, down)
+        losses = _down_errors(fp, hidden, down, candidates)
         best = min(range(len(losses)), key=lambda i: (losses[i], i))
         return candidates[best] if best else None
 
     return rule
+
+
+def awq_rule(num_grid: int) -> ScaleRule:
+    """AWQ's per-expert scale: the grid candidate (:func:`~.awq.awq_candidates` of the expert's mean
+    ``|H_e|``) with the lowest squared error of the expert's down output on ``H_e`` (:func:`_down_errors`:
+    weight and input quantization as after the fold); None when the down projection has no static
+    weight quantizer or the best candidate is no scaling."""
+    from .awq import awq_candidates
+
+    return _searched_rule(lambda hidden, _down: awq_candidates(hidden.float().abs().mean(0), num_grid), True)
+
+
+def autosmooth_rule(alphas: list[float], clamp_min: float) -> ScaleRule:
+    """AutoSmoothQuant's per-expert scale: no scaling or SmoothQuant's scale for each of ``alphas``,
+    whichever gives the lowest :func:`_down_errors` on the expert's down inputs."""
+    from .smoothquant import smooth_scale
+
+    def candidates(hidden: torch.Tensor, down: torch.Tensor) -> list[torch.Tensor]:
+        act, w = hidden.abs().amax(0), down.float().abs().amax(0)
+        return [torch.ones_like(act, dtype=torch.float32)] + [smooth_scale(act, w, a, clamp_min) for a in alphas]
+
+    return _searched_rule(candidates, False)
 
 
 def scale_block_experts(ctx: BlockContext, rule: ScaleRule, algorithm: str) -> None:

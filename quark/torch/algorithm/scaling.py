@@ -110,7 +110,7 @@ def _match_linears(block: nn.Module, pattern: str, readers: bool = False) -> dic
         if not readers:
             raise TypeError(
                 f"scaling pair layer {n!r} is a {type(m).__name__}, not an nn.Linear: this algorithm's scaling "
-                "pairs may only list linear layers (SmoothQuant and AWQ also take routers and fused MoE experts)"
+                "pairs may only list linear layers (SmoothQuant, AWQ and AutoSmoothQuant also take routers and fused MoE experts)"
             )
         try:
             StreamModule(m, n, writes=False)
@@ -436,19 +436,22 @@ def _quantizer(layer: nn.Module, role: str) -> TensorQuantizer | None:
 
 def _act_quant(layer: nn.Module, s: torch.Tensor, stats: ChannelStats) -> Callable | None:
     """The layer's input quantization as it acts on the scaled activations ``x / s``, mapped back
-    to the unscaled input: ``x -> Q(x / s) * s``.
+    to the unscaled input: ``x -> Q(x / s) * s`` (:func:`scaled_input_quant`); fused experts: their
+    gate/up input quantizer."""
+    q = layer.input_quantizer() if isinstance(layer, QuantFusedExperts) else _quantizer(layer, "input_quantizer")
+    return None if q is None else scaled_input_quant(q, s, stats.lo, stats.hi)
 
-    A static per-tensor scheme gets its min-max qparams from the per-channel range of the whole
-    calibration set divided by ``s`` (what a min-max observer would record after the fold); other
-    static schemes are quantized dynamically (min-max of the evaluated tensor) during the search.
-    """
-    q = _quantizer(layer, "input_quantizer")
-    if q is None:
-        return None
+
+def scaled_input_quant(q: TensorQuantizer, s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> Callable:
+    """``x -> Q(x / s) * s`` for input quantizer ``q`` after folding ``s``. A static per-tensor scheme
+    gets its min-max qparams from the per-channel range ``[lo, hi]`` of the whole calibration set
+    divided by ``s`` (what a min-max observer would record after the fold); other static schemes are
+    quantized dynamically (min-max of the evaluated tensor) during the search. A per-expert static
+    quantizer observes each expert's own tokens: the range of all of them bounds each expert's."""
     spec = q.spec
     one = first_stage(spec)
     if not q.is_dynamic and not isinstance(spec, list) and one.qscheme is QSchemeType.per_tensor:
-        qp = compute_qparams(torch.stack([stats.lo / s, stats.hi / s]), spec)
+        qp = compute_qparams(torch.stack([lo / s, hi / s]), spec)
         return lambda x: fake_quantize(x / s.to(x.dtype), spec, qp) * s.to(x.dtype)
     return lambda x: fake_quantize(x / s.to(x.dtype), spec) * s.to(x.dtype)
 
@@ -539,6 +542,8 @@ class ScaleEvaluator:
             fn = self.act.get(name)
             if fn is None:
                 return None
+            if isinstance(_module, QuantFusedExperts):
+                return _module.map_hidden(args, kwargs, fn)
             if args:
                 return (fn(args[0]), *args[1:]), kwargs
             return args, {**kwargs, "input": fn(kwargs["input"])}
@@ -551,8 +556,9 @@ class ScaleEvaluator:
             layer = self.site.layers[name]
             self.act[name] = _act_quant(layer, s.to(w.device), self.data.stats)
             layer.weight.data = quantized_scaled_weight(layer, w, s.to(w.device))
-        with torch.no_grad():  # a router or fused experts: weights only (their input quantization is not simulated)
+        with torch.no_grad():  # a router (weights only) or fused experts (weights, and inputs as above)
             for name, (views, specs) in self.readers.items():
+                self.act[name] = _act_quant(self.site.layers[name], s, self.data.stats)
                 for view, orig, spec in zip(views, self.reader_original[name], specs):
                     view.copy_(quantized_scaled_matrix(orig, s, spec))
         try:

@@ -632,6 +632,20 @@ class QuantFusedExperts(nn.Module):
         with self._swapped(weights):
             return super().forward(*args, **kwargs)
 
+    def input_quantizer(self) -> ExpertsActQuantizer | None:
+        """The input quantizer of the projections reading the module's input (gate/up), or None."""
+        return next((fp.input_quantizer for proj, fp in self.quantized_projections()
+                     if proj.role != "down" and fp.input_quantizer is not None), None)
+
+    def map_hidden(self, args: tuple, kwargs: dict, fn: Any) -> tuple[tuple, dict]:
+        """The forward's arguments with its first one (the hidden states, or dense routing's rows)
+        replaced by ``fn`` of it, wherever it was passed."""
+        if args:
+            return (fn(args[0]), *args[1:]), kwargs
+        self._arguments(args, kwargs)  # resolves the class signature
+        name = list(self._forward_signature.parameters)[1]
+        return args, {**kwargs, name: fn(kwargs[name])}
+
     def _arguments(self, args: tuple, kwargs: dict) -> list[Any]:
         """The class forward's arguments in order (the names differ between classes)."""
         sig = self._forward_signature

@@ -212,9 +212,12 @@ class AutoSmoothQuantConfig(_ScalingConfig):
     scale_clamp_min: float = 1e-3
     #: precision of the alpha search's candidate forwards (see ``AWQConfig.search_dtype``)
     search_dtype: str = "auto"
+    #: inside every fused MoE expert, search a scale for up -> down on the expert's own tokens
+    scale_expert_down: bool = True
 
     def validate(self) -> None:
         super().validate()
+        check_bool(self, "scale_expert_down")
         check_choice(self, "compute_scale_loss", SCALE_LOSSES)
         check_number(self, "num_grid", 1, integer=True)
         check_number(self, "scale_clamp_min", 0, low_open=True)

@@ -24,9 +24,9 @@ Conventions for the names inside algorithm configs (what the algorithms may rely
 * Transformers 5 stores the routed experts of most MoE models as fused 3-D parameters inside one
   module (``mlp.experts.gate_up_proj`` / ``down_proj``); such experts are not ``nn.Linear`` layers
   and are left out of the GPTQ groups (GPTQ, GPTAQ and Qronos solve them per expert after the
-  groups) and of AutoSmoothQuant's pairs. SmoothQuant and AWQ get one more pair per MoE template,
+  groups). SmoothQuant, AWQ and AutoSmoothQuant get one more pair per MoE template,
   the MLP norm -> every reader of it (router, fused experts, shared expert), derived from rotation's
-  ``mlp_inputs`` by :func:`moe_norm_pairs`; inside each expert, both also scale up -> down per expert
+  ``mlp_inputs`` by :func:`moe_norm_pairs`; inside each expert, all three also scale up -> down per expert
   (:mod:`quark.torch.algorithm.expert_scaling`, no template data needed). ``ModelQuantizer`` quantizes them per expert, min-max, in place
   (:mod:`quark.torch.quantization.fused_experts`; each fused parameter resolves the config like a
   linear named ``<experts>.<parameter>``, so exclusions such as ``*mlp.gate`` leave them alone and
@@ -164,15 +164,12 @@ def moe_norm_pairs(pairs: list[ScalingPair], rotation_config: RotationConfig | N
 def scaling_algorithms(decoder_layers: str, pairs: list[ScalingPair],
                        moe: list[ScalingPair] | None = None) -> dict[str, Any]:
     """AWQ, SmoothQuant and AutoSmoothQuant defaults sharing one list of scaling sites; ``moe``: sites
-    with routers or fused experts, which SmoothQuant and AWQ scale (AutoSmoothQuant's search would have
-    to simulate the experts' input quantization, which it does not)."""
-    extra = list(moe or [])
+    with routers or fused experts (:func:`moe_norm_pairs`)."""
+    sites = list(pairs) + list(moe or [])
     return {
-        "awq": AWQConfig(model_decoder_layers=decoder_layers, scaling_layers=list(pairs) + extra),
-        "smoothquant": SmoothQuantConfig(model_decoder_layers=decoder_layers, scaling_layers=list(pairs) + extra),
-        "autosmoothquant": AutoSmoothQuantConfig(
-            model_decoder_layers=decoder_layers, scaling_layers=list(pairs)
-        ),
+        "awq": AWQConfig(model_decoder_layers=decoder_layers, scaling_layers=list(sites)),
+        "smoothquant": SmoothQuantConfig(model_decoder_layers=decoder_layers, scaling_layers=list(sites)),
+        "autosmoothquant": AutoSmoothQuantConfig(model_decoder_layers=decoder_layers, scaling_layers=list(sites)),
     }
 
 
