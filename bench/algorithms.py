@@ -119,7 +119,7 @@ def run_cell(scheme: str, algorithm: str, template: str, threads: int | None, sa
 
 def cpu_description(cpuinfo: str | None = None) -> str:
     """The host's CPU as Linux names it, with its x86 family/model and widest float SIMD: the GEMM
-    gauge has ranged 56-187 GFLOPS on "this" 2-core VM, and a family-23 model-1 EPYC (Zen 1: AVX2
+    gauge has ranged 56-416 GFLOPS on "this" 2-core VM, and a family-23 model-1 EPYC (Zen 1: AVX2
     with 128-bit FMA units, about 64-96 GFLOPS float32 on 2 cores at 2-3 GHz) cannot reach the
     upper half of that range at any hour. ``cpuinfo``: that file's text (None: read it); "" where it is
     missing (not Linux)."""
@@ -228,7 +228,7 @@ def markdown(results: list[dict]) -> str:
              "quantizing (VmRSS every 20 ms), against the budget in parentheses: RSS before quantizing (runtime + float "
              "model) + 0.3 x float model + one block's calibration activations (the goal's 1.3 x model + activations). "
              "GEMM GFLOPS: float32 matrix-product speed measured at the start of the cell with its thread count "
-             "(it has ranged 56-187 GFLOPS on this 2-core VM, which also runs on different host CPUs: each cell's JSON "
+             "(it has ranged 56-416 GFLOPS on this 2-core VM, which also runs on different host CPUs: each cell's JSON "
              "records its `cpu`; compare times with both in mind). A scheme marked "
              "(bfloat16) loaded, calibrated and evaluated the model in that dtype (`--dtype`); its gap is measured "
              "against the RTN and unquantized cells of the same dtype."]
