@@ -42,12 +42,14 @@ import torch.nn as nn
 from quark.torch.quantization.config.algo_configs import AWQConfig
 from quark.torch.quantization.config.config import first_stage
 from quark.torch.quantization.config.type import QSchemeType
-from quark.torch.quantization.fused_experts import FusedProjection, QuantFusedExperts
+from quark.torch.quantization.fused_experts import FusedProjection
 from quark.torch.quantization.modules import QuantLinear
 from quark.torch.quantization.tensor_quantize import fake_quantize
 
 from . import BlockAlgorithm, BlockContext, quantizers_off, scaling
-from .expert_scaling import awq_rule, record_calls, scale_block_experts
+from .expert_scaling import awq_rule, block_fused_experts, record_calls, scale_block_experts
+from .gptq_experts import DOWN_ROLES, INPUT_ROLES, RoutedRecord, solvable_projections
+from .rotation import online_rotation
 from .scaling import ScaleEvaluator, capture, check_pairs, fold, resolve_sites, search
 
 logger = logging.getLogger(__name__)
@@ -198,49 +200,48 @@ def clip_matrix(w: torch.Tensor, spec: object, g: int, x: torch.Tensor, num_grid
     return clipped, torch.stack([best_lo.view(groups, n).t(), best_hi.view(groups, n).t()], -1)  # [n, G, 2]
 
 
-def clip_block_experts(ctx: BlockContext, num_grid: int, exclude: list[str] | tuple[str, ...] = ()) -> int:
+def clip_block_experts(ctx: BlockContext, num_grid: int, exclude: list[str] | tuple[str, ...] = (),
+                       records: dict[str, RoutedRecord] | None = None) -> int:
     """AWQ's clipping search (:func:`clip_matrix`) on every expert of every fused experts module of the
     block: each expert's gate/up and down matrices, on the float inputs of the calibration tokens
-    routed to it (one float pass of the block after its scales are folded; the down projection's
-    inputs are computed before the expert's gate/up matrices are clipped). Projections matching
-    ``exclude`` (``<module>.<parameter path>``), without per-group / per-row static weight scales, or
-    whose input is rotated online (R4) keep their range, and so do experts that got no token.
-    Returns how many expert matrices were searched."""
+    routed to it (``records``: :func:`~.expert_scaling.record_calls` of a float pass of the block after
+    its scales are folded, made here when None; the down projection's inputs are computed before the
+    expert's gate/up matrices are clipped). Projections matching ``exclude`` (``<module>.<parameter
+    path>``), without per-group / per-row static weight scales, or whose input is rotated online (R4)
+    keep their range, and so do experts that got no token. Returns how many expert matrices were
+    searched."""
     plans: dict[str, list[tuple[FusedProjection, int]]] = {}
-    modules: dict[str, QuantFusedExperts] = {}
-    for name, m in ctx.block.named_modules():
-        if not isinstance(m, QuantFusedExperts):
-            continue
-        rotated = m.__dict__.get("online_rotation") is not None
+    for name, m in block_fused_experts(ctx.block).items():
+        roles = INPUT_ROLES if online_rotation(m) is not None else INPUT_ROLES + DOWN_ROLES
         plan = []
-        for proj, fp in m.quantized_projections():
-            wq = fp.weight_quantizer
-            if wq is None or wq.is_dynamic or m.float_weight(proj) is None or (rotated and proj.role == "down"):
+        for fp in solvable_projections(m, roles):
+            if any(fnmatch.fnmatchcase(f"{name}.{fp.proj.path}", pat) for pat in exclude):
                 continue
-            if any(fnmatch.fnmatchcase(f"{name}.{proj.path}", pat) for pat in exclude):
-                continue
-            g = clip_group_width(wq.spec, fp.in_features)
+            g = clip_group_width(fp.weight_quantizer.spec, fp.in_features)
             if g is not None:
                 plan.append((fp, g))
         if plan:
-            plans[name], modules[name] = plan, m
-    if not modules:
+            plans[name] = plan
+    if not plans:
         return 0
+    if records is None:
+        records = record_calls(ctx, {name: ctx.block.get_submodule(name) for name in plans})
     searched = 0
-    for name, record in record_calls(ctx, modules).items():
+    for name, plan in plans.items():
+        record = records[name]
         m = record.module
         for e in range(int(m.num_experts)):
             inputs = record.expert_inputs(e)
             if not inputs:
                 continue
             x = torch.cat([xq for xq, _ in inputs])
-            if any(fp.proj.role == "down" for fp, _ in plans[name]):
+            if any(fp.proj.role in DOWN_ROLES for fp, _ in plan):
                 with quantizers_off(m), torch.no_grad():
                     hidden = torch.cat([m.expert_hidden(xq, e) for xq, _ in inputs])
-            for fp, g in plans[name]:
+            for fp, g in plan:
                 w = fp.view(m.float_weight(fp.proj))[e]  # [out, in], a view into the fused parameter
-                clipped, _ = clip_matrix(w, fp.weight_quantizer.spec, g, hidden if fp.proj.role == "down" else x,
-                                         num_grid)
+                clipped, _ = clip_matrix(w, fp.weight_quantizer.spec, g,
+                                         hidden if fp.proj.role in DOWN_ROLES else x, num_grid)
                 with torch.no_grad():
                     w.copy_(clipped)
                 searched += 1
@@ -284,11 +285,14 @@ class AWQ(BlockAlgorithm):
         for name, layer in clip.items():
             if name in samples:  # a layer no calibration token reached (an idle expert) keeps its range
                 clip_layer(layer, samples[name], config.num_grid)
-        # inside every fused MoE expert: up -> down, searched on the expert's own tokens
+        # inside every fused MoE expert: up -> down scales, then clipping, both on the expert's own
+        # tokens from one float pass (the down scales leave the experts' inputs as they are)
+        experts = block_fused_experts(ctx.block)
+        records = record_calls(ctx, experts) if experts and (config.scale_expert_down or config.clip_search) else None
         if config.scale_expert_down:
-            scale_block_experts(ctx, awq_rule(config.num_grid), self.name)
-        if config.clip_search:  # every expert's gate/up and down ranges, on its own tokens
-            searched = clip_block_experts(ctx, config.num_grid, config.clip_exclude)
+            scale_block_experts(ctx, awq_rule(config.num_grid), self.name, records)
+        if config.clip_search:
+            searched = clip_block_experts(ctx, config.num_grid, config.clip_exclude, records)
             if searched:
                 logger.debug("awq block %d: clipping searched on %d expert matrices", ctx.index, searched)
 

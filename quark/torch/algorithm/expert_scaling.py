@@ -36,6 +36,7 @@ from quark.torch.quantization.fused_experts import Projection, QuantFusedExperts
 
 from . import BlockContext, quantizers_off
 from .gptq_experts import RoutedRecord
+from .rotation import online_rotation
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def down_site(module: QuantFusedExperts) -> tuple[Projection, torch.Tensor | sli
     """``(up projection, its rows feeding the down input, down projection)`` of an experts module whose
     down input is linear in those rows, or why it is not (a message)."""
     lay = module.fused_layout
-    if module.__dict__.get("online_rotation") is not None:
+    if online_rotation(module) is not None:
         return "rotation's R4 rotates its down input online"
     down = lay.projection("down")
     up = lay.projection("gate_up") or (lay.projection("up") if lay.projection("gate") is not None else None)
@@ -88,6 +89,11 @@ def down_site(module: QuantFusedExperts) -> tuple[Projection, torch.Tensor | sli
     if rows is None:
         return "its gate function is not linear in the up half (e.g. GPT-OSS's clamped SwiGLU)"
     return up, rows.to(module.float_weight(up).device), down
+
+
+def block_fused_experts(block: torch.nn.Module) -> dict[str, QuantFusedExperts]:
+    """Every fused-experts module of the block, by name."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, QuantFusedExperts)}
 
 
 def record_calls(ctx: BlockContext, modules: dict[str, QuantFusedExperts]) -> dict[str, RoutedRecord]:
@@ -217,16 +223,16 @@ def autosmooth_rule(alphas: list[float], clamp_min: float) -> ScaleRule:
     return _searched_rule(candidates, False)
 
 
-def scale_block_experts(ctx: BlockContext, rule: ScaleRule, algorithm: str) -> None:
+def scale_block_experts(ctx: BlockContext, rule: ScaleRule, algorithm: str,
+                        records: dict[str, RoutedRecord] | None = None) -> None:
     """The per-expert ``up -> down`` scales (``rule``) of every fused experts module of the block (the
-    statistics come from a float pass after the block's other folds). Modules without such a site are
-    logged on the first block the loop processes."""
+    statistics come from a float pass after the block's other folds; ``records``: that pass's
+    :func:`record_calls`, when the caller already made it). Modules without such a site are logged on
+    the first block the loop processes."""
     first_block = ctx.index == min(ctx.inputs.called, default=ctx.index)
     modules: dict[str, QuantFusedExperts] = {}
     sites = {}
-    for name, m in ctx.block.named_modules():
-        if not isinstance(m, QuantFusedExperts):
-            continue
+    for name, m in block_fused_experts(ctx.block).items():
         site = down_site(m)
         if isinstance(site, str):
             if first_block:
@@ -235,7 +241,8 @@ def scale_block_experts(ctx: BlockContext, rule: ScaleRule, algorithm: str) -> N
         modules[name], sites[name] = m, site
     if not modules:
         return
-    for name, record in record_calls(ctx, modules).items():
-        scaled = scale_expert_downs(record, sites[name], rule)
+    records = record_calls(ctx, modules) if records is None else records
+    for name, m in modules.items():
+        scaled = scale_expert_downs(records[name], sites[name], rule)
         logger.debug("%s block %d: %s: %d of %d experts' down inputs scaled", algorithm, ctx.index, name, scaled,
-                     int(record.module.num_experts))
+                     int(m.num_experts))

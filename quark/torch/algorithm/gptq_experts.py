@@ -52,7 +52,7 @@ DOWN_ROLES = ("down",)
 def solvable(module: nn.Module) -> bool:
     """Whether ``module`` is fused experts with some projection these algorithms solve (a static
     weight quantizer on a float, not yet frozen, weight)."""
-    return isinstance(module, QuantFusedExperts) and bool(_quantized(module, INPUT_ROLES + DOWN_ROLES))
+    return isinstance(module, QuantFusedExperts) and bool(solvable_projections(module, INPUT_ROLES + DOWN_ROLES))
 
 
 def block_experts(block: nn.Module) -> dict[str, QuantFusedExperts]:
@@ -60,7 +60,8 @@ def block_experts(block: nn.Module) -> dict[str, QuantFusedExperts]:
     return {name: m for name, m in block.named_modules() if solvable(m)}
 
 
-def _quantized(module: QuantFusedExperts, roles: tuple[str, ...]) -> list[FusedProjection]:
+def solvable_projections(module: QuantFusedExperts, roles: tuple[str, ...]) -> list[FusedProjection]:
+    """The projections of ``roles`` with a static weight quantizer on a float, not yet frozen, weight."""
     return [
         fp for proj, fp in module.quantized_projections()
         if proj.role in roles and fp.weight_quantizer is not None and not fp.frozen
@@ -118,7 +119,7 @@ def quantize_experts(record: RoutedRecord, algorithm: GPTQ, config: Any) -> list
     """Quantize every expert of ``record.module`` with ``algorithm`` (input projections, then down);
     returns the experts left at round-to-nearest for want of calibration tokens."""
     module = record.module
-    stages = [p for p in (_quantized(module, INPUT_ROLES), _quantized(module, DOWN_ROLES)) if p]
+    stages = [p for p in (solvable_projections(module, INPUT_ROLES), solvable_projections(module, DOWN_ROLES)) if p]
     if not stages:
         return []
     first = module.float_weight(stages[0][0].proj)

@@ -373,8 +373,9 @@ class ModelQuantizer:
         skipping = [a.name for algo, a in algorithms if not algo.acts_on_fused_experts]
         if skipping and experts:
             logger.info(
-                "%s: the %d fused-experts modules are not solved (SmoothQuant and AWQ only scale them); their "
-                "weights are quantized min-max per expert unless GPTQ, GPTAQ or Qronos solves them",
+                "%s: the %d fused-experts modules are not solved (SmoothQuant, AutoSmoothQuant and AWQ only scale "
+                "them, AWQ also clips them); their weights are quantized min-max per expert unless GPTQ, GPTAQ or "
+                "Qronos solves them",
                 ", ".join(skipping), len(experts),
             )
         # the capture runs one block per block class for real (to learn what blocks return): in float,
