@@ -270,6 +270,20 @@ def test_the_moe_sites_search_needs_the_experts_input_quantization(monkeypatch):
     assert simulated["autosmoothquant"] < 0.5 * weights_only["autosmoothquant"]
 
 
+
+@pytest.mark.parametrize("algorithm", [*ALGORITHMS, "awq"])
+def test_a_pair_listing_a_module_without_an_input_matrix_names_it(batches, algorithm):
+    """A pair may list linears, routers and fused experts; a norm (a 1-D weight) is refused up front,
+    by name, before anything is scaled."""
+    reference = outlier_llama()
+    model = outlier_llama()
+    pairs = [ScalingPair("input_layernorm", ["post_attention_layernorm"])]
+    with pytest.raises(TypeError, match=r"scaling pair layer 'post_attention_layernorm' is a .*RMSNorm: a scaling "
+                                        r"pair may list linear layers, routers .* and fused MoE experts modules"):
+        quantize(model, "int8", batches, algorithm, scaling_layers=pairs)
+    for p, p_ref in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p, p_ref)
+
 # -- inside every fused expert: up -> down ------------------------------------------------------------
 def _boost_up_rows(model, boost: float):
     """Multiply the first 4 up rows of every expert (Mixtral / Qwen3-MoE: [gate; up] fused, [E, 2I, H])

@@ -48,10 +48,10 @@ class AutoSmoothQuant(BlockAlgorithm):
     name = "autosmoothquant"
 
     def prepare_model(self, model: nn.Module, config: AutoSmoothQuantConfig) -> None:
-        check_pairs(model, config, readers=True)
+        check_pairs(model, config)
 
     def apply(self, ctx: BlockContext, config: AutoSmoothQuantConfig) -> None:
-        sites = resolve_sites(ctx, config.scaling_layers, algorithm=self.name, readers=True)
+        sites = resolve_sites(ctx, config.scaling_layers, algorithm=self.name)
         single = {n: m for site in sites if site.inspect is None for n, m in site.layers.items()}
         datas, samples = capture(ctx, sites, search=True, stats_tokens=scaling.STATS_TOKENS, sample_layers=single)
         alphas = alpha_grid(config.num_grid)

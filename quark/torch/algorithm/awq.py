@@ -252,10 +252,10 @@ class AWQ(BlockAlgorithm):
     name = "awq"
 
     def prepare_model(self, model: nn.Module, config: AWQConfig) -> None:
-        check_pairs(model, config, readers=True)
+        check_pairs(model, config)
 
     def apply(self, ctx: BlockContext, config: AWQConfig) -> None:
-        sites = resolve_sites(ctx, config.scaling_layers, algorithm=self.name, readers=True)
+        sites = resolve_sites(ctx, config.scaling_layers, algorithm=self.name)
         clip = {}
         if config.clip_search:
             for name, layer in ctx.linears().items():

@@ -86,7 +86,7 @@ class Site:
     @property
     def linear_only(self) -> bool:
         """Whether every layer is an ``nn.Linear`` (else: routers or fused experts, see
-        :func:`_match_linears`; SmoothQuant and AWQ scale those)."""
+        :func:`_match_linears`)."""
         return all(isinstance(m, nn.Linear) for m in self.layers.values())
 
     def describe(self) -> str:
@@ -100,22 +100,18 @@ def _find(block: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
-def _match_linears(block: nn.Module, pattern: str, readers: bool = False) -> dict[str, nn.Module]:
-    """The modules ``pattern`` matches in ``block``: linear layers, and with ``readers`` also routers
-    holding a ``[n, in]`` weight and fused MoE experts modules (their gate/up matrices read the input)."""
+def _match_linears(block: nn.Module, pattern: str) -> dict[str, nn.Module]:
+    """The modules ``pattern`` matches in ``block``: linear layers, routers holding a ``[n, in]``
+    weight and fused MoE experts modules (their gate/up matrices read the input)."""
     found = match_modules(block, pattern)
     for n, m in found.items():
         if isinstance(m, nn.Linear):
             continue
-        if not readers:
-            raise TypeError(
-                f"scaling pair layer {n!r} is a {type(m).__name__}, not an nn.Linear: this algorithm's scaling "
-                "pairs may only list linear layers (SmoothQuant, AWQ and AutoSmoothQuant also take routers and fused MoE experts)"
-            )
         try:
             StreamModule(m, n, writes=False)
         except ValueError as exc:
-            raise TypeError(f"scaling pair layer {n!r}: {exc}") from None
+            raise TypeError(f"scaling pair layer {n!r} is a {type(m).__name__}: a scaling pair may list linear "
+                            f"layers, routers with an [n, in] weight and fused MoE experts modules ({exc})") from None
     return found
 
 
@@ -156,15 +152,15 @@ def _prev_features(pair: ScalingPair, prev: nn.Module) -> int:
     )
 
 
-def resolve_pair(block: nn.Module, pair: ScalingPair, readers: bool = False) -> tuple[Site | None, list[str], str]:
+def resolve_pair(block: nn.Module, pair: ScalingPair) -> tuple[Site | None, list[str], str]:
     """``(site, missing, why)``: the site, or None with the names the block lacks (the pair does not
-    apply to this kind of block) or why its shapes rule it out. ``readers``: the pair may list routers
-    and fused MoE experts besides linears (:func:`_match_linears`)."""
+    apply to this kind of block) or why its shapes rule it out. The pair may list routers and fused
+    MoE experts besides linears (:func:`_match_linears`)."""
     prev = _find(block, pair.prev_op)
     missing = [] if prev is not None else [pair.prev_op]
     layers: dict[str, nn.Linear] = {}
     for pattern in pair.layers:
-        found = _match_linears(block, pattern, readers)
+        found = _match_linears(block, pattern)
         if not found:
             missing.append(pattern)
         layers.update(found)
@@ -197,7 +193,7 @@ def resolve_pair(block: nn.Module, pair: ScalingPair, readers: bool = False) -> 
 
 
 def resolve_sites(ctx: BlockContext, pairs: list[ScalingPair], through_online_rotation: bool = False,
-                  algorithm: str = "", readers: bool = False) -> list[Site]:
+                  algorithm: str = "") -> list[Site]:
     """The pairs that apply to this block (a pair whose modules the block lacks, or whose shapes do
     not allow a scale, is skipped; :func:`check_pairs` reports those once per model).
 
@@ -209,7 +205,7 @@ def resolve_sites(ctx: BlockContext, pairs: list[ScalingPair], through_online_ro
     first_block = ctx.index == min(ctx.inputs.called, default=ctx.index)
     sites = []
     for pair in pairs:
-        site, missing, why = resolve_pair(ctx.block, pair, readers)
+        site, missing, why = resolve_pair(ctx.block, pair)
         if site is not None and not through_online_rotation and any(
             _input_rotation(layer) is not None for layer in site.layers.values()
         ):
@@ -232,7 +228,7 @@ def _input_rotation(layer: nn.Module):
     return online_rotation(layer) if isinstance(layer, nn.Linear) else None
 
 
-def check_pairs(model: nn.Module, config: _ScalingConfig, readers: bool = False) -> None:
+def check_pairs(model: nn.Module, config: _ScalingConfig) -> None:
     """Fail early when no scaling pair applies to any decoder block (naming the first pair's missing
     modules); log the pairs that apply to no block (a template may list one pair per variant of an
     architecture, e.g. DeepSeek-V2 and V2-Lite, or a name may be mistyped) and the pairs skipped
@@ -247,7 +243,7 @@ def check_pairs(model: nn.Module, config: _ScalingConfig, readers: bool = False)
     for pair in config.scaling_layers:
         applied, skipped, missing_first = 0, [], None
         for block in layers:
-            site, missing, why = resolve_pair(block, pair, readers)
+            site, missing, why = resolve_pair(block, pair)
             if site is not None:
                 applied += 1
             elif why:

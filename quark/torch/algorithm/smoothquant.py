@@ -54,11 +54,10 @@ class SmoothQuant(BlockAlgorithm):
     name = "smoothquant"
 
     def prepare_model(self, model: nn.Module, config: SmoothQuantConfig) -> None:
-        check_pairs(model, config, readers=True)
+        check_pairs(model, config)
 
     def apply(self, ctx: BlockContext, config: SmoothQuantConfig) -> None:
-        sites = resolve_sites(ctx, config.scaling_layers, through_online_rotation=True, algorithm=self.name,
-                              readers=True)
+        sites = resolve_sites(ctx, config.scaling_layers, through_online_rotation=True, algorithm=self.name)
         datas, _ = capture(ctx, sites, search=False)
         scales = [smooth_candidate(site, data.stats.absmax, config.alpha, config.scale_clamp_min)
                   for site, data in zip(sites, datas)]
