@@ -170,8 +170,8 @@ def expert_output_error(model, reference, batches) -> float:
 
 
 @pytest.mark.parametrize("model_type,algorithm,ratio", [
-    ("mixtral", "gptq", 0.365), ("gpt_oss", "gptq", 0.277), ("gpt_oss", "gptaq", 0.223), ("gpt_oss", "qronos", 0.162),
-    ("llama4", "gptaq", 0.469),
+    ("mixtral", "gptq", 0.387), ("gpt_oss", "gptq", 0.301), ("gpt_oss", "gptaq", 0.244), ("gpt_oss", "qronos", 0.182),
+    ("llama4", "gptaq", 0.510),
 ])
 def test_the_gptq_family_lowers_the_experts_output_error_versus_rounding(model_type, algorithm, ratio):
     """(Each ratio is about 1.0 when the experts are left at round-to-nearest.)"""

@@ -56,6 +56,11 @@ def test_without_drift_qronos_is_gptq():
     """With identical streams (G = H) and vanishing damping the first step is GPTQ's first step, and
     the rest is GPTQ's diffusion."""
     W, X, _ = drifted_layer(rows=32, n=64)
+    # Qronos's first column p = (W G^T - ...) / H_00 is W's first column up to float rounding. Under
+    # FORMATS.md 2a.1 a group's most negative element sits exactly on the tie -7.5 steps, so a
+    # rounding-sized difference there flips its code (-8 or -7) and GPTQ's diffusion spreads that over
+    # the row: keep column 0 off the groups' extremes
+    W[:, 0] *= 0.5
     H, G = grams(X, X)
     spec = weight_spec("int4_wo_32")
     qronos = qronos_quantize(W, H, G, spec, alpha=1e-7, beta=1.0).Q
@@ -79,7 +84,7 @@ def test_qronos_lowers_the_float_target_error_of_a_layer():
     assert asym(sol.Q) / asym(gptq) == pytest.approx(0.585, rel=0.02)
 
 
-@pytest.mark.parametrize("scheme,ratio", [("int4_wo_32", 0.165), ("mxfp4", 0.398)])
+@pytest.mark.parametrize("scheme,ratio", [("int4_wo_32", 0.205), ("mxfp4", 0.398)])
 def test_qronos_lowers_the_block_error_versus_rounding(batches, scheme, ratio):
     reference = tiny_llama()
     rtn = output_error(quantize(tiny_llama(), scheme, batches), reference, batches)

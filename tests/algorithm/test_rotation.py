@@ -377,17 +377,39 @@ def massive_down_proj_llama() -> nn.Module:
     return model
 
 
+def _down_proj_error(model: nn.Module, batches: list[dict]) -> float:
+    """Relative error down_proj's quantizers add to its output, on the inputs the quantized model gives it
+    (each call against the same layer with its quantizers off)."""
+    calls = []
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: calls.append((m, a)))
+               for layer in model.model.layers]
+    logits(model, batches)
+    for handle in handles:
+        handle.remove()
+    num = den = 0.0
+    with torch.no_grad():
+        for m, args in calls:
+            quantized = m(*args)
+            with quantizers_off(m):
+                exact = m(*args)
+            num += float((quantized - exact).pow(2).sum())
+            den += float(exact.pow(2).sum())
+    return (num / den) ** 0.5
+
+
 def test_smoothing_then_rotating_lowers_down_proj_error(batches):
     """On down_proj inputs with outlier channels, smoothing before the online rotation beats the
-    rotation alone (per-tensor int8 W8A8 logits error 0.135 -> 0.097), and the whole pipeline keeps
-    the float model."""
+    rotation alone: per-tensor int8 W8A8 error of down_proj's output 0.412 -> 0.064 (0.12-0.34 of the
+    rotation's for outliers x10 ... x100 and 3 or 6 batches), and the whole pipeline keeps the float
+    model. (The logits error is no measure here: on this tiny model it moves either way with the
+    outlier strength.)"""
     reference = logits(massive_down_proj_llama(), batches)
     rot = _smooth_then_rotate(batches, ["rotation"], model=massive_down_proj_llama())
     both = _smooth_then_rotate(batches, ["rotation", "smoothquant"], model=massive_down_proj_llama())
     with quantizers_off(both):
         assert _rel(logits(both, batches), reference) < 1e-4
-    assert _rel(logits(rot, batches), reference) == pytest.approx(0.135, rel=0.02)
-    assert _rel(logits(both, batches), reference) == pytest.approx(0.097, rel=0.02)
+    assert _down_proj_error(rot, batches) == pytest.approx(0.412, rel=0.02)
+    assert _down_proj_error(both, batches) / _down_proj_error(rot, batches) == pytest.approx(0.155, rel=0.03)
 
 
 @pytest.mark.parametrize("algorithm", ["awq", "autosmoothquant"])

@@ -89,8 +89,8 @@ DECODERS = {
     "nvfp4": lambda t: fp4_bytes(t["weight"]) * per_block(t["weight_scale"].float() * t["weight_scale_2"], K),
     "amdfp4": lambda t: fp4_bytes(t["weight"]) * per_block(ue5m3(t["weight_scale"]), K),
     "amdfp4_global16": lambda t: fp4_bytes(t["weight"]) * per_block(ue5m3(t["weight_scale"]) * t["weight_scale_2"], K),
-    # vLLM's W4A8 loader: value = int4 * weight_scale_2 (per channel) * weight_scale (fp8 per tensor)
-    "int4_fp8": lambda t: unpack_nibbles(t["weight"], AWQ_ORDER, True) * (t["weight_scale_2"] * t["weight_scale"])[:, None],
+    # FORMATS.md 2a.4: value = (int4 * weight_scale_2 (per channel, fp8-code units)) * weight_scale (fp8 per tensor)
+    "int4_fp8": lambda t: unpack_nibbles(t["weight"], AWQ_ORDER, True) * t["weight_scale_2"][:, None] * t["weight_scale"],
 }
 
 DTYPES = {  # weight dtype, weight shape, weight_scale dtype and shape
@@ -174,13 +174,17 @@ def test_awq_scales_keep_float32_when_the_model_dtype_would_round_them():
     assert t["scales"].dtype == torch.float32
 
 
-def test_int4_fp8_second_scale_is_split_exactly():
+def test_int4_fp8_stores_both_stages_scales_as_they_are():
+    """``weight_scale`` is the fp8 stage's scale, ``weight_scale_2`` the int4 scale of the fp8 codes; load
+    gives them back bit for bit."""
     model = one_linear("int4_fp8")
     codes, (q1, q2) = model[0].weight_codes_and_qparams()
-    stored = WeightLayout(model[0].weight_quantizer.spec).store(codes, [q1, q2])
-    first = stored["scale"].item()
-    assert first == 2.0 ** torch.floor(torch.log2(q1.scale)).item() and first <= q1.scale.item() < 2 * first
-    assert torch.equal(stored["scale_2"] * stored["scale"], q2.scale)  # bit-exact, no rounding
+    layout = WeightLayout(model[0].weight_quantizer.spec)
+    stored = layout.store(codes, [q1, q2])
+    assert torch.equal(stored["scale"], q1.scale) and torch.equal(stored["scale_2"], q2.scale)
+    assert stored["scale_2"].max().item() <= (torch.tensor(448.0) / 7.5).item()  # code units: max|c| / 7.5
+    back_codes, (b1, b2) = layout.load(stored)
+    assert torch.equal(back_codes, codes) and torch.equal(b1.scale, q1.scale) and torch.equal(b2.scale, q2.scale)
 
 
 def test_shared_exponent_formats_have_no_serving_layout():

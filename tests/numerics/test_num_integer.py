@@ -32,16 +32,44 @@ def test_int_range_and_code_dtype():
 
 
 def test_symmetric_int8_by_hand():
-    x = torch.tensor([-1.0, 0.5, 0.25, 1.0, -0.00394, 0.0])
-    scale = symmetric_scale(x.abs().amax(), 127)  # 1/127: the max is exactly 127 steps
-    assert scale.item() == pytest.approx(1 / 127)
+    # FORMATS.md 2a.1: s = amax / 127.5; amax = 0.99609375 = 127.5 / 128 gives s = 2^-7 exactly
+    x = torch.tensor([-0.99609375, 0.99609375, -0.01171875, 0.5, 0.25, 0.0])
+    scale = symmetric_scale(x.abs().amax(), -128, 127)
+    assert scale.item() == 2.0**-7
     codes = quantize_int(x, scale, None, -128, 127)
-    # 0.5 * 127 = 63.5 -> 64 (even), 0.25 * 127 = 31.75 -> 32, -0.00394 * 127 = -0.5004 -> -1
+    # -127.5 -> -128 (even, and in range), 127.5 -> 128 -> 127, -1.5 -> -2, 64, 32, 0
     assert codes.dtype == torch.int8
-    assert codes.tolist() == [-127, 64, 32, 127, -1, 0]
+    assert codes.tolist() == [-128, 127, -2, 64, 32, 0]
     fq = fake_quantize_int(x, scale, None, -128, 127)
     assert torch.equal(fq, codes.float() * scale)
     assert torch.equal(dequantize_int(codes, scale), fq)
+
+
+def test_int4_group_of_the_issue_by_hand():
+    x = torch.tensor([-0.46875, 0.46875, 0.1875, 0.15625, 0.03125, -0.09375, 0.28125, -0.21875])
+    scale = symmetric_scale(x.abs().amax(), -8, 7)
+    assert scale.item() == 0.0625  # 0.46875 / 7.5
+    # x / s = [-7.5, 7.5, 3, 2.5, 0.5, -1.5, 4.5, -3.5] -> half-even, clamped to [-8, 7]
+    assert quantize_int(x, scale, None, -8, 7).tolist() == [-8, 7, 3, 2, 0, -2, 4, -4]
+
+
+def test_symmetric_scale_floor_and_nan():
+    s = symmetric_scale(torch.tensor([0.0, 1e-9, 7.5, float("nan")]), -8, 7)
+    assert s[:3].tolist() == [2.0**-23, 2.0**-23, 1.0] and torch.isnan(s[3])
+
+
+def test_symmetric_codes_multiply_by_the_reciprocal():
+    """2a.1 quantizes fl(x * fl(1 / s)), not fl(x / s): here the division lands exactly on the tie
+    31.5 (-> 32) and the product just below it (-> 31)."""
+    x, s = torch.tensor([3.1854562759399414]), torch.tensor(0.10112559795379639)
+    assert (x / s).item() == 31.5 and (x * (1 / s)).item() < 31.5
+    assert quantize_int(x, s, None, -128, 127).tolist() == [31]
+    assert fake_quantize_int(x, s, None, -128, 127).item() == (torch.tensor(31.0) * s).item()
+    # an integer zero point keeps the division (the uint4 conventions are unchanged)
+    assert quantize_int(x, s, torch.tensor(0, dtype=torch.int32), -128, 127).tolist() == [32]
+    # power-of-two steps may divide (MXINT8, shared exponents): exact even below 2^-126
+    tiny = torch.tensor([3 * 2.0**-140])
+    assert quantize_int(tiny, torch.tensor(2.0**-140), None, -128, 127, divide=True).tolist() == [3]
 
 
 def test_tie_rounding_methods():

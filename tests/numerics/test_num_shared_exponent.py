@@ -54,13 +54,47 @@ def test_mx9_by_hand():
 
 
 def test_bfp16_by_hand():
+    """FORMATS.md 2a.5: E = floor(log2(max|x|)), step 2^(E - 6), doubled when some element rounds to
+    +128 steps; codes in [-128, 127]."""
     x = torch.tensor([3.0, 0.1, -1.015625, 0.015625, 3.99, 0.0, -0.0, 2.0**-6])
-    # E = 1 (max 3.99), step 2^(1 + 1 - 7) = 1/32: 96, 3.2 -> 3, -32.5 -> -32, 0.5 -> 0, 127.68 -> 127 (sat.)
+    # E = 1, step 1/32: 3.99 -> 127.68 -> 128 overflows, so the step is 1/16: 48, 1.6 -> 2,
+    # -16.25 -> -16, 0.25 -> 0, 63.84 -> 64, 0, 0, 0.25 -> 0
     y = shared_fake_quantize(x, BFP16)
-    assert y.tolist() == [3.0, 3 / 32, -1.0, 0.0, 127 / 32, 0.0, 0.0, 0.0]
+    assert y.tolist() == [3.0, 0.125, -1.0, 0.0, 4.0, 0.0, 0.0, 0.0]
     codes, exps, micro = shared_quantize(x, BFP16)
-    assert codes.tolist() == [96, 3, -32, 0, 127, 0, 0, 0] and exps.tolist() == [128]
+    assert codes.tolist() == [48, 2, -16, 0, 64, 0, 0, 0] and exps.tolist() == [129]
     assert micro.tolist() == [0]
+    assert torch.equal(shared_dequantize(codes, exps, micro, BFP16), y)
+
+
+def test_bfp16_vectors_of_the_issue():
+    x = torch.tensor([1.996, 0.51, 0.26, -0.1, 0.0, 0.3, 0.7, -1.2])
+    # E = 0; 1.996 * 64 = 127.74 -> 128 overflows: step 2^-5
+    assert shared_fake_quantize(x, BFP16).tolist() == [2.0, 0.5, 0.25, -0.09375, 0.0, 0.3125, 0.6875, -1.1875]
+    x[0] = -1.996  # -127.74 -> -128 fits: step 2^-6, code -128
+    y = shared_fake_quantize(x, BFP16)
+    assert y[0].item() == -2.0 and y[1].item() == 33 / 64
+    codes, exps, _ = shared_quantize(x, BFP16)
+    assert codes[0].item() == -128 and exps.tolist() == [127]
+
+
+def test_bfp16_zero_non_finite_and_extreme_blocks():
+    b = BFP16.block_size
+    x = torch.randn(5, 4 * b, generator=torch.Generator().manual_seed(0))
+    x[0, :b] = 0
+    x[1, 0], x[1, 1], x[1, 2] = math.nan, math.inf, -math.inf
+    x[2, :b] = torch.randn(b) * 1e-39  # subnormal maxima: E is kept at -127
+    x[3, :b] = torch.randn(b) * 3e38
+    y = shared_fake_quantize(x, BFP16)
+    codes, exps, micro = shared_quantize(x, BFP16)
+    assert y[0, :b].tolist() == [0.0] * b and exps[0, 0].item() == 127 - 17  # step 2^-23
+    # NaN and inf count as 0 (the reference's rule): the rest of the block is quantized without them
+    clean = x[1, :b].clone()
+    clean[:3] = 0
+    assert y[1, :3].tolist() == [0.0] * 3 and torch.equal(y[1, :b], shared_fake_quantize(clean, BFP16))
+    assert exps[2, 0].item() == 0 and torch.isfinite(y).all()
+    assert torch.equal(shared_dequantize(codes, exps, micro, BFP16), y)
+    assert codes.min().item() >= -128 and codes.max().item() <= 127
 
 
 def test_two_bit_micro_exponent_generic():
@@ -74,7 +108,7 @@ def test_two_bit_micro_exponent_generic():
     assert y.tolist() == [4.0, 0.0, 1.0, 0.0, 0.5, 0.0, 0.25, 0.0]  # 0.2 / 0.125 = 1.6 -> 2
 
 
-@pytest.mark.parametrize("fmt", [MX6, MX9, BFP16])
+@pytest.mark.parametrize("fmt", [MX6, MX9])
 def test_zero_nan_tiny_blocks_and_consistency(fmt):
     b = fmt.block_size
     x = torch.randn(6, 4 * b, generator=torch.Generator().manual_seed(0))

@@ -51,14 +51,14 @@ X = torch.tensor([[1.0, -2.0, 0.5, 4.0], [0.25, 0.0, -8.0, 1.0], [3.0, 3.0, -1.5
 
 def test_granularity_shapes_and_values():
     pt = compute_qparams(X, Spec("int8", "per_tensor", symmetric=True))
-    assert pt.scale.shape == () and pt.scale.item() == pytest.approx(8 / 127) and pt.zero_point is None
+    assert pt.scale.shape == () and pt.scale.item() == pytest.approx(8 / 127.5) and pt.zero_point is None
     ch0 = compute_qparams(X, Spec("int8", "per_channel", ch_axis=0, symmetric=True))
-    assert ch0.scale.tolist() == pytest.approx([4 / 127, 8 / 127, 3 / 127])
+    assert ch0.scale.tolist() == pytest.approx([4 / 127.5, 8 / 127.5, 3 / 127.5])
     ch1 = compute_qparams(X, Spec("int8", "per_channel", ch_axis=-1, symmetric=True))
-    assert ch1.scale.tolist() == pytest.approx([3 / 127, 3 / 127, 8 / 127, 4 / 127])
+    assert ch1.scale.tolist() == pytest.approx([3 / 127.5, 3 / 127.5, 8 / 127.5, 4 / 127.5])
     g = compute_qparams(X, Spec("int4", "per_group", group_size=2, symmetric=True))
     assert g.scale.shape == (3, 2)
-    assert g.scale.flatten().tolist() == pytest.approx([2 / 7, 4 / 7, 0.25 / 7, 8 / 7, 3 / 7, 1.5 / 7])
+    assert g.scale.flatten().tolist() == pytest.approx([2 / 7.5, 4 / 7.5, 0.25 / 7.5, 8 / 7.5, 3 / 7.5, 1.5 / 7.5])
     # activations are [tokens, K]: ch_axis 0 on [B, S, K] is per token
     act = torch.randn(2, 3, 8)
     tok = compute_qparams(act, Spec("fp8_e4m3", "per_channel", ch_axis=0))
@@ -67,10 +67,13 @@ def test_granularity_shapes_and_values():
 
 
 def test_int4_per_group_fake_quant_by_hand():
-    x = torch.tensor([[1.75, -0.375, 3.5, 1.2], [0.0, 0.0, -7.0, 2.5]])
-    y = fake_quantize(x, Spec("int4", "per_group", group_size=2, symmetric=True))
-    # scales amax / 7 = [0.25, 0.5], [0, 1]: codes [7, -1.5 -> -2], [7, 2.4 -> 2], [0, 0], [-7, 2.5 -> 2]
-    assert y.tolist() == [[1.75, -0.5, 3.5, 1.0], [0.0, 0.0, -7.0, 2.0]]
+    x = torch.tensor([[1.875, -0.375, 3.75, 1.2], [0.0, 0.0, -7.5, 2.5]])
+    spec = Spec("int4", "per_group", group_size=2, symmetric=True)
+    # scales amax / 7.5 = [0.25, 0.5], [2^-23 (all zero), 1]: codes [7.5 -> 8 -> 7, -1.5 -> -2],
+    # [7.5 -> 7, 2.4 -> 2], [0, 0], [-7.5 -> -8, 2.5 -> 2]: the most negative code is used
+    assert compute_qparams(x, spec).scale.tolist() == [[0.25, 0.5], [2.0**-23, 1.0]]
+    assert quantize(x, spec).tolist() == [[7, -2, 7, 2], [0, 0, -8, 2]]
+    assert fake_quantize(x, spec).tolist() == [[1.75, -0.5, 3.5, 1.0], [0.0, 0.0, -8.0, 2.0]]
 
 
 def test_uint4_asymmetric_int_zero_point():
@@ -120,8 +123,8 @@ def test_scale_types(scale_type, expected):
 def test_scale_type_float_follows_model_dtype():
     x = torch.tensor([[10.0, 1.0, -3.0, 0.1]])
     spec = Spec("int8", "per_tensor", symmetric=True, scale_type="float")
-    assert compute_qparams(x, spec).scale.item() == pytest.approx(10 / 127)
-    assert compute_qparams(x.bfloat16(), spec).scale.item() == float(torch.tensor(10 / 127).bfloat16())
+    assert compute_qparams(x, spec).scale.item() == pytest.approx(10 / 127.5)
+    assert compute_qparams(x.bfloat16(), spec).scale.item() == float(torch.tensor(10 / 127.5).bfloat16())
 
 
 def test_amdfp4_scales_are_ue5m3_values():
@@ -197,16 +200,27 @@ def test_amdfp4_global_second_stage_is_ue5m3():
 
 
 def test_progressive_int4_fp8():
+    """FORMATS.md 2a.4, in float32: s1 = amax / 448, c = e4m3(clamp(x / s1)); per row s2 = max|c| / 7.5,
+    q = clamp(rne(c * fl(1 / s2)), -8, 7); x_hat = fl(fl(q * s2) * s1). The int4 stage runs on the fp8
+    codes, so its scale is in code units."""
     first = Spec("fp8_e4m3", "per_tensor")
     second = Spec("int4", "per_channel", ch_axis=0, symmetric=True, round_method="half_even")
     x = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    s1 = x.abs().amax() / 448
+    c = round_to_format((x / s1).clamp(-448, 448), FP8_E4M3)
+    s2 = c.abs().amax(1) / 7.5
+    q = torch.clamp(torch.round(c * (1 / s2)[:, None]), -8, 7)
+    expected = (q * s2[:, None]) * s1
     y = fake_quantize(x, [first, second])
-    assert torch.equal(y, fake_quantize(fake_quantize(x, first), second))
+    assert torch.equal(y, expected)
     q1, q2 = compute_qparams(x, [first, second])
+    assert torch.equal(q1.scale, s1) and torch.equal(q2.scale, s2)
     assert torch.equal(fake_quantize(x, [first, second], [q1, q2]), y)
     codes = quantize(x, [first, second], [q1, q2])
-    assert codes.dtype == torch.int8 and codes.abs().max().item() == 7
+    assert codes.dtype == torch.int8 and torch.equal(codes.float(), q) and codes.min().item() == -8
     assert torch.equal(dequantize(codes, [first, second], [q1, q2]), y)
+    # not the same as re-quantizing the first stage's values c * s1 (the convention before)
+    assert not torch.equal(y, fake_quantize(fake_quantize(x, first), second))
 
 
 def test_real_qtensorconfig_specs():

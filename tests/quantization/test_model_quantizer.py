@@ -1,6 +1,7 @@
 """ModelQuantizer on tiny random models: every scheme, precedence, KV/attention, freeze, flows."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -85,24 +86,41 @@ def test_weight_only_needs_no_data_but_static_activations_do():
 
 
 def test_one_linear_model_matches_hand_computed_int8():
-    lin = nn.Linear(4, 2, bias=False)
+    """The llama template's int8 config on a one-Linear model (no decoder stack: calibrated as a whole).
+    Weight amax 255/128 gives s_w = 2^-6, inputs calibrated to +-0.99609375 give s_x = 2^-7
+    (FORMATS.md 2a.1); every product below is exact."""
+    lin = nn.Linear(3, 2, bias=False)
     with torch.no_grad():
-        lin.weight.copy_(torch.tensor([[1.0, -0.5, 0.25, 0.1], [2.54, 0.0, -1.0, 0.3]]))
+        lin.weight.copy_(torch.tensor([[1.9921875, -0.5, 0.25], [0.1, 0.0, -1.0]]))
     model = nn.Sequential(lin)
-    spec = Int8PerTensorSpec().to_quantization_spec()
-    cfg = QConfig(global_quant_config=QLayerConfig(weight=spec, input_tensors=spec))
-    x = torch.tensor([[1.27, -0.635, 0.0, 0.5]])
-    ModelQuantizer(cfg).quantize_model(model, [x], progress=False)
+    cfg = LLMTemplate.get("llama").get_config("int8")
+    calibration = [torch.tensor([[0.5, -0.99609375, 0.25]]), torch.tensor([[0.99609375, -0.1, 0.0]])]
+    ModelQuantizer(cfg).quantize_model(model, calibration, progress=False)
     q = model[0]
     assert isinstance(q, QuantLinear)
-    assert q.weight_quantizer.scale.item() == pytest.approx(2.54 / 127)
-    assert q.input_quantizer.scale.item() == pytest.approx(1.27 / 127)
-    # hand computation: codes of x and W, then the integer product
-    xs, ws = 1.27 / 127, 2.54 / 127
-    xq = torch.round(x / xs) * xs
-    wq = torch.round(lin.weight / ws) * ws
+    assert q.weight_quantizer.scale.item() == 2.0**-6 and q.input_quantizer.scale.item() == 2.0**-7
+    # codes by hand: W * 64 = [127.5 -> 128 -> 127, -32, 16], [6.4 -> 6, 0, -64]; x * 128 = [-128, 127, -2]
+    wq = torch.tensor([[127.0, -32.0, 16.0], [6.0, 0.0, -64.0]]) * 2.0**-6
+    xq = torch.tensor([[-128.0, 127.0, -2.0]]) * 2.0**-7
     with torch.no_grad():
-        torch.testing.assert_close(model(x), xq @ wq.t(), rtol=1e-6, atol=1e-6)
+        assert torch.equal(model(torch.tensor([[-0.99609375, 0.99609375, -0.01171875]])), xq @ wq.t())
+
+
+def test_a_template_stack_path_the_model_lacks(caplog):
+    """A template's ``model_decoder_layers`` that the model does not have: without an algorithm the whole
+    model is calibrated at once (one log line); with one, the error names the path, the model class and
+    the field to set."""
+    cfg = LLMTemplate.get("llama").get_config("int8")
+    model = nn.Sequential(nn.Linear(8, 4))
+    with caplog.at_level(logging.INFO, logger="quark.torch.quantization.api"):
+        ModelQuantizer(cfg).quantize_model(model, [torch.randn(2, 8)], progress=False)
+    assert [r.message for r in caplog.records if "model.layers" in r.message] == [
+        "model_decoder_layers='model.layers' does not exist in Sequential: calibrating the whole model at once"]
+    assert model[0].input_quantizer.scale is not None
+    gptq = LLMTemplate.get("llama").get_config("int4_wo_32", algorithm="gptq")
+    with pytest.raises(ValueError, match=r"^model_decoder_layers='model.layers' does not exist in Sequential: "
+                                         r"algorithm\(s\) gptq run block by block .* set model_decoder_layers"):
+        ModelQuantizer(gptq).quantize_model(nn.Sequential(nn.Linear(64, 32)), [torch.randn(2, 64)], progress=False)
 
 
 def test_precedence_exclude_over_layer_over_type_over_global(batches):

@@ -17,6 +17,7 @@ from quark.torch.quantization.observers import (
     PerTensorPercentileObserver,
     make_observer,
 )
+from quark.torch.quantization.tensor_quantize import quantize
 
 
 def test_minmax_accumulates_over_batches_and_ignores_nan():
@@ -25,7 +26,18 @@ def test_minmax_accumulates_over_batches_and_ignores_nan():
     obs.update(torch.tensor([[3.0, 1.0]]))
     lo, hi = obs.range()
     assert (lo.item(), hi.item()) == (-2.0, 3.0)
-    assert obs.qparams().scale.item() == pytest.approx(3.0 / 127)
+    assert obs.qparams().scale.item() == pytest.approx(3.0 / 127.5)
+
+
+def test_static_int8_range_of_the_issue():
+    """FORMATS.md 2a.2 + 2a.1: running min and max over the batches, s = amax / 127.5."""
+    obs = PerTensorMinMaxObserver(Int8PerTensorSpec().to_quantization_spec())
+    obs.update(torch.tensor([0.5, -0.99609375, 0.25]))
+    obs.update(torch.tensor([0.99609375, -0.1]))
+    qp = obs.qparams()
+    assert qp.scale.item() == 2.0**-7
+    x = torch.tensor([-0.99609375, 0.99609375, -0.01171875])
+    assert quantize(x, obs.spec, qp).tolist() == [-128, 127, -2]
 
 
 def test_minmax_without_data_is_a_clear_error():
@@ -38,7 +50,7 @@ def test_per_channel_rows():
     obs = PerChannelMinMaxObserver(spec)
     obs.update(torch.tensor([[1.0, -4.0], [0.5, 0.25]]))
     obs.update(torch.tensor([[2.0, 0.0], [-0.5, 0.0]]))
-    torch.testing.assert_close(obs.qparams().scale, torch.tensor([4.0, 0.5]) / 127)
+    torch.testing.assert_close(obs.qparams().scale, torch.tensor([4.0, 0.5]) / 127.5)
 
 
 def _laplace_data():

@@ -26,13 +26,10 @@ otherwise float32.  Two stages:
 - scale quantization (nvfp4, amdfp4_global): ``scale`` holds the per-group scales in the second
   stage's format (``float8_e4m3fn`` for nvfp4, e5m3 codes for amdfp4_global), ``scale_2`` the float32
   global scale ``[]``; the value is ``code * scale * scale_2``.
-- progressive (int4_fp8): the value is ``code * scale_2 * scale`` (vLLM's W4A8 loader multiplies
-  the two): ``scale`` is the first (fp8 per-tensor) stage's scale rounded down to a power of two and
-  ``scale_2`` the int4 per-channel scale divided by it.  The power of two makes the split exact
-  (``scale_2 * scale`` is bit-for-bit the int4 scale; a division by the fp8 scale itself would be off
-  by an ulp in some channels, enough to flip dynamic fp8 activation roundings downstream), so the
-  stored layout dequantizes exactly like the fake-quantized model.  Only the product is meaningful:
-  the first-stage qparams read back from storage are that power of two, not the fp8 scale.
+- progressive (int4_fp8): ``scale`` is the first (fp8 per-tensor) stage's scale ``s1`` and ``scale_2``
+  the int4 per-channel scale ``s2`` of the fp8 codes (FORMATS.md 2a.4); the value is
+  ``(code * scale_2) * scale``, in that order, bit for bit the fake-quantized weight (a loader that
+  multiplies the two scales first, as vLLM's W4A8 one does, can differ in the last bit).
 
 Packing of int4 follows ``pack_method`` (``reorder``: AutoAWQ nibble order, ``order``: natural);
 fp4 packs the even element in the low nibble, fp6 four codes per three bytes (numerics.packing).
@@ -154,14 +151,6 @@ def _scale_codec(spec: QTensorConfig) -> _Codec:
     return _F32
 
 
-def _pow2_floor(scale: torch.Tensor) -> torch.Tensor:
-    """The largest power of two <= ``scale`` (1 for zero, negative or non-finite values)."""
-    s = scale.float()
-    mantissa, exponent = torch.frexp(s)  # s = mantissa * 2^exponent, mantissa in [0.5, 1)
-    pow2 = torch.ldexp(torch.ones_like(s), exponent - 1)
-    return torch.where(torch.isfinite(s) & (s > 0), pow2, torch.ones_like(s))
-
-
 # -- the layout ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class WeightLayout:
@@ -190,16 +179,6 @@ class WeightLayout:
     @property
     def serving(self) -> bool:
         return has_serving_layout(self.spec)
-
-    @property
-    def _relative(self) -> bool:
-        """Progressive spec storing its second scale relative to a per-tensor first scale."""
-        stages = self.stages
-        return (
-            len(stages) == 2
-            and not _is_scale_quant(stages)
-            and stages[0].qscheme in (None, QSchemeType.per_tensor)
-        )
 
     def _codec(self, index: int) -> _Codec:
         stages = self.stages
@@ -255,18 +234,11 @@ class WeightLayout:
         """Stored tensors of a weight with element ``codes`` (``tensor_quantize.quantize``) and ``qparams``."""
         qps = list(qparams) if isinstance(qparams, (list, tuple)) else [qparams]
         out: dict[str, torch.Tensor] = {"weight": self._pack(codes)}
-        first_scale = None
         for i, qp in enumerate(qps):
             if qp is None:
                 continue
             suffix = "" if i == 0 else "_2"
             scale, zp = qp.scale, qp.zero_point
-            if i == 0 and self._relative and scale is not None:
-                scale = _pow2_floor(scale)
-            if i == 0:
-                first_scale = scale
-            if i == 1 and self._relative and scale is not None:
-                scale = scale.float() / first_scale.float()  # exact: a division by a power of two
             if i == self.code_index:
                 scale, zp = self._orient(scale, False), self._orient(zp, True)
             if scale is not None:
@@ -285,8 +257,6 @@ class WeightLayout:
             scale = None if scale is None else self._codec(i).decode(scale)
             if i == self.code_index:
                 scale, zp = self._unorient(scale, False), self._unorient(zp, True)
-            if i == 1 and self._relative and scale is not None:
-                scale = scale * qps[0].scale.float()
             qps.append(QParams(scale, zp))
         return codes, (qps[0] if len(qps) == 1 else qps)
 

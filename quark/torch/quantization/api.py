@@ -81,6 +81,14 @@ def _drop_weight_caches(module: nn.Module) -> None:
             m.drop_weight_caches()
 
 
+def _has_submodule(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
 def _holds_quantized_layers(layers: nn.ModuleList) -> bool:
     return any(isinstance(m, (QuantLinear, QuantFusedExperts)) for m in layers.modules())
 
@@ -279,8 +287,20 @@ class ModelQuantizer:
         """The decoder stack: the algorithm configs' ``model_decoder_layers``, else the QConfig's (the
         template's path, also for configs without algorithms), else a guess preferring the stacks that
         hold quantized layers (:func:`find_decoder_layers`)."""
-        path = next((a.model_decoder_layers for a in self.config.algo_config or [] if a.model_decoder_layers), None)
+        algorithms = self.config.algo_config or []
+        path = next((a.model_decoder_layers for a in algorithms if a.model_decoder_layers), None)
         path = path or self.config.model_decoder_layers or None
+        if path and not _has_submodule(model, path):
+            if algorithms:
+                names = ", ".join(a.name for a in algorithms)
+                raise ValueError(
+                    f"model_decoder_layers={path!r} does not exist in {type(model).__name__}: algorithm(s) {names} "
+                    "run block by block over the model's decoder layers; set model_decoder_layers (in the QConfig "
+                    "or the algorithm config) to the path of its nn.ModuleList of blocks"
+                )
+            logger.info("model_decoder_layers=%r does not exist in %s: calibrating the whole model at once",
+                        path, type(model).__name__)
+            return None
         found = find_decoder_layers(model, path, prefer=_holds_quantized_layers)
         if found is None or len(found[1]) < 2 and path is None:
             return None

@@ -17,7 +17,8 @@ Scales (min-max, NaN-propagating: a NaN in a group makes that group's scale, hen
 group, NaN; with given static qparams NaN stays where it is; a zero scale -- an all-zero group, or
 a stored block scale that rounds to 0 -- gives exact zeros):
 
-- integers: symmetric ``amax / qmax`` (unsigned symmetric: zero point ``2^(bits-1)``, scale
+- integers: signed symmetric ``max(amax / ((qmax - qmin) / 2), 2^-23)`` (FORMATS.md 2a.1: amax/7.5
+  for int4, amax/127.5 for int8; unsigned symmetric: zero point ``2^(bits-1)``, scale
   ``amax / (2^(bits-1) - 1)``); asymmetric per :func:`numerics.asymmetric_qparams`, the zero point
   computed from the final (possibly rounded) scale.
 - fp8 / fp6 / fp4: ``amax / fmt.max_value``.
@@ -36,8 +37,12 @@ a stored block scale that rounds to 0 -- gives exact zeros):
 
 Two stages (a list of two specs):
 
-- progressive (second spec not ``is_scale_quant``), e.g. int4_fp8: fake-quantize with the first
-  spec, then fake-quantize that result with the second; the codes are the second stage's.
+- progressive (second spec not ``is_scale_quant``), e.g. int4_fp8 (FORMATS.md 2a.4): the second
+  stage quantizes the first stage's codes ``c`` (its quantized values before they are multiplied back
+  by its scale ``s1``: fp8 values up to 448), and the result is multiplied by ``s1``:
+  ``x_hat = fl(fl(q * s2) * s1)``.  The second stage's qparams are therefore in code units (int4_fp8:
+  ``s2 = max|c_row| / 7.5``); the codes are the second stage's.  The first stage must be a small
+  float format (the one progressive scheme's).
 - scale quantization (second spec ``is_scale_quant``), e.g. nvfp4 / amdfp4_global: the first
   stage's per-group scales ``s`` are quantized per tensor by the second spec against a float32
   global scale ``g = amax(s) / fmt2.max_value``: ``stored = round_fmt2(s / g)``.  The qparams
@@ -291,9 +296,9 @@ def _stats(
         amax = _absmax(lay, scratch)
         if kind.qmin >= 0:  # unsigned symmetric: the grid is centred on 2^(bits-1)
             mid = (kind.qmax + 1) // 2
-            scale = rnd(nint.symmetric_scale(amax, kind.qmax - mid))
+            scale = rnd(amax.float() / (kind.qmax - mid))
             return QParams(scale, torch.full_like(scale, mid, dtype=torch.int32))
-        return QParams(rnd(nint.symmetric_scale(amax, kind.qmax)))
+        return QParams(rnd(nint.symmetric_scale(amax, kind.qmin, kind.qmax)))
     lo, hi = _minmax(lay)
     scale = rnd(nint.asymmetric_qparams(lo, hi, kind.qmin, kind.qmax)[0])
     return QParams(scale, nint.zero_point_from_scale(lo, scale, kind.qmin, kind.qmax, _zero_point_type(spec)))
@@ -321,7 +326,7 @@ def _int_grid(kind: _Kind, zero_point: torch.Tensor | None) -> tuple[int, int, t
     if kind.family == "int":
         return kind.qmin, kind.qmax, zero_point
     if kind.family == "shared":
-        return -kind.fmt.qmax, kind.fmt.qmax, None
+        return kind.fmt.qmin, kind.fmt.qmax, None
     return -nmx.MXINT8_QMAX, nmx.MXINT8_QMAX, None  # MXINT8: symmetric int8
 
 
@@ -333,7 +338,8 @@ def _fake_view(view, spec, kind, qp, out=None, scratch=None):
     if fmt is not None:
         return nfp.fake_quantize_fp(view, scale, fmt, method, out=out, scratch=scratch)
     qmin, qmax, zp = _int_grid(kind, qp.zero_point)
-    return nint.fake_quantize_int(view, scale, zp, qmin, qmax, method, out=out, scratch=scratch)
+    return nint.fake_quantize_int(view, scale, zp, qmin, qmax, method, out=out, scratch=scratch,
+                                  divide=kind.family != "int")
 
 
 def _shared_view(x: torch.Tensor, kind: _Kind, qp: QParams) -> tuple[torch.Tensor, QParams]:
@@ -349,6 +355,7 @@ def _fake_one(x: torch.Tensor, spec: SpecLike, qp: QParams | None, out: torch.Te
     kind = _kind(spec)
     if qp is not None and qp.scale is None:
         qp = None
+    x = _finite_if_bfp(x, kind)
     if kind.family == "cast":
         res = x.to(kind.fmt).to(x.dtype)
         return res if out is None else out.copy_(res)
@@ -383,8 +390,16 @@ def _compute_one(x: torch.Tensor, spec: SpecLike) -> QParams:
     return lay.to_natural(_stats(lay, spec, kind, x.dtype))
 
 
+def _finite_if_bfp(x: torch.Tensor, kind: _Kind) -> torch.Tensor:
+    """BFP16 (``overflow_step``) counts NaN and inf as 0 (FORMATS.md 2a.5); other formats keep them."""
+    if kind.family == "shared" and kind.fmt.overflow_step:
+        return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    return x
+
+
 def _quantize_one(x: torch.Tensor, spec: SpecLike, qp: QParams) -> torch.Tensor:
     kind = _kind(spec)
+    x = _finite_if_bfp(x, kind)
     if kind.family == "cast":
         return x.to(kind.fmt)
     lay = _layout(x, spec, kind)
@@ -395,7 +410,7 @@ def _quantize_one(x: torch.Tensor, spec: SpecLike, qp: QParams) -> torch.Tensor:
     if fmt is not None:
         return nfp.encode(lay.view.float() / nint.safe_scale(scale), fmt, method).view(x.shape)
     qmin, qmax, zp = _int_grid(kind, pq.zero_point)
-    return nint.quantize_int(lay.view, scale, zp, qmin, qmax, method).view(x.shape)
+    return nint.quantize_int(lay.view, scale, zp, qmin, qmax, method, divide=kind.family != "int").view(x.shape)
 
 
 def _dequantize_one(codes: torch.Tensor, spec: SpecLike, qp: QParams, dtype: torch.dtype) -> torch.Tensor:
@@ -457,7 +472,7 @@ def _first_stage_max(first: SpecLike) -> float:
     if kind.family == "fp":
         return kind.fmt.max_value
     if kind.family == "int" and kind.symmetric and kind.qmin < 0:
-        return float(kind.qmax)
+        return (kind.qmax - kind.qmin) / 2  # the symmetric grid's amax / scale (FORMATS.md 2a.1)
     raise ValueError("scale quantization needs a symmetric integer or a small-float first stage")
 
 
@@ -505,6 +520,34 @@ def _scale_quant(
     return run_chunked(kernel, lay.view, []).view(x.shape)
 
 
+def _first_codes(x: torch.Tensor, first: SpecLike, q1: QParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Progressive pairs: the first stage's codes as float32 values shaped like ``x``, ``c =
+    fmt(clamp(fl(x / s1)))`` (a division, FORMATS.md 2a.3), and ``s1`` broadcastable to ``x``."""
+    kind = _kind(first)
+    if kind.family != "fp":
+        raise ValueError(
+            "a progressive (two-stage) spec needs a small-float first stage, e.g. fp8_e4m3 for int4_fp8; "
+            f"got dtype={Dtype.parse(first.dtype, 'dtype').value}"
+        )
+    lay = _layout(x, first, kind)
+    s1 = lay.param(q1.scale).float()
+    c = nfp.fake_quantize_fp(lay.view.float() / nint.safe_scale(s1), torch.ones_like(s1), kind.fmt,
+                             _round_method(first))
+    return c.view(x.shape), _per_element(lay, s1, x.shape)
+
+
+def _per_element(lay: _Layout, param: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A param-shaped scale of ``lay`` broadcastable to the tensor of ``shape`` it was laid out from."""
+    if lay.dim is None:
+        return param.reshape(())
+    return param.expand(lay.view.shape).reshape(shape)
+
+
+def _times_first_scale(values: torch.Tensor, s1: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``fl(values * s1)`` in float32, as ``dtype`` (the last step of a progressive pair)."""
+    return torch.mul(values.float(), s1).to(dtype)
+
+
 def _effective(pq1: QParams, g: torch.Tensor) -> QParams:
     """Element scale of a scale-quant pair: the stored scale times the global scale."""
     return QParams(pq1.scale * g, pq1.zero_point)
@@ -540,8 +583,7 @@ def compute_qparams(x: torch.Tensor, spec: Specs) -> QParams | list[QParams]:
     if getattr(second, "is_scale_quant", False):
         return _scale_quant(x, first, second, None, None, fake=False)
     q1 = _compute_one(x, first)
-    q2 = _compute_one(_fake_one(x, first, q1), second)
-    return [q1, q2]
+    return [q1, _compute_one(_first_codes(x, first, q1)[0], second)]
 
 
 def row_fake_quantizer(spec: Specs, qparams: QParams) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -576,8 +618,9 @@ def fake_quantize(x: torch.Tensor, spec: Specs, qparams: QParamsLike = None) -> 
     q1, q2 = _stage_qparams(qparams)
     if getattr(second, "is_scale_quant", False):
         return _scale_quant(x, first, second, q1, q2, fake=True)
-    y = _fake_one(x, first, q1)
-    return _fake_one(y, second, q2, out=y)  # in place on the first stage's fresh output
+    q1 = q1 if q1 is not None and q1.scale is not None else _compute_one(x, first)
+    c, s1 = _first_codes(x, first, q1)
+    return _times_first_scale(_fake_one(c, second, q2, out=c), s1, x.dtype)  # in place on the fresh codes
 
 
 def quantize(x: torch.Tensor, spec: Specs, qparams: QParamsLike = None) -> torch.Tensor:
@@ -602,9 +645,9 @@ def quantize(x: torch.Tensor, spec: Specs, qparams: QParamsLike = None) -> torch
             q1, q2 = _scale_quant(x, first, second, q1, q2, fake=False)
         g = q2.scale.float().reshape(())
         return _quantize_one(x, first, QParams(q1.scale * g, q1.zero_point))
-    q1 = q1 if q1 is not None else _compute_one(x, first)
-    y = _fake_one(x, first, q1)
-    return _quantize_one(y, second, q2 if q2 is not None else _compute_one(y, second))
+    q1 = q1 if q1 is not None and q1.scale is not None else _compute_one(x, first)
+    c, _ = _first_codes(x, first, q1)
+    return _quantize_one(c, second, q2 if q2 is not None and q2.scale is not None else _compute_one(c, second))
 
 
 def dequantize(
@@ -624,4 +667,6 @@ def dequantize(
     if getattr(second, "is_scale_quant", False):
         g = q2.scale.float().reshape(())
         return _dequantize_one(codes, first, QParams(q1.scale * g, q1.zero_point), dtype)
-    return _dequantize_one(codes, second, q2, dtype)
+    lay = _layout(codes, first, _kind(first))
+    s1 = _per_element(lay, lay.param(q1.scale).float(), codes.shape)
+    return _times_first_scale(_dequantize_one(codes, second, q2, torch.float32), s1, dtype)

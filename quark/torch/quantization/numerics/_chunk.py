@@ -178,14 +178,19 @@ def run_chunked(
     return out
 
 
-def start(x: torch.Tensor, out: torch.Tensor, scratch: Scratch, divisor: torch.Tensor | None = None) -> torch.Tensor:
-    """Float32 working buffer holding ``x / divisor`` (``out`` itself when it is float32)."""
+def start(
+    x: torch.Tensor, out: torch.Tensor, scratch: Scratch, divisor: torch.Tensor | None = None,
+    multiplier: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Float32 working buffer holding ``x / divisor`` or ``x * multiplier`` (``out`` itself when it is
+    float32)."""
     buf = out if out.dtype == torch.float32 else scratch.get(0, x.shape, torch.float32)
-    if divisor is None:
-        if buf is not x:
-            buf.copy_(x)
-    else:
+    if divisor is not None:
         torch.div(x, divisor, out=buf)
+    elif multiplier is not None:
+        torch.mul(x, multiplier, out=buf)
+    elif buf is not x:
+        buf.copy_(x)
     return buf
 
 

@@ -8,12 +8,20 @@ Conventions (shared by quantize, dequantize and fake-quantize, so the three alwa
 - Float zero point (floating tensor, ``ZeroPointType.float32``): ``q = clamp(round(x / s + z),
   qmin, qmax)`` and ``x' = (q - z) * s``; ``z`` is not rounded, so the calibrated min and max map
   exactly onto ``qmin`` and ``qmax`` (real 0 is then generally not representable).
-- No zero point (``None``): symmetric, ``q = clamp(round(x / s), qmin, qmax)``.
+- No zero point (``None``): symmetric, FORMATS.md 2a.1: ``q = clamp(round(fl(x * fl(1 / max(s,
+  2^-126)))), qmin, qmax)``, a product with the scale's float32 reciprocal rather than a division
+  (the reference implementation's rounding: the two differ in the last bit of ``x / s`` for some
+  inputs, which flips a tie now and then).  The power-of-two steps of MXINT8 and the shared-exponent
+  formats pass ``divide=True``: an exact division, also for steps below 2^-126.
 
-A scale of 0 (an all-zero group) is guarded: the division uses the smallest positive float
-instead, the final product uses the real 0, so the group comes out as exact zeros and never
-NaN/inf.  NaN in ``x`` stays NaN in
-fake-quantize; it has no integer code, so ``quantize`` treats it as 0 (the code of real 0).
+Signed symmetric scales (:func:`symmetric_scale`) are ``amax / ((qmax - qmin) / 2)``: amax/7.5 for
+int4, amax/127.5 for int8, so that the code ``qmin`` (-8, -128) is used; this is the original GPTQ
+quantizer's grid and it has a lower weight MSE than ``amax / qmax``.
+
+A scale of 0 (an all-zero group with given qparams) is guarded: the division uses the smallest
+positive float instead, the final product uses the real 0, so the group comes out as exact zeros and
+never NaN/inf.  NaN in ``x`` stays NaN in fake-quantize; it has no integer code, so ``quantize``
+treats it as 0 (the code of real 0).
 """
 
 from __future__ import annotations
@@ -31,9 +39,11 @@ __all__ = [
     "int_range",
     "code_dtype",
     "symmetric_scale",
+    "SCALE_FLOOR",
     "asymmetric_qparams",
     "zero_point_from_scale",
     "safe_scale",
+    "reciprocal_scale",
     "quantize_int",
     "dequantize_int",
     "fake_quantize_int",
@@ -66,9 +76,23 @@ def safe_scale(scale: torch.Tensor) -> torch.Tensor:
     return scale.clamp_min(2.0**-149)
 
 
-def symmetric_scale(amax: torch.Tensor, qmax: int) -> torch.Tensor:
-    """``amax / qmax`` in float32, so that the largest magnitude is exactly ``qmax`` steps."""
-    return amax.float() / qmax
+#: the smallest scale a signed symmetric grid gets from its data (FORMATS.md 2a.1): an all-zero
+#: group has scale 2^-23, not 0
+SCALE_FLOOR = 2.0**-23
+#: the divisor floor of the symmetric convention: ``fl(1 / max(s, 2^-126))`` is finite
+_RECIPROCAL_FLOOR = 2.0**-126
+
+
+def symmetric_scale(amax: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """FORMATS.md 2a.1: ``max(fl(amax / ((qmax - qmin) / 2)), 2^-23)`` in float32 (amax/7.5 for int4,
+    amax/127.5 for int8: the most negative code is used). NaN stays NaN."""
+    scale = amax.float() / ((qmax - qmin) / 2)
+    return torch.where(scale < SCALE_FLOOR, SCALE_FLOOR, scale)
+
+
+def reciprocal_scale(scale: torch.Tensor) -> torch.Tensor:
+    """``fl(1 / max(s, 2^-126))``: what the symmetric convention multiplies ``x`` by."""
+    return torch.reciprocal(scale.clamp_min(_RECIPROCAL_FLOOR))
 
 
 def asymmetric_qparams(
@@ -114,16 +138,16 @@ def zero_point_from_scale(
     return zp.to(torch.int32)
 
 
-def _prepare(x, scale, zero_point):
-    """Float32 params shaped for ``x``: scale, guarded divisor, zero point, and whether it is float."""
+def _prepare(x, scale, zero_point, divide=False):
+    """Float32 params shaped for ``x``: scale, guarded divisor (None when symmetric), reciprocal
+    (None unless symmetric), zero point, and whether it is float."""
     s = as_param(scale, x)
-    zp = None
-    float_zp = False
-    if zero_point is not None:
-        zt = torch.as_tensor(zero_point, device=x.device)
-        float_zp = zt.is_floating_point()
-        zp = as_param(zt, x)
-    return s, safe_scale(s), zp, float_zp
+    if zero_point is None and not divide:
+        return s, None, reciprocal_scale(s), None, False
+    if zero_point is None:
+        return s, safe_scale(s), None, None, False
+    zt = torch.as_tensor(zero_point, device=x.device)
+    return s, safe_scale(s), None, as_param(zt, x), zt.is_floating_point()
 
 
 def _to_codes_(y, zp, qmin, qmax, method, float_zp):
@@ -145,23 +169,25 @@ def fake_quantize_int(
     round_method: RoundType | str | None = RoundType.half_even,
     out: torch.Tensor | None = None,
     scratch: Scratch | None = None,
+    divide: bool = False,
 ) -> torch.Tensor:
     """``dequantize_int(quantize_int(x, ...))`` fused, computed in float32, returned in ``x.dtype``.
 
     ``scale`` and ``zero_point`` broadcast to ``x``; an integer-dtype ``zero_point`` uses the
-    integer convention, a floating one the float-zero-point convention (module doc).  ``out`` may be
+    integer convention, a floating one the float-zero-point convention, None the symmetric one
+    (module doc; ``divide``: by the scale instead of a product with its reciprocal).  ``out`` may be
     ``x`` for an in-place update; ``scratch`` is for callers already working on a chunk.
     """
     method = parse_round_method(round_method)
-    s, div, zp, float_zp = _prepare(x, scale, zero_point)
+    s, div, inv, zp, float_zp = _prepare(x, scale, zero_point, divide)
 
-    def kernel(xc, oc, scratch, divc, sc, zpc):
-        y = _to_codes_(start(xc, oc, scratch, divc), zpc, qmin, qmax, method, float_zp)
+    def kernel(xc, oc, scratch, divc, invc, sc, zpc):
+        y = _to_codes_(start(xc, oc, scratch, divc, invc), zpc, qmin, qmax, method, float_zp)
         if zpc is not None:
             y.sub_(zpc)
         finish(y, oc, sc)
 
-    return run_chunked(kernel, x, [div, s, zp], out=out, scratch=scratch)
+    return run_chunked(kernel, x, [div, inv, s, zp], out=out, scratch=scratch)
 
 
 def fake_quantizer_int(
@@ -177,7 +203,7 @@ def fake_quantizer_int(
     count). An integer zero point moves into the clamp bounds, ``clamp(round(x / s) + z, qmin,
     qmax) - z = clamp(round(x / s), qmin - z, qmax - z)`` (exact: small integers in float32)."""
     method = parse_round_method(round_method)
-    s, div, zp, float_zp = _prepare(scale, scale, zero_point)
+    s, div, inv, zp, float_zp = _prepare(scale, scale, zero_point)
     lo: torch.Tensor | float = float(qmin)
     hi: torch.Tensor | float = float(qmax)
     if zp is not None and not float_zp:
@@ -185,7 +211,8 @@ def fake_quantizer_int(
     rnd = rounder_(method)
 
     def fake(x: torch.Tensor) -> torch.Tensor:
-        y = torch.div(x if x.dtype == torch.float32 else x.float(), div)
+        xf = x if x.dtype == torch.float32 else x.float()
+        y = torch.mul(xf, inv) if inv is not None else torch.div(xf, div)
         if zp is not None:  # float zero point: added before rounding
             rnd(y.add_(zp)).clamp_(lo, hi).sub_(zp)
         else:
@@ -203,19 +230,21 @@ def quantize_int(
     qmin: int,
     qmax: int,
     round_method: RoundType | str | None = RoundType.half_even,
+    divide: bool = False,
 ) -> torch.Tensor:
-    """Integer codes in ``[qmin, qmax]`` (dtype from :func:`code_dtype`).
+    """Integer codes in ``[qmin, qmax]`` (dtype from :func:`code_dtype`; ``divide`` as in
+    :func:`fake_quantize_int`).
 
     NaN has no code: it is quantized as 0 (so it maps to the code of real 0).
     """
     method = parse_round_method(round_method)
-    _, div, zp, float_zp = _prepare(x, scale, zero_point)
+    _, div, inv, zp, float_zp = _prepare(x, scale, zero_point, divide)
 
-    def kernel(xc, oc, scratch, divc, zpc):
-        y = start(xc, scratch.get(1, xc.shape, torch.float32), scratch, divc).nan_to_num_(nan=0.0)
+    def kernel(xc, oc, scratch, divc, invc, zpc):
+        y = start(xc, scratch.get(1, xc.shape, torch.float32), scratch, divc, invc).nan_to_num_(nan=0.0)
         oc.copy_(_to_codes_(y, zpc, qmin, qmax, method, float_zp))
 
-    return run_chunked(kernel, x, [div, zp], out_dtype=code_dtype(qmin, qmax))
+    return run_chunked(kernel, x, [div, inv, zp], out_dtype=code_dtype(qmin, qmax))
 
 
 def dequantize_int(

@@ -18,6 +18,15 @@ Conventions (the paper's, made concrete):
 - Elements are sign-magnitude integers ``M`` with ``|M| <= 2^m - 1`` on the fixed-point grid
   ``ulp = 2^(E - d + 1 - m)``: the block's largest element ``[2^E, 2^(E+1))`` uses the top bit.
   ``M = clamp(round_half_even(x / ulp), -(2^m - 1), 2^m - 1)``, value ``M * ulp``.
+
+BFP16 follows the reference implementation's block floating point instead (FORMATS.md 2a.5,
+``overflow_step``): ``E = floor(float32 log2(max |block|))``, step ``s = 2^(E - 6)`` (``2^-23`` for an
+all-zero block); when some element rounds to ``+128`` steps (``rne(x / s) >= 128``) the step doubles;
+codes are two's complement ``clamp(rne(x / s), -128, 127)``, so ``-2^(E+1)`` keeps its code -128.
+NaN and inf count as 0 (for the exponent and as elements), as the reference treats them. The
+float32 ``log2`` of a maximum just below a power of two can round up to it: that block then gets the
+next binade's step, as in the reference. Exponents are kept in [-127, 127] (blocks whose maximum is
+subnormal or within a step of float32's largest value differ from the reference there).
 """
 
 from __future__ import annotations
@@ -56,10 +65,18 @@ class SharedExponentFormat:
     mantissa_bits: int
     micro_block: int
     micro_bits: int
+    #: the BFP16 rule of the module doc: float32 log2 exponent, a step that doubles on overflow,
+    #: two's complement codes, NaN/inf as 0
+    overflow_step: bool = False
 
     @property
     def qmax(self) -> int:
         return (1 << self.mantissa_bits) - 1
+
+    @property
+    def qmin(self) -> int:
+        """The most negative code: ``-qmax`` (sign-magnitude), ``-qmax - 1`` with ``overflow_step``."""
+        return -self.qmax - 1 if self.overflow_step else -self.qmax
 
     @property
     def bits_per_element(self) -> float:
@@ -70,7 +87,7 @@ class SharedExponentFormat:
 
 MX9 = SharedExponentFormat("mx9", 16, 7, 2, 1)
 MX6 = SharedExponentFormat("mx6", 16, 4, 2, 1)
-BFP16 = SharedExponentFormat("bfp16", 8, 7, 8, 0)
+BFP16 = SharedExponentFormat("bfp16", 8, 7, 8, 0, overflow_step=True)
 SHARED_EXPONENT_FORMATS: dict[str, SharedExponentFormat] = {
     Dtype.mx6.value: MX6,
     Dtype.mx9.value: MX9,
@@ -113,6 +130,24 @@ def _thresholds(e: torch.Tensor, fmt: SharedExponentFormat) -> list[torch.Tensor
     return [pow2(e - k + 1) for k in range(1, 1 << fmt.micro_bits)]
 
 
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """Float32 ``x`` with NaN and +-inf replaced by 0 (the BFP16 rule)."""
+    return torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _overflow_step_exponents(xb: torch.Tensor, fmt: SharedExponentFormat,
+                             method: RoundType = RoundType.half_even) -> torch.Tensor:
+    """Per block row of ``xb`` (float32, finite) the exponent ``E`` of the step ``2^(E + 1 - m)``
+    under the BFP16 rule (module doc), int32 in [-127, 127]."""
+    m = fmt.mantissa_bits
+    a = xb.abs().amax(1, keepdim=True)
+    e = torch.floor(torch.log2(a)).nan_to_num_(neginf=-127.0).clamp_(-127, 127).to(torch.int32)
+    e = torch.where(a == 0, int(-23 + m - 1), e)  # the all-zero block's step is 2^-23
+    step = pow2(e + 1 - m)
+    top = round_tensor_(xb.amax(1, keepdim=True) / step, method)  # rounding is monotonic: the largest x
+    return torch.where(top >= (1 << m), e + 1, e).clamp_(max=127)
+
+
 def shared_exponents(x: torch.Tensor, fmt: SharedExponentFormat | Dtype | str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(exponents, micro_exponents)`` of ``x``'s blocks along the last dim.
 
@@ -121,6 +156,10 @@ def shared_exponents(x: torch.Tensor, fmt: SharedExponentFormat | Dtype | str) -
     """
     fmt = shared_exponent_format(fmt)
     xb = block_view(x, fmt.block_size)
+    if fmt.overflow_step:  # no micro-exponents, no NaN blocks
+        e = _overflow_step_exponents(_finite(xb), fmt)
+        lead = x.shape[:-1]
+        return (e + 127).to(torch.uint8).view(*lead, -1), torch.zeros_like(e, dtype=torch.uint8).view(*lead, -1)
     e, nan = _block_exponent(xb)
     per_block = fmt.block_size // fmt.micro_block
     sub_amax = absmax(x.reshape(-1, fmt.micro_block), 1).view(-1, per_block)
@@ -200,6 +239,8 @@ def shared_fake_quantize(
     method = parse_round_method(round_method)
     xb = block_view(x, fmt.block_size)
     qmax = fmt.qmax
+    if fmt.overflow_step:
+        return _overflow_step_fake_quantize(xb, fmt, method).view(x.shape)
 
     m = fmt.mantissa_bits
     levels = (1 << fmt.micro_bits) - 1
@@ -236,6 +277,19 @@ def shared_fake_quantize(
     return run_chunked(kernel, xb, []).view(x.shape)
 
 
+def _overflow_step_fake_quantize(xb: torch.Tensor, fmt: SharedExponentFormat, method: RoundType) -> torch.Tensor:
+    """Fake-quantize ``[blocks, block_size]`` rows under the BFP16 rule, in ``xb``'s dtype."""
+    m = fmt.mantissa_bits
+
+    def kernel(xc, oc, scratch):
+        y = start(xc, oc, scratch).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        step = pow2(_overflow_step_exponents(y, fmt, method) + 1 - m)
+        round_tensor_(y.div_(step), method).clamp_(fmt.qmin, fmt.qmax)
+        finish(y, oc, step)
+
+    return run_chunked(kernel, xb, [])
+
+
 def shared_quantize(
     x: torch.Tensor,
     fmt: SharedExponentFormat | Dtype | str,
@@ -244,9 +298,12 @@ def shared_quantize(
     """``(codes, exponents, micro_exponents)``: int8 signed mantissas ``M`` shaped like ``x`` plus
     the exponents of :func:`shared_exponents`."""
     fmt = shared_exponent_format(fmt)
+    if fmt.overflow_step:
+        x = _finite(x)
     exps, micro = shared_exponents(x, fmt)
     ulp = ulp_from_exponents(exps, micro, fmt).reshape(-1, 1)
-    codes = quantize_int(x.reshape(-1, fmt.micro_block), ulp, None, -fmt.qmax, fmt.qmax, round_method)
+    codes = quantize_int(x.reshape(-1, fmt.micro_block), ulp, None, fmt.qmin, fmt.qmax, round_method,
+                         divide=True)
     return codes.view(x.shape), exps, micro
 
 
