@@ -2,7 +2,7 @@
 
 For each model type (``LLMTemplate.list_available()``) and column (builds, int4, fp8+kv, mxfp4, awq,
 gptq, gptaq, qronos, smoothquant, autosmoothquant, rotation, export, reimport, transformers) one cell: pass / fail (reason) / n/a (reason); what each column
-checks is described in :mod:`quark.torch.utils.coverage`. Prints the table, merges the rows by model
+checks is described in :mod:`quark.torch.testing.coverage`. Prints the table, merges the rows by model
 type into ``bench/results/coverage.json`` (so a ``--types`` run updates only its rows) and, with
 ``--write-docs``, regenerates ``docs/architectures.md`` from that file.
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from quark.torch import LLMTemplate
-    from quark.torch.utils import coverage
+    from quark.torch.testing import coverage
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--types", nargs="+", help="model types to run (default: every registered one)")

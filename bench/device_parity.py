@@ -89,7 +89,7 @@ def run_case(model_type: str, scheme: str, algorithms: list[str] | None, kwargs:
     from quark.torch.export.api import import_model_from_safetensors
     from quark.torch.quantization.api import ModelQuantizer
     from quark.torch.quantization.config.type import QuantFlow
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing.tiny_models import build_model
 
     reference = build_model(model_type)
     batches = calibration(reference)

@@ -72,7 +72,7 @@ def run_type(model_type: str, scheme: str, algorithms: list[str]) -> dict:
     from quark.torch import LLMTemplate
     from quark.torch.quantization.api import ModelQuantizer
     from quark.torch.quantization.fused_experts import fused_experts_modules
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing.tiny_models import build_model
 
     reference = build_model(model_type)
     batches = calibration(reference)
@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from quark.torch.utils import tiny_models
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing import tiny_models
+    from quark.torch.testing.tiny_models import build_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--types", nargs="+", default=None, help="model types (default: every MoE template)")

@@ -79,7 +79,7 @@ def run_survey() -> list[dict]:
     import quark.torch.algorithm.awq as awq_module
     from quark.torch import LLMTemplate
     from quark.torch.quantization.api import ModelQuantizer
-    from quark.torch.utils.tiny_models import CASES, build_model, fused_expert_params
+    from quark.torch.testing.tiny_models import CASES, build_model, fused_expert_params
 
     out = []
     for mt in sorted(CASES):

@@ -35,12 +35,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from quark.torch import LLMTemplate  # noqa: E402
-from quark.torch.algorithm.hadamard import hadamard_matrix  # noqa: E402
 from quark.torch.algorithm.rotation import ALGORITHM as ROTATION  # noqa: E402
 from quark.torch.algorithm.rotation import StreamModule, fold_norm  # noqa: E402
 from quark.torch.evaluation import calibration_dataloader, evaluate_shared_protocol  # noqa: E402
 from quark.torch.quantization.config.config import first_stage  # noqa: E402
 from quark.torch.quantization.driver import find_decoder_layers, get_submodule  # noqa: E402
+from quark.torch.quantization.hadamard import hadamard_matrix  # noqa: E402
 from quark.torch.quantization.tensor_quantize import fake_quantize  # noqa: E402
 from quark.torch.utils.model_loading import load_model_and_tokenizer  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The architecture coverage harness (``quark/torch/utils/coverage.py``, ``bench/coverage.py``).
+"""The architecture coverage harness (``quark/torch/testing/coverage.py``, ``bench/coverage.py``).
 
 A CI subset of ``docs/architectures.md``: dense (llama, qwen2), MoE (qwen3_moe, mixtral), multimodal
 with a (1 + w) norm (gemma3), multimodal with cross-attention blocks that run only on images (mllama,
@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from quark.torch import LLMTemplate
-from quark.torch.utils import coverage
-from quark.torch.utils.coverage import COLUMNS, QUANT_COLUMNS, QUICK_TYPES
+from quark.torch.testing import coverage
+from quark.torch.testing.coverage import COLUMNS, QUANT_COLUMNS, QUICK_TYPES
 
 ROOT = Path(__file__).resolve().parents[1]
 #: model types whose tiny model holds fused 3-D expert weights (transformers-5 MoE blocks): every
@@ -41,7 +41,7 @@ def row(model_type: str) -> dict:
 
 
 def test_quick_types_are_registered_and_native():
-    from quark.torch.utils.tiny_models import CASES
+    from quark.torch.testing.tiny_models import CASES
 
     assert set(QUICK_TYPES) <= set(LLMTemplate.list_available())
     assert set(QUICK_TYPES) <= set(CASES)
@@ -105,7 +105,7 @@ TEXT_STACK = "model.language_model.layers"
 
 
 def test_mllama_batches_carry_tiled_images():
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing.tiny_models import build_model
 
     model = build_model("mllama")
     assert coverage.input_builder(model).name == "tiled images with a cross-attention mask"
@@ -133,7 +133,7 @@ def test_mllama_batches_carry_tiled_images():
 
 
 def test_an_image_token_outside_the_embedding_is_refused():
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing.tiny_models import build_model
 
     model = build_model("mllama")
     model.config.image_token_id = 128256  # transformers' default, past the tiny 136-row embedding
@@ -144,7 +144,7 @@ def test_an_image_token_outside_the_embedding_is_refused():
 def test_a_fill_pattern_matching_no_parameter_is_refused(monkeypatch):
     import dataclasses
 
-    from quark.torch.utils import tiny_models
+    from quark.torch.testing import tiny_models
 
     case = dataclasses.replace(tiny_models.CASES["mllama"][0], fill={"*cross_attn_gate_renamed": 1.0})
     monkeypatch.setitem(tiny_models.CASES, "mllama", [case])

@@ -2,7 +2,7 @@
 
 For every model type whose classes transformers 5.24 ships, tiny models are built (on the meta
 device for the name checks, with real weights for the scaling check) from the class a user loads;
-for remote-code model types the module names come from ``tests/data/remote_code_module_names.json``
+for remote-code model types the module names come from ``quark/torch/testing/data/remote_code_module_names.json``
 (sources noted there). Checks, per template:
 
 * every K/V, Q and gate/up pattern matches a real ``nn.Linear`` (or a fused-expert parameter) of some
@@ -38,7 +38,7 @@ from quark.torch.quantization.config.algo_configs import (
 from quark.torch.quantization.config.templates import ALL_TEMPLATES, MODEL_TYPES
 
 # the tiny configs (and the listing of remote-code names) are shared with the coverage harness
-from quark.torch.utils.tiny_models import (
+from quark.torch.testing.tiny_models import (
     CASES,
     NATIVE,
     REMOTE_ONLY,
@@ -55,7 +55,7 @@ from quark.torch.utils.tiny_models import (
 TEMPLATES = {kw["model_type"]: kw for kw in ALL_TEMPLATES}
 
 
-REMOTE = remote_listing()  # tests/data/remote_code_module_names.json
+REMOTE = remote_listing()  # quark/torch/testing/data/remote_code_module_names.json
 
 
 def test_native_and_remote_cover_every_model_type():

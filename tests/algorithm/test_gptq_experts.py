@@ -18,7 +18,7 @@ from quark.torch.quantization.config.algo_configs import GPTAQConfig, GPTQConfig
 from quark.torch.quantization.fused_experts import fused_experts_modules
 from quark.torch.quantization.modules import QuantLinear
 from quark.torch.quantization.tensor_quantize import compute_qparams, fake_quantize
-from quark.torch.utils.tiny_models import build_model
+from quark.torch.testing.tiny_models import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from quark.torch.algorithm.hadamard import (
+from quark.torch.quantization.hadamard import (
     HadamardTransform,
     _jacobsthal,
     construction,
@@ -136,7 +136,7 @@ def test_returned_matrix_is_a_copy():
 def test_the_mean_preserving_transform_is_orthogonal_keeps_the_ones_direction_and_stays_flat(n):
     """``Q G`` (Hadamard with random signs, then the Householder reflection sending ``u Q`` back to
     ``u``): orthogonal, ``u (Q G) = u``, and its entries stay within 4 / sqrt(n) (measured 2.5-3.9)."""
-    from quark.torch.algorithm.hadamard import MeanPreservingTransform
+    from quark.torch.quantization.hadamard import MeanPreservingTransform
 
     base = HadamardTransform(n, random_signs(n, 0))
     t = MeanPreservingTransform(base)

@@ -13,9 +13,10 @@ import torch.nn as nn
 
 from quark.torch import LLMTemplate
 from quark.torch.algorithm import quantizers_off
-from quark.torch.algorithm.rotation import ALGORITHM, OnlineHadamard, online_rotation
+from quark.torch.algorithm.rotation import ALGORITHM
 from quark.torch.quantization.api import ModelQuantizer
 from quark.torch.quantization.config.algo_configs import RotationConfig
+from quark.torch.quantization.online_rotation import OnlineHadamard, online_rotation
 from tests.helpers import tiny_llama, token_batches
 
 
@@ -45,7 +46,7 @@ def rotation_config(**fields) -> RotationConfig:
 
 
 def logits(model: nn.Module, batches: list[dict]) -> torch.Tensor:
-    from quark.torch.utils import coverage
+    from quark.torch.testing import coverage
 
     # coverage.logits reads a multimodal model whose own forward fails on text (transformers 5.24's
     # Llama4ForConditionalGeneration) through its language model
@@ -466,7 +467,7 @@ def test_the_warning_sees_4_bit_weights_set_per_layer_type(batches, caplog):
 
 
 def _types_with_rotation_defaults() -> list[str]:
-    from quark.torch.utils.tiny_models import CASES
+    from quark.torch.testing.tiny_models import CASES
 
     return [t for t in LLMTemplate.list_available()
             if t in CASES and LLMTemplate.get(t).algorithm_configs.get("rotation") is not None]
@@ -505,7 +506,7 @@ def _stream_matrices(model: nn.Module, config: RotationConfig) -> dict[str, list
 
 
 def _variants_with_rotation_defaults() -> list[tuple[str, int]]:
-    from quark.torch.utils.tiny_models import CASES
+    from quark.torch.testing.tiny_models import CASES
 
     return [(t, i) for t in _types_with_rotation_defaults() for i in range(len(CASES[t]))]
 
@@ -519,7 +520,7 @@ def test_every_rotation_default_keeps_its_architecture_float(model_type, variant
     every matrix reading or writing the residual stream was rotated. R4 on an unquantized MoE model
     is refused before anything changes (only quantized fused experts rotate their down input online:
     :func:`test_r4_rotates_the_fused_experts_down_inputs_online`)."""
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing.tiny_models import build_model
 
     reference, model = build_model(model_type, variant), build_model(model_type, variant)
     config = copy.deepcopy(LLMTemplate.get(model_type).algorithm_configs["rotation"])
@@ -549,7 +550,7 @@ def test_r4_rotates_the_fused_experts_down_inputs_online(model_type):
     matrices absorbed R4 (they differ from R1's alone, gate/up do not) and the float function is
     unchanged (the quantizer also checks this before and after the rotation)."""
     from quark.torch.quantization.fused_experts import QuantFusedExperts
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing.tiny_models import build_model
 
     def rotated(r4: bool) -> nn.Module:
         model = build_model(model_type)
@@ -581,7 +582,7 @@ def test_stream_writers_rotate_like_the_embeddings(model_type):
     """A multimodal template's stream writers (projector / merger outputs that enter the residual
     stream) write ``y Q`` after rotation, with the same ``Q`` as the embeddings (``E <- E Q``)."""
     from quark.torch.algorithm.rotation import find_stream_writers
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing.tiny_models import build_model
 
     reference, model = build_model(model_type), build_model(model_type)
     config = copy.deepcopy(LLMTemplate.get(model_type).algorithm_configs["rotation"])
@@ -630,7 +631,7 @@ def test_llama4_rotation_keeps_image_features():
     """Image features enter Llama 4's residual stream through ``multi_modal_projector.linear_1``: the
     template rotates it (``stream_writers``) and the logits of a prompt with an image stay the same;
     without it the image tokens would enter the rotated stream unrotated."""
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing.tiny_models import build_model
 
     assert LLMTemplate.get("llama4").algorithm_configs["rotation"].stream_writers == ["multi_modal_projector.linear_1"]
     reference, model, unrotated_images = _default_and_partial_rotation(lambda: build_model("llama4"), "llama4", [])
@@ -650,7 +651,7 @@ def test_qwen3_vl_rotation_keeps_image_features():
     tokens' embeddings and the DeepStack mergers' outputs are added to early blocks' hidden states.
     With the template default (both rotated) the logits of a prompt with an image (the model's own
     forward, M-RoPE included) stay the same; rotating the merger alone is not enough."""
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing.tiny_models import build_model
 
     def tiny() -> nn.Module:
         model = build_model("qwen3_vl_moe")
@@ -679,7 +680,7 @@ def test_kimi_k25_rotation_keeps_image_features():
     """Kimi K2.5's image features replace the image tokens' embeddings through ``mm_projector``: with
     the template default (``mm_projector.out_proj`` rotated) the logits of a prompt with an image (the
     model's own forward) stay the same, without it they do not."""
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing.tiny_models import build_model
 
     def tiny() -> nn.Module:
         model = build_model("kimi_k25")
@@ -704,7 +705,7 @@ def test_kimi_k25_rotation_keeps_image_features():
 
 
 def test_r2_on_a_fused_qkv_names_the_missing_v_projection():
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing.tiny_models import build_model
 
     model = build_model("phi3")
     config = copy.deepcopy(LLMTemplate.get("phi3").algorithm_configs["rotation"])
@@ -722,7 +723,7 @@ def test_r2_on_a_fused_qkv_names_the_missing_v_projection():
 def test_r2_on_a_fused_qkv_rotates_only_the_value_rows(batches):
     """Phi-3's ``qkv_proj`` (rows ``[q; k; v]``): R2 rotates each value head's rows and o_proj's
     matching columns; the query and key rows (RoPE follows them) are untouched; logits unchanged."""
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing.tiny_models import build_model
 
     reference, model = build_model("phi3"), build_model("phi3")
     config = copy.deepcopy(LLMTemplate.get("phi3").algorithm_configs["rotation"])
@@ -741,7 +742,7 @@ def test_r2_on_a_fused_qkv_rotates_only_the_value_rows(batches):
 
 
 def test_moe_roles_are_checked_before_anything_changes():
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing.tiny_models import build_model
 
     model = build_model("qwen3_moe")  # block 0 dense, block 1 MoE
     before = [p.detach().clone() for p in model.parameters()]
@@ -762,7 +763,7 @@ def test_rotation_reduces_w8a8_error_of_moe_models(model_type, batches):
     """Outlier channels on both norms of a MoE model: with the router, the fused experts (per-expert
     int8 inputs) and the shared expert reading the rotated stream, W8A8's logit error drops (measured:
     mixtral 0.110 -> 0.065, qwen2_moe 0.131 -> 0.075)."""
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing.tiny_models import build_model
 
     def outlier_moe() -> nn.Module:
         model = build_model(model_type)
@@ -792,7 +793,7 @@ def _layer_norm_model(model_type: str) -> nn.Module:
     """A tiny model of a LayerNorm architecture whose norms have random weights and biases (where
     they have them) and whose embeddings have channel means far from 0, so that neither the folding
     nor the stream's mean is trivial."""
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing.tiny_models import build_model
 
     model = build_model(model_type)
     g = torch.Generator().manual_seed(1)
@@ -871,8 +872,8 @@ def test_mllama_rotation_keeps_cross_attention_with_images():
     logits equal the original's (cross_attn.q_proj reads the rotated stream, cross_attn.o_proj writes
     it, R2 rotates the vision values' heads), and they differ from the text-only logits (the
     cross-attention blocks really ran)."""
-    from quark.torch.utils import coverage
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing import coverage
+    from quark.torch.testing.tiny_models import build_model
 
     reference, model = build_model("mllama"), build_model("mllama")
     config = copy.deepcopy(LLMTemplate.get("mllama").algorithm_configs["rotation"])
@@ -896,7 +897,7 @@ def test_a_rotation_that_changes_the_float_model_is_refused():
     that computes something else. The same roles on a copy whose post-norm weights are 0 (a uniform
     scale of 1, which does commute) pass."""
     from quark.torch.quantization.config.algo_configs import RotationConfig
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing.tiny_models import build_model
 
     roles = RotationConfig(model_decoder_layers="model.layers", attn_norm="input_layernorm",
                            mlp_norm="pre_feedforward_layernorm", r2=False)

@@ -127,7 +127,7 @@ def test_a_pair_for_another_variant_is_logged_and_the_others_still_apply(batches
 # -- MoE blocks: the MLP norm feeds a router and fused 3-D experts -------------------------------------
 def _moe(model_type: str, boost: float = 1.0):
     """The tiny random MoE model, its MLP norms' first 4 channels multiplied by ``boost`` (outliers)."""
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing.tiny_models import build_model
 
     model = build_model(model_type)
     with torch.no_grad():
@@ -504,7 +504,7 @@ def test_a_search_whose_moe_forward_fails_under_bfloat16_autocast_falls_back_to_
     from quark.torch import LLMTemplate
     from quark.torch.algorithm import scaling
     from quark.torch.quantization.api import ModelQuantizer
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing.tiny_models import build_model
 
     template = LLMTemplate.get("dbrx")
     reference = {n: p for n, p in build_model("dbrx").named_parameters() if "norm" in n}

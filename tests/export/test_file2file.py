@@ -12,10 +12,10 @@ from transformers import AutoModelForCausalLM
 from quark.torch import LLMTemplate
 from quark.torch.export import file2file
 from quark.torch.export.api import export_safetensors, import_model_from_safetensors
-from quark.torch.export.layouts import NoServingLayoutError
 from quark.torch.export.safetensors_io import INDEX_NAME, CheckpointError, load_tensors
 from quark.torch.quantization.api import ModelQuantizer
 from quark.torch.quantization.config.config import QConfig
+from quark.torch.quantization.layouts import NoServingLayoutError
 from tests.helpers import tiny_llama, token_batches
 
 SHARD = "40KB"

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from quark.torch import LLMTemplate
 from quark.torch.export.api import export_safetensors
 from quark.torch.export.awq import from_awq, to_awq
-from quark.torch.export.layouts import WeightLayout
 from quark.torch.quantization.api import ModelQuantizer
 from quark.torch.quantization.config.config import QConfig
+from quark.torch.quantization.layouts import WeightLayout
 from quark.torch.quantization.tensor_quantize import QParams
 
 N, K = 32, 128

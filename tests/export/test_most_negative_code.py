@@ -12,9 +12,9 @@ import torch.nn as nn
 from quark.torch import LLMTemplate
 from quark.torch.export.awq import from_awq, to_awq
 from quark.torch.export.gguf import _encode
-from quark.torch.export.layouts import WeightLayout
 from quark.torch.quantization.api import ModelQuantizer
 from quark.torch.quantization.config.config import QConfig, QLayerConfig
+from quark.torch.quantization.layouts import WeightLayout
 from quark.torch.quantization.tensor_quantize import dequantize
 
 N, K = 16, 64

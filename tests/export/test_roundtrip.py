@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 from quark.torch import LLMTemplate
 from quark.torch.export.api import export_safetensors, import_model_from_safetensors, load_params, save_params
-from quark.torch.export.layouts import NoServingLayoutError
 from quark.torch.quantization.api import ModelQuantizer
 from quark.torch.quantization.config.config import QConfig
+from quark.torch.quantization.layouts import NoServingLayoutError
 from quark.torch.quantization.modules import QuantLinear
 from tests.helpers import tiny_llama, token_batches
 
@@ -174,7 +174,7 @@ def test_awq_layout_roundtrip(scheme, batches, tmp_path):
 
 
 def _moe(model_type: str, scheme: str, algorithm=None, **kwargs):
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing.tiny_models import build_model
 
     model = build_model(model_type)
     data = token_batches(2, seq=16, vocab=model.config.get_text_config().vocab_size)

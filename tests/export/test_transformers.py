@@ -150,9 +150,9 @@ def test_online_rotation_of_fused_experts_is_restored_by_both_loaders(model_type
 
     from transformers import AutoModelForCausalLM
 
-    from quark.torch.algorithm.rotation import online_rotated_layers
     from quark.torch.export.api import import_model_from_safetensors
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.quantization.online_rotation import online_rotated_layers
+    from quark.torch.testing.tiny_models import build_model
 
     template = LLMTemplate.get(model_type)
     rotation = copy.deepcopy(template.algorithm_configs["rotation"])
@@ -228,7 +228,7 @@ def _moe_roundtrip(model_type, scheme, kwargs, weight_format, folder):
 
     from quark.torch.export.api import import_model_from_safetensors
     from quark.torch.quantization.fused_experts import QuantFusedExperts, fused_experts_modules
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing.tiny_models import build_model
 
     model = build_model(model_type)
     ids = torch.randint(0, model.config.get_text_config().vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -268,8 +268,8 @@ def test_fused_moe_experts_load_in_transformers(model_type, scheme, kwargs, weig
     """The per-expert export (vLLM's names) loads with from_pretrained: the model class's converters merge
     the per-expert codes into the fused parameter, the scales land in per-expert slots, and the experts
     module builds its stacked state from them on eval() (:func:`_moe_roundtrip`)."""
-    from quark.torch.export.layouts import WeightLayout
     from quark.torch.quantization.fused_experts import fused_experts_modules
+    from quark.torch.quantization.layouts import WeightLayout
 
     model = _moe_roundtrip(model_type, scheme, kwargs, weight_format, tmp_path)
     # what is written: per expert, in the original checkpoints' names, nothing fused
@@ -313,7 +313,7 @@ def test_fused_moe_slots_refuse_forward_before_loading():
     running on uninitialised tensors."""
     from quark.torch.export.api import _map_to_quark
     from quark.torch.quantization.fused_experts import fused_experts_modules
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing.tiny_models import build_model
 
     model = build_model("qwen3_moe", device="meta")
     qconfig = LLMTemplate.get("qwen3_moe").get_config("int4_wo_32")
@@ -335,7 +335,7 @@ def test_a_rotated_layer_norm_model_reloads_with_its_architecture(batches, tmp_p
 
     from transformers import AutoModelForCausalLM
 
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing.tiny_models import build_model
 
     model = build_model("opt")
     g = torch.Generator().manual_seed(1)

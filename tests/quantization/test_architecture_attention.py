@@ -16,7 +16,7 @@ from quark.torch.algorithm import quantizers_off
 from quark.torch.export.api import export_safetensors, import_model_from_safetensors
 from quark.torch.quantization.api import ModelQuantizer
 from quark.torch.quantization.tensor_quantizer import TensorQuantizer
-from quark.torch.utils.tiny_models import build_model
+from quark.torch.testing.tiny_models import build_model
 
 TYPES = ["gemma2", "gemma3_text", "qwen3", "gpt_oss", "deepseek_v3"]
 

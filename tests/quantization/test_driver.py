@@ -181,7 +181,7 @@ def test_a_block_called_in_some_batches_only_is_an_error():
 def test_glm_moe_dsa_top_k_indices_follow_the_block_loop():
     """GLM-MoE-DSA: block 1 ("shared" indexer) reuses block 0's top-k indices, returned next to the
     hidden states; with 4 of 16 tokens kept, a stale index set changes the result."""
-    from quark.torch.utils.tiny_models import build_model
+    from quark.torch.testing.tiny_models import build_model
 
     model = build_model("glm_moe_dsa")
     assert model.config.indexer_types == ["full", "shared"] and model.config.index_topk < 16

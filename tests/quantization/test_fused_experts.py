@@ -1,6 +1,6 @@
 """Fused MoE experts (transformers-5 3-D expert weights) quantized per expert, kept fused.
 
-Tiny random models of quark/torch/utils/tiny_models.py (4 experts, top-2): Qwen3-MoE and Mixtral
+Tiny random models of quark/torch/testing/tiny_models.py (4 experts, top-2): Qwen3-MoE and Mixtral
 (the experts interface, [E, out, in]), GPT-OSS (transposed, interleaved gate/up, biases), DBRX and
 Llama 4 (their own layouts, CLASS_LAYOUTS).
 """
@@ -25,8 +25,8 @@ from quark.torch.quantization.fused_experts import (
 )
 from quark.torch.quantization.modules import QuantLinear, quantized_linears
 from quark.torch.quantization.tensor_quantize import compute_qparams, fake_quantize
-from quark.torch.utils.coverage import batches, logits
-from quark.torch.utils.tiny_models import build_model
+from quark.torch.testing.coverage import batches, logits
+from quark.torch.testing.tiny_models import build_model
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from quark.torch.export.api import export_safetensors
 from quark.torch.quantization.api import ModelQuantizer
 from quark.torch.quantization.config.algo_configs import GPTAQConfig, GPTQConfig
 from quark.torch.quantization.config.config import QConfig
-from quark.torch.utils.coverage import batches
-from quark.torch.utils.tiny_models import build_model
+from quark.torch.testing.coverage import batches
+from quark.torch.testing.tiny_models import build_model
 
 TEXT = "model.language_model.layers"
 

@@ -14,8 +14,13 @@ weights, calibrates static activation quantizers, and runs the block to produce 
 inputs, inside every algorithm's ``output_pass(ctx, config)`` context (GPTQ replays the attention
 outputs it already computed with the final weights).
 
-Each algorithm module defines ``ALGORITHM = <BlockAlgorithm subclass>()``; :func:`get_algorithm`
-imports it on first use.
+Registration: an algorithm is declared once on each side of the layer boundary. Its config class
+(``quark.torch.quantization.config.algo_configs``, decorated with ``@register_algo_config``) holds its
+``name``; its plugin module here, ``quark/torch/algorithm/<name>.py``, defines a
+:class:`BlockAlgorithm` subclass with ``config_class = <that config class>`` and registers the one
+instance: ``ALGORITHM = register_algorithm(<the class>())``. Every list of algorithms derives from
+those two registries (``ALGO_CONFIG_CLASSES``, :func:`registered_algorithms`, ``MODULES``, the
+template's ``SUPPORTED_ALGORITHMS``). :func:`get_algorithm` imports a plugin on first use.
 """
 
 from __future__ import annotations
@@ -23,27 +28,21 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import importlib
+import pkgutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn as nn
 
-from quark.torch.quantization.config.algo_configs import AlgoConfig
+from quark.torch.quantization.config.algo_configs import ALGO_CONFIG_CLASSES, AlgoConfig
 from quark.torch.quantization.driver import BlockInputs, run_block
 from quark.torch.quantization.modules import QuantLinear
 from quark.torch.quantization.tensor_quantizer import TensorQuantizer
 
-#: algorithm name -> module implementing it
-MODULES = {
-    "awq": "awq",
-    "gptq": "gptq",
-    "gptaq": "gptaq",
-    "smoothquant": "smoothquant",
-    "autosmoothquant": "autosmoothquant",
-    "qronos": "qronos",
-    "rotation": "rotation",
-}
+#: algorithm name -> its implementation, filled by :func:`register_algorithm` as plugins are imported
+_IMPLEMENTATIONS: dict[str, BlockAlgorithm] = {}
 
 
 @dataclass
@@ -86,6 +85,10 @@ class BlockContext:
 class BlockAlgorithm:
     """Base class of the algorithms."""
 
+    #: the config class (a registered ``AlgoConfig`` subclass) this algorithm implements; its ``name``
+    #: is the algorithm's name
+    config_class: ClassVar[type[AlgoConfig] | None] = None
+    #: the algorithm's name (set from ``config_class``)
     name: str = ""
     #: whether ``apply`` needs ``ctx.float_hidden`` (the float model's inputs to this block)
     needs_float_stream: bool = False
@@ -98,6 +101,15 @@ class BlockAlgorithm:
     #: whether ``prepare_model`` must leave the float model's function unchanged (checked by the
     #: quantizer on a calibration batch, :mod:`.float_check`)
     keeps_float_function: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        config_class = cls.__dict__.get("config_class")
+        if config_class is not None:
+            if not (isinstance(config_class, type) and issubclass(config_class, AlgoConfig)):
+                raise TypeError(f"{cls.__name__}.config_class={config_class!r}: expected the AlgoConfig subclass "
+                                "the algorithm implements")
+            cls.name = config_class.name
 
     def prepare_model(self, model: nn.Module, config: AlgoConfig) -> None:
         """Model-level transform run once before calibration (default: nothing)."""
@@ -122,19 +134,76 @@ class BlockAlgorithm:
         quantizes): default nothing."""
 
 
+_Algorithm = TypeVar("_Algorithm", bound=BlockAlgorithm)
+
+
+def register_algorithm(algorithm: _Algorithm) -> _Algorithm:
+    """Register ``algorithm`` (an instance) as the implementation of the algorithm its class's
+    ``config_class`` names, and return it: a plugin module ends with
+    ``ALGORITHM = register_algorithm(MyAlgorithm())``."""
+    cls = type(algorithm)
+    if not isinstance(algorithm, BlockAlgorithm):
+        raise TypeError(f"register_algorithm: {cls.__name__} is not a BlockAlgorithm")
+    config_class = cls.config_class
+    if config_class is None:
+        raise TypeError(f"register_algorithm: {cls.__name__} declares no config_class (the AlgoConfig subclass "
+                        "it implements)")
+    name = config_class.name
+    if ALGO_CONFIG_CLASSES.get(name) is not config_class:
+        raise ValueError(f"register_algorithm: {cls.__name__}.config_class={config_class.__name__} is not a "
+                         "registered algorithm config; decorate it with @register_algo_config "
+                         "(quark.torch.quantization.config.algo_configs)")
+    known = _IMPLEMENTATIONS.get(name)
+    if known is not None and (type(known).__module__, type(known).__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"register_algorithm: algorithm {name!r} of {cls.__module__}.{cls.__qualname__} is "
+                         f"already implemented by {type(known).__module__}.{type(known).__qualname__}")
+    _IMPLEMENTATIONS[name] = algorithm  # a reloaded plugin module replaces its own implementation
+    return algorithm
+
+
+def load_plugins() -> None:
+    """Import every module of this package (each plugin registers its algorithm when imported)."""
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+def registered_algorithms() -> dict[str, BlockAlgorithm]:
+    """Every implemented algorithm by name, in the order of ``ALGO_CONFIG_CLASSES`` (imports all plugins)."""
+    load_plugins()
+    return {n: _IMPLEMENTATIONS[n] for n in [*ALGO_CONFIG_CLASSES, *_IMPLEMENTATIONS] if n in _IMPLEMENTATIONS}
+
+
+def __getattr__(name: str) -> Any:
+    # MODULES: algorithm name -> the module implementing it (relative to this package when inside it),
+    # derived from the registry (imports every plugin)
+    if name == "MODULES":
+        return {n: type(a).__module__.removeprefix(f"{__name__}.") for n, a in registered_algorithms().items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), "MODULES"])
+
+
 def get_algorithm(name: str) -> BlockAlgorithm:
-    """The algorithm registered under ``name`` (its module is imported on first use)."""
-    if name not in MODULES:
-        raise ValueError(f"unknown algorithm {name!r}; allowed: {', '.join(MODULES)}")
-    try:
-        module = importlib.import_module(f"{__name__}.{MODULES[name]}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__name__}.{MODULES[name]}":
-            raise
-        raise NotImplementedError(
-            f"algorithm {name!r} is not implemented in this version of quark; remove it from algorithm=..."
-        ) from None
-    return module.ALGORITHM
+    """The algorithm registered under ``name`` (its plugin module is imported on first use)."""
+    if name not in _IMPLEMENTATIONS:
+        if name not in ALGO_CONFIG_CLASSES:
+            raise ValueError(f"unknown algorithm {name!r}; allowed: {', '.join(ALGO_CONFIG_CLASSES)}")
+        module = f"{__name__}.{name}"  # the plugin module is named after its algorithm
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+        if name not in _IMPLEMENTATIONS:
+            load_plugins()  # a plugin under another name
+        if name not in _IMPLEMENTATIONS:
+            raise NotImplementedError(
+                f"algorithm {name!r} is not implemented in this version of quark; remove it from algorithm=..."
+            )
+    return _IMPLEMENTATIONS[name]
 
 
 def match_modules(root: nn.Module, pattern: str) -> dict[str, nn.Module]:

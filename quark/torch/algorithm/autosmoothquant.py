@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from quark.torch.quantization.config.algo_configs import AutoSmoothQuantConfig
 
-from . import BlockAlgorithm, BlockContext, scaling
+from . import BlockAlgorithm, BlockContext, register_algorithm, scaling
 from .expert_scaling import autosmooth_rule, scale_block_experts
 from .scaling import ScaleEvaluator, capture, check_pairs, fold, resolve_sites, search
 from .smoothquant import smooth_candidate
@@ -45,7 +45,7 @@ def alpha_grid(num_grid: int) -> list[float]:
 
 
 class AutoSmoothQuant(BlockAlgorithm):
-    name = "autosmoothquant"
+    config_class = AutoSmoothQuantConfig
 
     def prepare_model(self, model: nn.Module, config: AutoSmoothQuantConfig) -> None:
         check_pairs(model, config)
@@ -76,4 +76,4 @@ class AutoSmoothQuant(BlockAlgorithm):
             scale_block_experts(ctx, autosmooth_rule(alphas, config.scale_clamp_min), self.name)
 
 
-ALGORITHM = AutoSmoothQuant()
+ALGORITHM = register_algorithm(AutoSmoothQuant())

@@ -44,12 +44,12 @@ from quark.torch.quantization.config.config import first_stage
 from quark.torch.quantization.config.type import QSchemeType
 from quark.torch.quantization.fused_experts import FusedProjection
 from quark.torch.quantization.modules import QuantLinear
+from quark.torch.quantization.online_rotation import online_rotation
 from quark.torch.quantization.tensor_quantize import fake_quantize
 
-from . import BlockAlgorithm, BlockContext, quantizers_off, scaling
+from . import BlockAlgorithm, BlockContext, quantizers_off, register_algorithm, scaling
 from .expert_scaling import awq_rule, block_fused_experts, record_calls, scale_block_experts
 from .gptq_experts import DOWN_ROLES, INPUT_ROLES, RoutedRecord, solvable_projections
-from .rotation import online_rotation
 from .scaling import ScaleEvaluator, capture, check_pairs, fold, resolve_sites, search
 
 logger = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ def clip_block_experts(ctx: BlockContext, num_grid: int, exclude: list[str] | tu
 
 
 class AWQ(BlockAlgorithm):
-    name = "awq"
+    config_class = AWQConfig
 
     def prepare_model(self, model: nn.Module, config: AWQConfig) -> None:
         check_pairs(model, config)
@@ -297,4 +297,4 @@ class AWQ(BlockAlgorithm):
                 logger.debug("awq block %d: clipping searched on %d expert matrices", ctx.index, searched)
 
 
-ALGORITHM = AWQ()
+ALGORITHM = register_algorithm(AWQ())

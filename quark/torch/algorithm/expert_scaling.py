@@ -33,10 +33,10 @@ import torch
 
 from quark.torch.quantization.driver import run_block
 from quark.torch.quantization.fused_experts import Projection, QuantFusedExperts, expert_view
+from quark.torch.quantization.online_rotation import online_rotation
 
 from . import BlockContext, quantizers_off
 from .gptq_experts import RoutedRecord
-from .rotation import online_rotation
 
 logger = logging.getLogger(__name__)
 

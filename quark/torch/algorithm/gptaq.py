@@ -43,6 +43,7 @@ import torch
 
 from quark.torch.quantization.config.algo_configs import GPTAQConfig
 
+from . import register_algorithm
 from .gptq import GPTQ
 from .hessian_solver import Gram, strict_upper_abt, upper_mm
 
@@ -91,7 +92,7 @@ class DriftStreams:
 class GPTAQ(GPTQ):
     """GPTQ whose updates also absorb the float/quantized input drift (see the module docstring)."""
 
-    name = "gptaq"
+    config_class = GPTAQConfig
     needs_float_stream = True
 
     def new_stats(self, cross_dtype: torch.dtype | None = None) -> dict[str, Any]:
@@ -106,4 +107,4 @@ class GPTAQ(GPTQ):
         return stats["D"].residual(config.alpha) if config.alpha else None
 
 
-ALGORITHM = GPTAQ()
+ALGORITHM = register_algorithm(GPTAQ())

@@ -42,7 +42,7 @@ from quark.torch.quantization.fused_experts import ExpertsWeightQuantizer, Quant
 from quark.torch.quantization.modules import QuantLinear
 from quark.torch.quantization.tensor_quantizer import TensorQuantizer
 
-from . import BlockAlgorithm, BlockContext, precision, quantizers_off, switched_off
+from . import BlockAlgorithm, BlockContext, precision, quantizers_off, register_algorithm, switched_off
 from .gptq_experts import RoutedRecord, block_experts, quantize_experts
 from .gptq_experts import solvable as experts_solvable
 from .hessian_solver import Gram, quantize_weight
@@ -413,7 +413,7 @@ def _activation_state(block: nn.Module) -> list[tuple[int, str, bool]]:
 class GPTQ(BlockAlgorithm):
     """GPTQ on each layer group of the block, in order (see the module docstring)."""
 
-    name = "gptq"
+    config_class = GPTQConfig
     corrects_weight_error = True  # and so do GPTAQ and Qronos, its subclasses
     acts_on_fused_experts = True  # expert by expert, with the algorithm's own statistics and solver (.gptq_experts)
 
@@ -586,4 +586,4 @@ class GPTQ(BlockAlgorithm):
         logger.debug("%s block %d: quantized %s", self.name, ctx.index, ", ".join(names))
 
 
-ALGORITHM = GPTQ()
+ALGORITHM = register_algorithm(GPTQ())

@@ -51,6 +51,7 @@ import torch
 from quark.torch.quantization.config.algo_configs import QronosConfig
 from quark.torch.quantization.modules import QuantLinear
 
+from . import register_algorithm
 from .gptq import GPTQ, cross_term_dtype
 from .hessian_solver import ColumnQuantizer, Gram, Solution, damp, inverse_cholesky, solve
 
@@ -132,7 +133,7 @@ def qronos_quantize(
 class Qronos(GPTQ):
     """Qronos on each layer group of the block, in order (see the module docstring)."""
 
-    name = "qronos"
+    config_class = QronosConfig
     needs_float_stream = True
 
     def new_stats(self, cross_dtype: torch.dtype | None = None) -> dict[str, Gram]:
@@ -167,4 +168,4 @@ class Qronos(GPTQ):
         )
 
 
-ALGORITHM = Qronos()
+ALGORITHM = register_algorithm(Qronos())

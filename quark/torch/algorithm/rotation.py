@@ -33,13 +33,16 @@ smaller range. Where the rotations go:
 - **R4** (intermediate size, online): the input of every MLP output (``mlp_outputs``, else
   ``down_proj``) is rotated at run time, before its input quantizer, and its weight ``W <- W H``
   absorbs the inverse: a linear's by a forward pre-hook; quantized fused MoE experts' inside their
-  per-expert loop (each expert's down input; every expert's down matrix absorbs ``H``).
+  per-expert loop (each expert's down input; every expert's down matrix absorbs ``H``). The run-time
+  part (the online transform, attaching it, re-creating it on a loaded checkpoint) is
+  :mod:`quark.torch.quantization.online_rotation`.
 - **R3** (online rotation of Q and K after RoPE) is not implemented: this toolkit quantizes Q/K at
   the projections' outputs, before RoPE, so no quantized tensor would change.
 
-``Q = D H / sqrt(n)`` with ``H`` a Hadamard matrix (:mod:`.hadamard`) and ``D`` = I, or a seeded
-random ±1 diagonal when ``random=True``. All weight updates are computed in float64 and written
-back in place, so the Parameters shared with the quantized modules stay the same objects.
+``Q = D H / sqrt(n)`` with ``H`` a Hadamard matrix (:mod:`quark.torch.quantization.hadamard`) and
+``D`` = I, or a seeded random ±1 diagonal when ``random=True``. All weight updates are computed in
+float64 and written back in place, so the Parameters shared with the quantized modules stay the same
+objects.
 
 A norm applied to a branch's output before it joins the stream (Gemma 2/3's post-norms) does not
 commute with ``Q`` and cannot be folded anywhere: such models get no rotation. Whatever the roles,
@@ -52,7 +55,6 @@ the per-block step does nothing. Module roles come from :class:`RotationConfig` 
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Callable
 
@@ -61,31 +63,27 @@ import torch.nn as nn
 
 from quark.torch.quantization.config.algo_configs import AlgoConfig, RotationConfig
 from quark.torch.quantization.driver import find_decoder_layers, get_submodule
-from quark.torch.quantization.fused_experts import QuantFusedExperts, expert_view, experts_layout
+from quark.torch.quantization.fused_experts import expert_view, experts_layout
+from quark.torch.quantization.hadamard import HadamardTransform
+from quark.torch.quantization.online_rotation import (
+    _CHUNK,
+    R4_SEED_OFFSET,
+    _linear,
+    _transform,
+    attach_online_rotation,
+    find_role,
+    r4_input_size,
+    r4_targets,
+    rotate_input_side,
+    rotation_transform,
+)
 
-from . import BlockAlgorithm, match_modules
-from .hadamard import HadamardTransform, MeanPreservingTransform, construction, random_signs
+from . import BlockAlgorithm, match_modules, register_algorithm
 
 logger = logging.getLogger(__name__)
 
-#: rows (or columns) rotated at once: bounds the float64 scratch memory on large embeddings
-_CHUNK = 4096
-
 
 # -- weight updates ---------------------------------------------------------------------------------
-def _transform(rot: HadamardTransform, like: torch.Tensor) -> HadamardTransform:
-    return rot.to(like.device)
-
-
-@torch.no_grad()
-def rotate_input_side(weight: torch.Tensor, rot: HadamardTransform) -> None:
-    """``W <- W Q`` in place (the layer now reads ``x Q``): rotates each row."""
-    rot = _transform(rot, weight)
-    for i in range(0, weight.shape[0], _CHUNK):
-        block = weight[i : i + _CHUNK]
-        block.copy_(rot(block.double()))
-
-
 @torch.no_grad()
 def rotate_output_side(weight: torch.Tensor, rot: HadamardTransform) -> None:
     """``W <- Qᵀ W`` in place for a ``(out, in)`` weight, or ``b <- b Q`` for a bias (the layer now
@@ -305,107 +303,6 @@ class StreamModule:
             for row in (b if b.dim() == 2 else [b]):
                 rotate_output_side(row, rot)
 
-# -- online rotation ---------------------------------------------------------------------------------
-class OnlineHadamard(nn.Module):
-    """R4: rotates a linear's input at run time (attached to the linear as ``online_rotation``;
-    its forward pre-hook runs before the linear's forward, hence before the input quantizer).
-
-    Exported checkpoints do not carry it: a runtime loading them must apply the same transform.
-    """
-
-    def __init__(self, rot: HadamardTransform) -> None:
-        super().__init__()
-        self.rot = rot
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rot(x)
-
-    def pre_hook(self, module: nn.Module, args: tuple) -> tuple:
-        return (self(args[0]), *args[1:])
-
-    def to_input_basis(self, weight: torch.Tensor) -> torch.Tensor:
-        """The stored weight ``W Q`` -> ``W``, the weight acting on the unrotated input (float64)."""
-        q = self.rot.matrix(torch.float64).to(weight.device)
-        return weight.double() @ q.T
-
-    def from_input_basis(self, weight: torch.Tensor) -> torch.Tensor:
-        """``W`` -> the stored weight ``W Q`` (float64)."""
-        q = self.rot.matrix(torch.float64).to(weight.device)
-        return weight.double() @ q
-
-
-def online_rotation(module: nn.Module) -> OnlineHadamard | None:
-    """The online input rotation R4 attached to ``module`` (``None`` if it has none): its stored weight
-    is then ``W Q`` and a pre-hook rotates its input by ``Q``."""
-    return module.__dict__.get("online_rotation")
-
-
-def online_rotated_layers(model: nn.Module) -> list[str]:
-    """Names of the modules of ``model`` that rotate their input online."""
-    return [n for n, m in model.named_modules() if online_rotation(m) is not None]
-
-
-def attach_online_rotation(module: nn.Module, rot: HadamardTransform, absorb: bool = True) -> OnlineHadamard:
-    """``W <- W H`` (unless the weight already ``absorb``-ed it, as in a loaded checkpoint) and rotate
-    the input online by ``H``: the layer's output is unchanged. ``module`` is a linear (a forward
-    pre-hook rotates its input) or quantized fused MoE experts (every expert's down matrix absorbs
-    ``H`` and the experts' loop rotates each expert's down input,
-    :meth:`~quark.torch.quantization.fused_experts.QuantFusedExperts.down_input`)."""
-    experts = experts_layout(module) is not None
-    if absorb:
-        if experts:
-            for view in _down_matrices(module):  # [E, hidden, intermediate]
-                for e in range(view.shape[0]):
-                    rotate_input_side(view[e], rot)
-        else:
-            rotate_input_side(module.weight, rot)
-    online = OnlineHadamard(rot)
-    device = next(itertools.chain(module.parameters(), module.buffers())).device
-    if device.type != "meta":  # (a model being loaded: the transform follows its input)
-        online = online.to(device)
-    # a plain attribute, not a registered submodule: its (non-persistent) buffers stay out of the
-    # module tree, where a loader that re-creates every tensor missing from the checkpoint
-    # (transformers) would overwrite them with uninitialised memory
-    module.__dict__["online_rotation"] = online
-    if not experts:
-        module.register_forward_pre_hook(online.pre_hook)
-    return online
-
-
-def _down_matrices(module: QuantFusedExperts) -> list[torch.Tensor]:
-    """The ``[E, out, in]`` views of quantized fused experts' float down projection (none once frozen)."""
-    weights = [(proj, module.float_weight(proj)) for proj in module.fused_layout.projections if proj.role == "down"]
-    return [expert_view(w.detach(), int(module.num_experts), proj.transposed) for proj, w in weights if w is not None]
-
-
-def r4_input_size(module: nn.Module, path: str) -> int:
-    """The size R4 rotates for an MLP output (``RotationConfig.mlp_outputs`` / ``down_proj``): a
-    linear's input features, or the intermediate size of fused experts' down projections. Refuses
-    fused experts that are not quantized (only the quantized experts' loop can rotate online)."""
-    if experts_layout(module) is None:
-        return _linear(module, path).in_features
-    if not isinstance(module, QuantFusedExperts):
-        raise ValueError(f"rotation r4: {path} holds fused experts that are not quantized (excluded by the config): "
-                         "only quantized experts rotate their down input online; set r4=False")
-    for proj, fp in module.quantized_projections():
-        if proj.role == "down":
-            return fp.in_features
-    return _down_matrices(module)[0].shape[-1]
-
-
-def r4_targets(layers: nn.ModuleList, cfg: RotationConfig, path: str) -> list[tuple[str, nn.Module]]:
-    """What R4 rotates online, block by block: each block's MLP outputs (``cfg.mlp_outputs``, else
-    ``cfg.down_proj``) that it has; every block needs one."""
-    outputs = cfg.mlp_outputs or [cfg.down_proj]
-    targets = []
-    for i, block in enumerate(layers):
-        prefix = f"{path}.{i}" if path else str(i)
-        found = [r for r in (find_role(block, entry) for entry in outputs) if r is not None]
-        if not found:
-            raise ValueError(f"rotation r4: block {prefix} has none of the MLP outputs {outputs}")
-        targets.extend((f"{prefix}.{name}", m) for name, m in found)
-    return targets
-
 
 # -- model-level helpers -----------------------------------------------------------------------------
 def _text_config(model: nn.Module) -> object | None:
@@ -502,24 +399,6 @@ def find_stream_writers(model: nn.Module, patterns: list[str]) -> list[tuple[str
     return list(out.items())
 
 
-def _linear(module: nn.Module, path: str) -> nn.Linear:
-    if not isinstance(module, nn.Linear):
-        raise ValueError(f"rotation: {path} is a {type(module).__name__}, expected a linear layer")
-    return module
-
-
-def find_role(block: nn.Module, entry: str) -> tuple[str, nn.Module] | None:
-    """``(path, module)`` of a block-level role: ``entry`` is a path, or ``a|b`` alternatives of which
-    the first the block has is taken (a hybrid model's blocks write the stream through
-    ``self_attn.o_proj`` or ``mamba.out_proj``); None when the block has none of them."""
-    for n in entry.split("|"):
-        try:
-            return n, get_submodule(block, n)
-        except ValueError:
-            continue
-    return None
-
-
 def resolve_role(block: nn.Module, entry: str, prefix: str, role: str) -> tuple[str, nn.Linear]:
     """The linear a role every block must have names (:func:`find_role`)."""
     found = find_role(block, entry)
@@ -528,41 +407,8 @@ def resolve_role(block: nn.Module, entry: str, prefix: str, role: str) -> tuple[
     return found[0], _linear(found[1], f"{prefix}.{found[0]}")
 
 
-#: R4's random signs are drawn with ``RotationConfig.seed + R4_SEED_OFFSET`` (R1: +0, R2: +1)
-R4_SEED_OFFSET = 2
-
-
-def restore_online_rotations(model: nn.Module, quant_config: object) -> list[str]:
-    """Re-create R4's online rotations on a model loaded from a checkpoint whose MLP outputs (down_proj
-    weights, fused experts' down matrices) already absorb them (``import_model_from_safetensors`` and
-    transformers' loader call this through ``_map_to_quark``): the online transforms only, weights
-    untouched, from the ``rotation`` entry of ``quant_config.algo_config``. Returns the rotated
-    modules' names."""
-    names = []
-    for cfg in getattr(quant_config, "algo_config", None) or []:
-        if not (isinstance(cfg, RotationConfig) and cfg.r4):
-            continue
-        found = find_decoder_layers(model, cfg.model_decoder_layers or None)
-        if found is None:
-            raise ValueError("the checkpoint was rotated with r4 but the model has no stack of decoder layers; "
-                             "set model_decoder_layers in its rotation config")
-        transforms: dict[int, HadamardTransform] = {}
-        for name, module in r4_targets(found[1], cfg, found[0]):
-            if online_rotation(module) is not None:
-                continue
-            n = r4_input_size(module, name)
-            # real tensors even when the loader builds the model under a meta-device context (transformers);
-            # the transform moves its factors to its input's device
-            with torch.device("cpu"):
-                if n not in transforms:
-                    transforms[n] = RotationAlgorithm._rotation(n, cfg, cfg.seed + R4_SEED_OFFSET, "r4")
-                attach_online_rotation(module, HadamardTransform(n, transforms[n].signs), absorb=False)
-            names.append(name)
-    return names
-
-
 class RotationAlgorithm(BlockAlgorithm):
-    name = "rotation"
+    config_class = RotationConfig
     keeps_float_function = True
     acts_on_fused_experts = True  # R1 rotates their gate/up and down matrices
 
@@ -593,21 +439,7 @@ class RotationAlgorithm(BlockAlgorithm):
         for step in steps:
             step()
 
-    @staticmethod
-    def _rotation(n: int, cfg: RotationConfig, seed: int, role: str,
-                  keep_mean: bool = False) -> HadamardTransform | MeanPreservingTransform:
-        """The Hadamard transform of order ``n``; ``keep_mean``: one that maps the all-ones direction to
-        itself (a LayerNorm stream), built from a transform with random signs (without them the
-        reflection that keeps the mean makes a few entries large; see :class:`.MeanPreservingTransform`)."""
-        try:
-            how = construction(n)
-        except ValueError as exc:
-            raise ValueError(f"rotation {role}: {exc}; disable {role} for this model") from None
-        signs = cfg.random or keep_mean
-        logger.info("rotation %s: order %d = %s%s%s", role, n, how, ", random signs" if signs else "",
-                    ", reflected to keep the mean (LayerNorm stream)" if keep_mean else "")
-        rot = HadamardTransform(n, random_signs(n, seed) if signs else None)
-        return MeanPreservingTransform(rot) if keep_mean else rot
+    _rotation = staticmethod(rotation_transform)
 
     def _plan_r1(self, model: nn.Module, layers: nn.ModuleList, cfg: RotationConfig, seed: int) -> Callable[[], None]:
         embeddings = [get_submodule(model, p) for p in cfg.embedding_layers]
@@ -783,4 +615,4 @@ class RotationAlgorithm(BlockAlgorithm):
         return apply
 
 
-ALGORITHM = RotationAlgorithm()
+ALGORITHM = register_algorithm(RotationAlgorithm())

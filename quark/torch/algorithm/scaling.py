@@ -44,12 +44,13 @@ from quark.torch.quantization.config.config import first_stage
 from quark.torch.quantization.config.type import QSchemeType
 from quark.torch.quantization.driver import BlockInputs, find_decoder_layers, run_block
 from quark.torch.quantization.fused_experts import QuantFusedExperts
+from quark.torch.quantization.online_rotation import online_rotation
 from quark.torch.quantization.tensor_quantize import compute_qparams, fake_quantize
 from quark.torch.quantization.tensor_quantizer import TensorQuantizer
 from quark.torch.utils.linear import linear
 
 from . import BlockContext, match_modules, precision, quantizers_off
-from .rotation import StreamModule, online_rotation
+from .rotation import StreamModule
 
 logger = logging.getLogger(__name__)
 #: sites whose search fell back from autocast (logged at INFO once, then per block at DEBUG)

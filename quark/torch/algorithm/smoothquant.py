@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from quark.torch.quantization.config.algo_configs import SmoothQuantConfig
 
-from . import BlockAlgorithm, BlockContext
+from . import BlockAlgorithm, BlockContext, register_algorithm
 from .expert_scaling import scale_block_experts, smooth_rule
 from .scaling import Site, capture, check_pairs, fold, resolve_sites, weight_absmax
 
@@ -51,7 +51,7 @@ def smooth_candidate(site: Site, act_absmax: torch.Tensor, alpha: float, clamp_m
 
 
 class SmoothQuant(BlockAlgorithm):
-    name = "smoothquant"
+    config_class = SmoothQuantConfig
 
     def prepare_model(self, model: nn.Module, config: SmoothQuantConfig) -> None:
         check_pairs(model, config)
@@ -68,4 +68,4 @@ class SmoothQuant(BlockAlgorithm):
             scale_block_experts(ctx, smooth_rule(config.alpha, config.scale_clamp_min), self.name)
 
 
-ALGORITHM = SmoothQuant()
+ALGORITHM = register_algorithm(SmoothQuant())

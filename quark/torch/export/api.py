@@ -18,7 +18,8 @@ Checkpoint names are a fixed rename of the module state (transformers' quark loa
 inverse): ``<layer>.weight_quantizer.scale`` <-> ``<layer>.weight_scale`` (same for ``zero_point`` and
 the ``input`` / ``output`` / ``bias`` quantizers), ``<attn>.prob_output_quantizer.scale`` <->
 ``<attn>.prob_output_scale`` (fp8 attention); second-stage tensors keep their name
-(``weight_scale_2``, ``input_scale_2``).  Tensor layouts: :mod:`.layouts` and :mod:`.awq`.
+(``weight_scale_2``, ``input_scale_2``).  Tensor layouts:
+:mod:`quark.torch.quantization.layouts` and :mod:`.awq`.
 
 Quantized fused MoE experts (:mod:`quark.torch.quantization.fused_experts`) are written per expert
 (``<experts>.<e>.<proj>.weight`` / ``weight_scale`` / ``input_scale``, the names of :mod:`.experts`) and
@@ -42,7 +43,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from quark.torch.algorithm.rotation import online_rotated_layers, restore_online_rotations
 from quark.torch.quantization.config.config import QConfig, QLayerConfig
 from quark.torch.quantization.fused_experts import (
     QuantFusedExperts,
@@ -50,11 +50,24 @@ from quark.torch.quantization.fused_experts import (
     fused_experts_modules,
     projection_configs,
 )
+from quark.torch.quantization.layouts import (
+    NoServingLayoutError,
+    WeightLayout,
+    activation_placeholders,
+    qparam_tensors,
+)
 from quark.torch.quantization.modules import ROLES, QuantLinear, quantized_linears
+from quark.torch.quantization.online_rotation import online_rotated_layers, restore_online_rotations
 from quark.torch.quantization.tensor_quantize import fake_quantize
 from quark.torch.quantization.tensor_quantizer import TensorQuantizer
 
 from .awq import AWQ_NAMES, awq_config, awq_unsupported_reason, from_awq, to_awq
+from .checkpoint_keys import (
+    _SOFTMAX_QUANTIZER,
+    PROB_QUANTIZER,
+    _to_checkpoint_key,
+    _to_module_key,
+)
 from .config.config import PACK_METHODS, WEIGHT_FORMATS, JsonExporterConfig
 from .experts import (
     attach_checkpoint_slots,
@@ -66,7 +79,6 @@ from .experts import (
     owned_keys,
     placeholder_projection,
 )
-from .layouts import NoServingLayoutError, WeightLayout, activation_placeholders, qparam_tensors
 from .main_export.quant_config_parser import QuantConfigParser
 from .safetensors_io import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -88,45 +100,12 @@ logger = logging.getLogger(__name__)
 
 QUANT_MODE = "eager_mode"
 CUSTOM_MODES = ("quark", "awq")
-#: checkpoint suffix -> module attribute path (transformers' quark loader applies exactly these)
-CHECKPOINT_KEYS = {
-    f"{role}_{name}": f"{role}_quantizer.{name}"
-    for role in ("weight", "bias", "input", "output")
-    for name in ("scale", "zero_point")
-}
-#: the softmax quantizer of fp8 attention is registered under this name on a loaded model
-PROB_QUANTIZER = "prob_output_quantizer"
-_SOFTMAX_QUANTIZER = "softmax_quantizer"
 
 
 def _version() -> str:
     import quark
 
     return getattr(quark, "__version__", "0.12.0")
-
-
-# ---------------------------------------------------------------------------------------------
-# names
-# ---------------------------------------------------------------------------------------------
-def _to_module_key(key: str) -> str:
-    """Checkpoint name -> module state name (the suffix rename transformers applies)."""
-    for src, dst in CHECKPOINT_KEYS.items():
-        if key.endswith(src):
-            return key[: -len(src)] + dst
-    return key
-
-
-def _to_checkpoint_key(key: str) -> str:
-    """Module state name -> checkpoint name (inverse of :func:`_to_module_key`)."""
-    for quantizer in (_SOFTMAX_QUANTIZER, PROB_QUANTIZER):
-        marker = f".{quantizer}."
-        if marker in key:
-            head, _, name = key.rpartition(marker)
-            return f"{head}.prob_output_{name}"
-    for src, dst in CHECKPOINT_KEYS.items():
-        if key.endswith("." + dst):
-            return key[: -len(dst)] + src
-    return key
 
 
 def _model_qconfig(model: nn.Module) -> QConfig:

@@ -49,9 +49,10 @@ from quark.torch.quantization.fused_experts import (
     slice_rows,
     stack_qparams,
 )
+from quark.torch.quantization.layouts import WeightLayout, activation_placeholders, qparam_tensors
 from quark.torch.quantization.tensor_quantize import QParams, dequantize, fake_quantize
 
-from .layouts import WeightLayout, qparam_tensors
+from .checkpoint_keys import _to_checkpoint_key, _to_module_key
 from .safetensors_io import CheckpointError
 
 #: on-disk parts of one expert matrix: (name, rows of the [out, in] matrix; None = all)
@@ -299,8 +300,6 @@ def placeholder_projection(module: QuantFusedExperts, proj: Projection, layout: 
     """Uninitialised state of one quantized projection as a loader fills it: ``real_quantized`` (frozen:
     stacked stored tensors, the float parameter dropped) or ``fake_quantized`` (float parameter and
     natural qparams); static activation qparams either way."""
-    from .layouts import activation_placeholders
-
     fp = module.fused_quant[proj.alias]
     w = module.float_weight(proj)
     device = w.device
@@ -349,8 +348,6 @@ def checkpoint_placeholders(module: QuantFusedExperts, parts_of: dict[str, Parts
     tensor of its shape and dtype: exactly the tensors :func:`fused_checkpoint_tensors` writes."""
     from quark.torch.quantization.tensor_quantize import compute_qparams
 
-    from .layouts import activation_placeholders
-
     out: dict[str, torch.Tensor] = {}
     for proj, fp in module.quantized_projections():
         wq = fp.weight_quantizer
@@ -393,8 +390,6 @@ def attach_checkpoint_slots(module: QuantFusedExperts, parts_of: dict[str, Parts
     (run by the module's ``train()`` / ``eval()`` -- ``from_pretrained`` ends with ``model.eval()`` -- and by its
     forward) builds it from them exactly as ``import_model_from_safetensors`` does.
     """
-    from .api import _to_module_key
-
     device = next((t.device for t in (*module.parameters(), *module.buffers())), None)
     slots = checkpoint_placeholders(module, parts_of, weight_format, pack_method, "meta")
     for proj, fp in module.quantized_projections():
@@ -425,8 +420,9 @@ def attach_checkpoint_slots(module: QuantFusedExperts, parts_of: dict[str, Parts
                 owner.add_module(part, child)
             owner = child
         owner.register_buffer(leaf, torch.empty(t.shape, dtype=t.dtype, device=device))
+    # the module calls "adopt" (QuantFusedExperts.finish_loading): quantization/ does not import export/
     module._checkpoint_slots = {"parts": dict(parts_of), "merged": set(merged), "weight_format": weight_format,
-                                "pack_method": pack_method}
+                                "pack_method": pack_method, "adopt": adopt_checkpoint_slots}
 
 
 def _submodule(module: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -438,8 +434,6 @@ def adopt_checkpoint_slots(module: QuantFusedExperts) -> bool:
     """Turn the tensors transformers loaded into :func:`attach_checkpoint_slots`' slots into the module's
     stacked state and drop the slots; False (nothing done) when there are none or they are not loaded yet
     (still on the ``meta`` device)."""
-    from .api import _to_checkpoint_key
-
     info = module.__dict__.get("_checkpoint_slots")
     if info is None:
         return False

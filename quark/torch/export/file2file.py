@@ -51,6 +51,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from quark.torch.quantization.config.config import QConfig
+from quark.torch.quantization.layouts import NoServingLayoutError
 from quark.torch.quantization.modules import QuantLinear, quantized_linears
 
 from .api import (
@@ -63,7 +64,6 @@ from .api import (
     _write_config_files,
 )
 from .config.config import PACK_METHODS
-from .layouts import NoServingLayoutError
 from .safetensors_io import INDEX_NAME, CheckpointError, parse_size, read_index, write_shards
 
 __all__ = ["direct_quantize_checkpoint", "OutputExistsError"]

@@ -44,10 +44,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from quark.torch.algorithm.rotation import online_rotated_layers
 from quark.torch.quantization.config.config import first_stage
 from quark.torch.quantization.config.type import Dtype, QSchemeType, ScaleType
 from quark.torch.quantization.modules import quantized_linears
+from quark.torch.quantization.online_rotation import online_rotated_layers
 from quark.torch.quantization.tensor_quantize import QParams, dequantize
 
 __all__ = ["export_gguf", "GGUF_ARCHITECTURES", "GgufArchitecture", "GGUFExportError"]

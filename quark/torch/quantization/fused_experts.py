@@ -18,7 +18,7 @@ for a subclass, :class:`QuantFusedExperts`; names and parameters stay where they
   quantizers (or rotation's online R4 on the experts' down inputs) it runs a per-expert loop
   (:meth:`QuantFusedExperts._expert_loop`) mirroring transformers' eager experts forward with each
   expert's quantizers applied;
-* ``freeze`` stores every expert's weight in the export layout (:mod:`quark.torch.export.layouts`),
+* ``freeze`` stores every expert's weight in the export layout (:mod:`quark.torch.quantization.layouts`),
   stacked over the experts (``stored_weight [E, ...]``, ``stored_scale [E, ...]``), and drops the
   float parameter; the forward dequantizes them (outputs equal the fake-quantized ones).
 
@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from quark.torch.utils.linear import linear
 
 from .config.config import QLayerConfig, TensorSpec
+from .layouts import WeightLayout
 from .observers import Observer
 from .tensor_quantize import QParams, compute_qparams, dequantize, fake_quantize, quantize
 from .tensor_quantizer import TensorQuantizer
@@ -445,8 +446,6 @@ class FusedProjection(nn.Module):
         return module_view(out, self.param_shape, self.proj.transposed)
 
     def freeze(self, w: torch.Tensor, pack_method: str = "reorder") -> None:
-        from quark.torch.export.layouts import WeightLayout
-
         wq = self.weight_quantizer
         if self.frozen or wq is None:
             return
@@ -607,12 +606,12 @@ class QuantFusedExperts(nn.Module):
 
     def finish_loading(self) -> bool:
         """Build the stacked state from the per-expert tensors transformers' ``from_pretrained`` loaded
-        (:func:`quark.torch.export.experts.attach_checkpoint_slots`); False when there is nothing to do."""
-        if self.__dict__.get("_checkpoint_slots") is None:
+        (:func:`quark.torch.export.experts.attach_checkpoint_slots`, which leaves the function doing it
+        under ``_checkpoint_slots["adopt"]``); False when there is nothing to do."""
+        slots = self.__dict__.get("_checkpoint_slots")
+        if slots is None:
             return False
-        from quark.torch.export.experts import adopt_checkpoint_slots
-
-        return adopt_checkpoint_slots(self)
+        return slots["adopt"](self)
 
     def train(self, mode: bool = True) -> QuantFusedExperts:
         self.finish_loading()  # from_pretrained ends with model.eval(): the loaded tensors are in place then

@@ -4,7 +4,7 @@
   input, the weight (cached inside :func:`weight_caching`, until the weight or its qparams change) and
   the output;
 - frozen (after ``ModelQuantizer.freeze``): the float weight is replaced by exactly the tensors
-  export writes (:mod:`quark.torch.export.layouts`: element codes packed where the format packs --
+  export writes (:mod:`quark.torch.quantization.layouts`: element codes packed where the format packs --
   int4 in int32 words, transposed ``[K, N/8]`` for per-group int4, fp4 two per byte, fp6 four per
   three bytes, fp8 as ``float8_e4m3fn`` -- and the scales in their storage format); forward
   dequantizes on the fly, so the weight memory is the quantized size and the outputs equal the
@@ -25,10 +25,10 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
-from quark.torch.export.layouts import WeightLayout, activation_placeholders
 from quark.torch.utils.linear import linear
 
 from .config.config import QLayerConfig
+from .layouts import WeightLayout, activation_placeholders
 from .tensor_quantize import QParams, compute_qparams, dequantize, quantize
 from .tensor_quantizer import TensorQuantizer
 

@@ -8,6 +8,12 @@ architecture templates (``templates/``) fill those fields in; users override the
 
 Each config serialises with :meth:`AlgoConfig.to_dict` (including its ``name``) and is rebuilt by
 :func:`algo_config_from_dict`, so a ``QConfig`` round-trips through config.json.
+
+Adding an algorithm takes two declarations and no list: here, an ``AlgoConfig`` subclass with its
+``name`` and the :func:`register_algo_config` decorator (definition order is the order in which the
+algorithms are listed everywhere); in ``quark/torch/algorithm/<name>.py``, the implementation, a
+``BlockAlgorithm`` subclass with ``config_class = <the config class>``, registered with
+``ALGORITHM = register_algorithm(<the class>())``.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import copy
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 
 @dataclass
@@ -66,6 +72,35 @@ class AlgoConfig:
 
     def copy(self) -> AlgoConfig:
         return copy.deepcopy(self)
+
+
+#: algorithm name -> config class, in registration order (the order the documentation lists them):
+#: filled by :func:`register_algo_config`, the one place an algorithm's name is declared. Every other
+#: list of algorithm names derives from it (``LLMTemplate``'s ``SUPPORTED_ALGORITHMS``, the templates'
+#: algorithm keys, the CLI's checks, ``quark.torch.algorithm.get_algorithm``).
+ALGO_CONFIG_CLASSES: dict[str, type[AlgoConfig]] = {}
+
+_AlgoConfigT = TypeVar("_AlgoConfigT", bound=type[AlgoConfig])
+
+
+def register_algo_config(cls: _AlgoConfigT) -> _AlgoConfigT:
+    """Class decorator: register an :class:`AlgoConfig` subclass under the ``name`` it declares
+    (``name: ClassVar[str] = "gptq"``), which becomes the algorithm's name everywhere (``algorithm=``,
+    ``algo_configs={...}``, config.json). Its implementation registers itself in
+    :mod:`quark.torch.algorithm` (a plugin module named after the algorithm) with
+    ``register_algorithm``."""
+    if not (isinstance(cls, type) and issubclass(cls, AlgoConfig)):
+        raise TypeError(f"register_algo_config: {cls!r} is not an AlgoConfig subclass")
+    name = cls.__dict__.get("name")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise TypeError(f"register_algo_config: {cls.__name__} must declare its own algorithm name, a Python "
+                        f"identifier, as a class attribute (name: ClassVar[str] = \"...\"); got {name!r}")
+    known = ALGO_CONFIG_CLASSES.get(name)
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"register_algo_config: algorithm name {name!r} of {cls.__module__}.{cls.__qualname__} "
+                         f"is already taken by {known.__module__}.{known.__qualname__}")
+    ALGO_CONFIG_CLASSES[name] = cls  # a reloaded module replaces its own class
+    return cls
 
 
 def _pairs_field() -> Any:
@@ -152,6 +187,7 @@ def check_solver_fields(config: AlgoConfig) -> None:
                    "[['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'], ['self_attn.o_proj']]")
 
 
+@register_algo_config
 @dataclass
 class AWQConfig(_ScalingConfig):
     """Activation-aware Weight Quantization (Lin et al. 2023, arXiv:2306.00978)."""
@@ -182,48 +218,7 @@ class AWQConfig(_ScalingConfig):
         check_bool(self, "scale_expert_down")
 
 
-@dataclass
-class SmoothQuantConfig(_ScalingConfig):
-    """SmoothQuant (Xiao et al. 2022, arXiv:2211.10438): migrate activation outliers into weights."""
-
-    name: ClassVar[str] = "smoothquant"
-    alpha: float = 0.5
-    scale_clamp_min: float = 1e-3
-    #: also scale each fused MoE expert's up rows into its down columns, per expert from its routed
-    #: tokens (``quark.torch.algorithm.expert_scaling``); it moves difficulty into the up rows, as the
-    #: dense ``up_proj -> down_proj`` pair does
-    scale_expert_down: bool = True
-
-    def validate(self) -> None:
-        super().validate()
-        check_number(self, "alpha", 0, 1)
-        check_number(self, "scale_clamp_min", 0, low_open=True)
-        check_bool(self, "scale_expert_down")
-
-
-@dataclass
-class AutoSmoothQuantConfig(_ScalingConfig):
-    """SmoothQuant with the migration strength ``alpha`` searched per scaling pair on the block output."""
-
-    name: ClassVar[str] = "autosmoothquant"
-    #: block-output error minimised by the search: "mse", "mae" or "rmse"
-    compute_scale_loss: str = "mse"
-    num_grid: int = 20
-    scale_clamp_min: float = 1e-3
-    #: precision of the alpha search's candidate forwards (see ``AWQConfig.search_dtype``)
-    search_dtype: str = "auto"
-    #: inside every fused MoE expert, search a scale for up -> down on the expert's own tokens
-    scale_expert_down: bool = True
-
-    def validate(self) -> None:
-        super().validate()
-        check_bool(self, "scale_expert_down")
-        check_choice(self, "compute_scale_loss", SCALE_LOSSES)
-        check_number(self, "num_grid", 1, integer=True)
-        check_number(self, "scale_clamp_min", 0, low_open=True)
-        check_dtype_choice(self, "search_dtype")
-
-
+@register_algo_config
 @dataclass
 class GPTQConfig(AlgoConfig):
     """GPTQ (Frantar et al. 2022, arXiv:2210.17323): second-order, column-by-column error compensation."""
@@ -250,6 +245,7 @@ class GPTQConfig(AlgoConfig):
         check_solver_fields(self)
 
 
+@register_algo_config
 @dataclass
 class GPTAQConfig(GPTQConfig):
     """GPTAQ (Li et al. 2025, arXiv:2504.02692): GPTQ that also corrects the float/quantized input drift."""
@@ -268,6 +264,51 @@ class GPTAQConfig(GPTQConfig):
         check_dtype_choice(self, "cross_term_dtype")
 
 
+@register_algo_config
+@dataclass
+class SmoothQuantConfig(_ScalingConfig):
+    """SmoothQuant (Xiao et al. 2022, arXiv:2211.10438): migrate activation outliers into weights."""
+
+    name: ClassVar[str] = "smoothquant"
+    alpha: float = 0.5
+    scale_clamp_min: float = 1e-3
+    #: also scale each fused MoE expert's up rows into its down columns, per expert from its routed
+    #: tokens (``quark.torch.algorithm.expert_scaling``); it moves difficulty into the up rows, as the
+    #: dense ``up_proj -> down_proj`` pair does
+    scale_expert_down: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        check_number(self, "alpha", 0, 1)
+        check_number(self, "scale_clamp_min", 0, low_open=True)
+        check_bool(self, "scale_expert_down")
+
+
+@register_algo_config
+@dataclass
+class AutoSmoothQuantConfig(_ScalingConfig):
+    """SmoothQuant with the migration strength ``alpha`` searched per scaling pair on the block output."""
+
+    name: ClassVar[str] = "autosmoothquant"
+    #: block-output error minimised by the search: "mse", "mae" or "rmse"
+    compute_scale_loss: str = "mse"
+    num_grid: int = 20
+    scale_clamp_min: float = 1e-3
+    #: precision of the alpha search's candidate forwards (see ``AWQConfig.search_dtype``)
+    search_dtype: str = "auto"
+    #: inside every fused MoE expert, search a scale for up -> down on the expert's own tokens
+    scale_expert_down: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        check_bool(self, "scale_expert_down")
+        check_choice(self, "compute_scale_loss", SCALE_LOSSES)
+        check_number(self, "num_grid", 1, integer=True)
+        check_number(self, "scale_clamp_min", 0, low_open=True)
+        check_dtype_choice(self, "search_dtype")
+
+
+@register_algo_config
 @dataclass
 class QronosConfig(AlgoConfig):
     """Qronos (Zhang et al. 2025, arXiv:2505.11695): error correction from float and quantized streams."""
@@ -298,6 +339,7 @@ class QronosConfig(AlgoConfig):
         check_dtype_choice(self, "cross_term_dtype")
 
 
+@register_algo_config
 @dataclass
 class RotationConfig(AlgoConfig):
     """Hadamard rotation (QuaRot, Ashkboos et al. 2024, arXiv:2404.00456; SpinQuant's R1-R4 placement).
@@ -354,20 +396,6 @@ class RotationConfig(AlgoConfig):
             check_text(self, name)
         for name in ("embedding_layers", "attn_inputs", "mlp_inputs", "mlp_outputs", "stream_writers"):
             check_texts(self, name)
-
-
-ALGO_CONFIG_CLASSES: dict[str, type[AlgoConfig]] = {
-    cls.name: cls
-    for cls in (
-        AWQConfig,
-        GPTQConfig,
-        GPTAQConfig,
-        SmoothQuantConfig,
-        AutoSmoothQuantConfig,
-        QronosConfig,
-        RotationConfig,
-    )
-}
 
 
 def algo_config_from_dict(data: dict[str, Any]) -> AlgoConfig:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Union
 
-from .config import QTensorConfig
+from .tensor_config import QTensorConfig
 from .type import Dtype, QSchemeType, RoundType, ScaleCalculationMode, ScaleType
 
 __all__ = [

@@ -18,14 +18,31 @@ from .schemes import QuantizationScheme, QuantizationSchemeCollection, builtin_s
 from .schemes import __all__ as _scheme_names
 from .specs import FP8E4M3PerTensorSpec
 
-#: algorithms ``get_config`` knows, in the order the documentation lists them
-SUPPORTED_ALGORITHMS = ("awq", "gptq", "gptaq", "smoothquant", "autosmoothquant", "qronos", "rotation")
+# ``SUPPORTED_ALGORITHMS`` (the algorithms ``get_config`` knows, in the order the documentation lists
+# them) is derived from the registry of algorithm configs on each access: see ``__getattr__`` below.
 SUPPORTED_KV_CACHE_SCHEMES = ("fp8",)
 SUPPORTED_ATTENTION_SCHEMES = ("fp8",)
 
 
 def _fp8_static() -> QTensorConfig:
     return FP8E4M3PerTensorSpec(is_dynamic=False).to_quantization_spec()
+
+
+def _supported_algorithms() -> tuple[str, ...]:
+    """The registered algorithm names (``quark.torch.quantization.config.algo_configs.register_algo_config``)."""
+    return tuple(ALGO_CONFIG_CLASSES)
+
+
+def __getattr__(name: str) -> Any:
+    # SUPPORTED_ALGORITHMS is computed on access so that it lists every registered algorithm, also one
+    # registered after this module was imported
+    if name == "SUPPORTED_ALGORITHMS":
+        return _supported_algorithms()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), "SUPPORTED_ALGORITHMS"])
 
 
 def _check_choice(value: Any, allowed: tuple[str, ...], what: str) -> None:
@@ -80,7 +97,7 @@ class LLMTemplate:
         self.f2f_weight_converters = list(f2f_weight_converters or [])
         configs = dict(algorithm_configs or {})
         for key, value in legacy_algorithm_parameters.items():
-            if not key.endswith("_config") or key[: -len("_config")] not in SUPPORTED_ALGORITHMS:
+            if not key.endswith("_config") or key[: -len("_config")] not in ALGO_CONFIG_CLASSES:
                 raise TypeError(f"LLMTemplate got an unexpected keyword argument {key!r}")
             warnings.warn(
                 f"LLMTemplate({key}=...) is deprecated; pass algorithm_configs={{'{key[:-7]}': ...}}",
@@ -89,7 +106,7 @@ class LLMTemplate:
             )
             configs[key[: -len("_config")]] = value
         for name, cfg in configs.items():
-            _check_choice(name, SUPPORTED_ALGORITHMS, "algorithm")
+            _check_choice(name, _supported_algorithms(), "algorithm")
             if cfg is not None and not isinstance(cfg, ALGO_CONFIG_CLASSES[name]):
                 raise TypeError(
                     f"algorithm_configs[{name!r}] must be a {ALGO_CONFIG_CLASSES[name].__name__}, "
@@ -166,10 +183,10 @@ class LLMTemplate:
         names = [algorithm] if isinstance(algorithm, str) else list(algorithm)
         overrides = dict(algo_configs or {})
         for name in overrides:
-            _check_choice(name, SUPPORTED_ALGORITHMS, "algorithm in algo_configs")
+            _check_choice(name, _supported_algorithms(), "algorithm in algo_configs")
         out: list[AlgoConfig] = []
         for name in names:
-            _check_choice(name, SUPPORTED_ALGORITHMS, "algorithm")
+            _check_choice(name, _supported_algorithms(), "algorithm")
             cfg = overrides.get(name) or self.algorithm_configs.get(name)
             if cfg is None:
                 raise ValueError(
@@ -277,4 +294,4 @@ def _register_builtin_templates() -> None:
 
 _register_builtin_templates()
 
-__all__ = ["LLMTemplate", "SUPPORTED_ALGORITHMS", *_scheme_names]
+__all__ = ["LLMTemplate", "SUPPORTED_ALGORITHMS", *_scheme_names]  # noqa: F405 (SUPPORTED_ALGORITHMS: __getattr__)

@@ -38,6 +38,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..algo_configs import (
+    ALGO_CONFIG_CLASSES,
     AutoSmoothQuantConfig,
     AWQConfig,
     GPTAQConfig,
@@ -48,8 +49,18 @@ from ..algo_configs import (
     SmoothQuantConfig,
 )
 
-#: the algorithm keys every template spells out (``None`` = no default for the architecture)
-ALGORITHMS = ("awq", "gptq", "gptaq", "smoothquant", "autosmoothquant", "qronos", "rotation")
+
+def __getattr__(name: str) -> Any:
+    # ``ALGORITHMS``: the algorithm keys every template spells out (``None`` = no default for the
+    # architecture), i.e. every registered algorithm, computed on access from the registry
+    if name == "ALGORITHMS":
+        return tuple(ALGO_CONFIG_CLASSES)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), "ALGORITHMS"])
+
 
 #: exclusion every template carries
 LM_HEAD = "lm_head"
@@ -211,8 +222,8 @@ def algorithms(
     groups: list[list[str]] | None = None,
     rotation_config: RotationConfig | None = None,
 ) -> dict[str, Any]:
-    """All seven algorithm keys: defaults where the architecture has them, ``None`` elsewhere."""
-    configs: dict[str, Any] = dict.fromkeys(ALGORITHMS)
+    """Every algorithm key: defaults where the architecture has them, ``None`` elsewhere."""
+    configs: dict[str, Any] = dict.fromkeys(ALGO_CONFIG_CLASSES)
     if pairs:
         configs.update(scaling_algorithms(decoder_layers, pairs, moe_norm_pairs(pairs, rotation_config)))
     if groups:

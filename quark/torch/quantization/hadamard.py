@@ -307,12 +307,13 @@ class MeanPreservingTransform(nn.Module):
 
     The product is orthogonal and maps ``u`` to itself, hence also the mean-zero subspace ``u⊥`` to
     itself: a residual stream whose vectors have zero mean keeps zero mean after the rotation, which
-    is what lets a LayerNorm (mean subtraction) commute with it (see :mod:`.rotation`). ``G = I - 2
-    w wᵀ / wᵀw`` with ``w = u Q - u`` is a rank-one change of the identity, so the transform stays
-    fast. With random signs in ``Q`` (``D H / sqrt(n)``), ``u Q`` has spread-out entries and ``Q G``
-    stays nearly as flat as ``Q`` (largest entry about ``3-4 / sqrt(n)`` for n = 64 ... 1536); without
-    them ``u Q`` is concentrated (``H 1`` is one row's worth) and a few entries grow to ``sqrt(n) / 2``
-    times a Hadamard entry, so callers should pass a transform with signs.
+    is what lets a LayerNorm (mean subtraction) commute with it (see :mod:`quark.torch.algorithm.rotation`).
+    ``G = I - 2 w wᵀ / wᵀw`` with ``w = u Q - u`` is a rank-one change of the identity, so the
+    transform stays fast. With random signs in ``Q`` (``D H / sqrt(n)``), ``u Q`` has spread-out
+    entries and ``Q G`` stays nearly as flat as ``Q`` (largest entry about ``3-4 / sqrt(n)`` for
+    n = 64 ... 1536); without them ``u Q`` is concentrated (``H 1`` is one row's worth) and a few
+    entries grow to ``sqrt(n) / 2`` times a Hadamard entry, so callers should pass a transform with
+    signs.
     """
 
     def __init__(self, base: HadamardTransform) -> None:

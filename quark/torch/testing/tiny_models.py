@@ -1,11 +1,12 @@
 """Tiny random models of every architecture transformers ships that has an ``LLMTemplate``.
 
 The tiny-config data shared by ``tests/test_template_patterns.py`` (template names against real
-module names) and the coverage harness (:mod:`quark.torch.utils.coverage`, ``bench/coverage.py``):
+module names) and the coverage harness (:mod:`quark.torch.testing.coverage`, ``bench/coverage.py``):
 for each native model type, one or more :class:`Case` variants (the class a user loads, fields of
 the text config, work-arounds), built without any download from ``AutoConfig.for_model``.
 Remote-code model types (not shipped by transformers) have no case: their module names are listed
-in ``tests/data/remote_code_module_names.json`` (:func:`remote_listing`).
+in ``quark/torch/testing/data/remote_code_module_names.json``, package data installed with quark
+(:func:`remote_listing`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import json
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,8 @@ from torch import nn
 
 from quark.torch.quantization.config.templates import MODEL_TYPES
 
-#: the module listing of remote-code layouts (a repository file, next to the tests that use it)
-REMOTE_LISTING = Path(__file__).resolve().parents[3] / "tests" / "data" / "remote_code_module_names.json"
+#: the module listing of remote-code layouts (package data of ``quark.torch.testing``, installed with it)
+REMOTE_LISTING = resources.files("quark.torch.testing") / "data" / "remote_code_module_names.json"
 
 #: applied to the (text) config wherever the field exists and is set in the default config
 TINY = dict(
@@ -81,7 +83,7 @@ _MLA = {"num_key_value_heads": 4}
 _DENSE_FIRST = {"mlp_only_layers": [0]}
 #: tiny vision towers for the multimodal classes (without them each model carries a 0.1-0.8 B-parameter
 #: random vision tower); the harness feeds them images only where decoder blocks need them
-#: (``quark.torch.utils.coverage.INPUT_BUILDERS``), text elsewhere
+#: (``quark.torch.testing.coverage.INPUT_BUILDERS``), text elsewhere
 _VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 _QWEN_VIT = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                  num_position_embeddings=16)
@@ -277,7 +279,7 @@ REMOTE_ONLY = sorted(t for t in MODEL_TYPES if t not in CASES)
 
 def remote_listing(path: str | Path | None = None) -> dict[str, Any]:
     """The remote-code module listing: model type -> ``{"source", "layouts": {name: layout}}``."""
-    data = json.loads(Path(path or REMOTE_LISTING).read_text())
+    data = json.loads((Path(path) if path else REMOTE_LISTING).read_text(encoding="utf-8"))
     return {k: v for k, v in data.items() if not k.startswith("_")}
 
 
