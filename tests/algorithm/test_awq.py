@@ -9,8 +9,8 @@ import torch.nn as nn
 
 from quark.torch import LLMTemplate
 from quark.torch.algorithm import quantizers_off
-from quark.torch.algorithm.awq import awq_candidates, clip_layer
-from quark.torch.algorithm.scaling import Site, fold
+from quark.torch.algorithm.awq import clip_layer
+from quark.torch.algorithm.scaling import Site, awq_candidates, fold
 from quark.torch.quantization.api import ModelQuantizer
 from quark.torch.quantization.config.algo_configs import AWQConfig, ScalingPair
 from quark.torch.quantization.config.config import Int4PerChannelSpec, QLayerConfig, Uint4PerGroupSpec

@@ -11,12 +11,13 @@ from quark.torch import LLMTemplate
 from quark.torch.algorithm import get_algorithm, quantizers_off
 from quark.torch.algorithm import gptq as gptq_module
 from quark.torch.algorithm.gptaq import GPTAQ
-from quark.torch.algorithm.gptq_experts import RoutedRecord, quantize_experts
+from quark.torch.algorithm.gptq_experts import quantize_experts
 from quark.torch.algorithm.hessian_solver import Gram, quantize_weight
 from quark.torch.quantization.api import ModelQuantizer
 from quark.torch.quantization.config.algo_configs import GPTAQConfig, GPTQConfig
 from quark.torch.quantization.fused_experts import fused_experts_modules
 from quark.torch.quantization.modules import QuantLinear
+from quark.torch.quantization.moe import RoutedTokens
 from quark.torch.quantization.tensor_quantize import compute_qparams, fake_quantize
 from quark.torch.testing.tiny_models import build_model
 
@@ -79,7 +80,7 @@ def test_a_recorded_call_pairs_the_float_stream_by_token_with_top_k_routing_only
     top_k = first_experts(quantized("qwen3_moe")[0])
     hidden, hidden_float = torch.randn(2, 3, 64), torch.randn(2, 3, 64)
     index = torch.tensor([[0, 1], [1, 2], [3, 1], [2, 0], [1, 3], [0, 2]])
-    record = RoutedRecord(top_k)
+    record = RoutedTokens(top_k)
     record.add_call((hidden, index, torch.full((6, 2), 0.5)), {}, hidden_float)
     assert record.tokens(0) == 3 and record.tokens(1) == 4
     (xq, xf), = record.expert_inputs(3)
@@ -87,7 +88,7 @@ def test_a_recorded_call_pairs_the_float_stream_by_token_with_top_k_routing_only
     dense = first_experts(quantized("llama4")[0])
     blocks = torch.zeros(int(dense.num_experts), 2, 64)
     blocks[1, 0] = 1.0
-    record = RoutedRecord(dense)
+    record = RoutedTokens(dense)
     record.add_call((blocks.reshape(-1, 64),), {}, torch.ones_like(blocks).reshape(-1, 64))
     (xq, xf), = record.expert_inputs(1)
     assert xf is xq and torch.equal(xq, blocks[1, :1])  # not paired: the quantized rows stand in
@@ -111,7 +112,7 @@ def test_each_expert_is_gptq_on_its_own_tokens_and_unrouted_experts_keep_rtn(rtn
     (gu_proj, gu), (down_proj, down) = projection(module, "gate_up"), projection(module, "down")
     W_gu = gu.view(module.float_weight(gu_proj)).detach().clone()
     W_down = down.view(module.float_weight(down_proj)).detach().clone()
-    record = RoutedRecord(module)
+    record = RoutedTokens(module)
     record.batches = [(x[:30], [r[r < 30] for r in rows], None), (x[30:], [r[r >= 30] - 30 for r in rows], None)]
     config = GPTQConfig()
     assert quantize_experts(record, get_algorithm("gptq"), config) == [3]
@@ -150,7 +151,7 @@ def test_input_features_dead_on_an_expert_are_rounded_not_zeroed(rtn_experts):
     W = gu.view(module.float_weight(gu_proj)).detach().clone()
     x = x.clone()
     x[:, 5] = 0.0
-    record = RoutedRecord(module)
+    record = RoutedTokens(module)
     record.batches = [(x, rows, None)]
     quantize_experts(record, get_algorithm("gptq"), GPTQConfig(desc_act=False))
     new = gu.view(module.float_weight(gu_proj)).detach()
@@ -188,7 +189,7 @@ def test_the_float_stream_pairs_each_expert_token_with_its_float_input(rtn_exper
     template, x, rows = rtn_experts
     module, original = copy.deepcopy(template), copy.deepcopy(template)
     x_float = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
-    record = RoutedRecord(module)
+    record = RoutedTokens(module)
     record.batches = [(x, rows, x_float)]
     algorithm = get_algorithm("gptaq")
     pairs = []

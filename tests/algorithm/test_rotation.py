@@ -342,7 +342,7 @@ def test_smoothquant_scales_down_proj_in_the_unrotated_basis(batches):
     exactly SmoothQuant's scale computed from the *unrotated* intermediate activations and the
     unrotated down_proj weight, the stored weight stays in the rotated basis, and the float model is
     unchanged."""
-    from quark.torch.algorithm.smoothquant import smooth_scale
+    from quark.torch.algorithm.scaling import smooth_scale
     from quark.torch.quantization.config.algo_configs import ScalingPair
 
     reference = outlier_llama()

@@ -8,7 +8,7 @@ import torch
 
 from quark.torch.algorithm import quantizers_off
 from quark.torch.algorithm.autosmoothquant import alpha_grid
-from quark.torch.algorithm.smoothquant import smooth_scale
+from quark.torch.algorithm.scaling import smooth_scale
 from quark.torch.quantization.config.algo_configs import ScalingPair
 from tests.algorithm.test_awq import block0_error, outlier_llama, quantize
 from tests.helpers import token_batches

@@ -21,6 +21,15 @@ Registration: an algorithm is declared once on each side of the layer boundary. 
 instance: ``ALGORITHM = register_algorithm(<the class>())``. Every list of algorithms derives from
 those two registries (``ALGO_CONFIG_CLASSES``, :func:`registered_algorithms`, ``MODULES``, the
 template's ``SUPPORTED_ALGORITHMS``). :func:`get_algorithm` imports a plugin on first use.
+
+Shared by the plugins: :class:`BlockContext`, :func:`match_modules`, and :func:`quantizers_off` /
+:func:`switched_off` (defined with the quantizer modes in ``quark.torch.quantization.tensor_quantizer``,
+re-exported here). Some modules register no algorithm and hold pieces several plugins share (the
+imports go from the plugins to them): the scaling sites and the SmoothQuant / AWQ scale formulas
+(:mod:`.scaling`, which builds on rotation's :class:`~.rotation.StreamModule`), the scales inside fused
+MoE experts (:mod:`.expert_scaling`) and the GPTQ family's expert stage (:mod:`.gptq_experts`). What
+fused experts receive and the iteration over them (routing capture, one expert at a time) come from
+``quark.torch.quantization.moe``.
 """
 
 from __future__ import annotations
@@ -29,7 +38,6 @@ import contextlib
 import fnmatch
 import importlib
 import pkgutil
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -39,7 +47,8 @@ import torch.nn as nn
 from quark.torch.quantization.config.algo_configs import ALGO_CONFIG_CLASSES, AlgoConfig
 from quark.torch.quantization.driver import BlockInputs, run_block
 from quark.torch.quantization.modules import QuantLinear
-from quark.torch.quantization.tensor_quantizer import TensorQuantizer
+from quark.torch.quantization.tensor_quantizer import quantizers_off as quantizers_off  # re-exported
+from quark.torch.quantization.tensor_quantizer import switched_off as switched_off  # re-exported
 
 #: algorithm name -> its implementation, filled by :func:`register_algorithm` as plugins are imported
 _IMPLEMENTATIONS: dict[str, BlockAlgorithm] = {}
@@ -216,22 +225,3 @@ def match_modules(root: nn.Module, pattern: str) -> dict[str, nn.Module]:
         return {pattern: root.get_submodule(pattern)}
     except AttributeError:
         return {}
-
-
-@contextlib.contextmanager
-def switched_off(quantizers: Iterable[TensorQuantizer]) -> Iterator[None]:
-    """Context manager: ``quantizers`` are the identity (mode ``off``) while entered; their modes
-    are restored on exit."""
-    saved = [(q, q.mode) for q in quantizers]
-    for q, _ in saved:
-        q.mode = "off"
-    try:
-        yield
-    finally:
-        for q, mode in saved:
-            q.mode = mode
-
-
-def quantizers_off(module: nn.Module) -> contextlib.AbstractContextManager[None]:
-    """Context manager: every TensorQuantizer under ``module`` is the identity (the float function)."""
-    return switched_off(q for q in module.modules() if isinstance(q, TensorQuantizer))

@@ -31,8 +31,7 @@ from quark.torch.quantization.config.algo_configs import AutoSmoothQuantConfig
 
 from . import BlockAlgorithm, BlockContext, register_algorithm, scaling
 from .expert_scaling import autosmooth_rule, scale_block_experts
-from .scaling import ScaleEvaluator, capture, check_pairs, fold, resolve_sites, search
-from .smoothquant import smooth_candidate
+from .scaling import ScaleEvaluator, capture, check_pairs, fold, resolve_sites, search, smooth_candidate
 
 logger = logging.getLogger(__name__)
 

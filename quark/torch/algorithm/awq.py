@@ -25,7 +25,10 @@ range is shrunk to ``[r_lo min, r_hi max]`` with ratios on a grid of ``num_grid`
 the paper, then each end alone (:func:`clip_layer`); the weights are clamped to the chosen ranges.
 The error of a group only depends on its own range, so all groups are searched at once through the
 per-group Gram matrices ``X_g^T X_g`` of the inputs. Fused MoE experts (:func:`clip_block_experts`)
-get the same search per expert: its gate/up and down matrices on the tokens routed to it.
+get the same search per expert: its gate/up and down matrices on the tokens routed to it
+(routing capture and the per-expert iteration: :mod:`quark.torch.quantization.moe`). The candidate
+scales (:func:`~.scaling.awq_candidates`) live in :mod:`.scaling`, where the per-expert ``up -> down``
+rule (:func:`~.expert_scaling.awq_rule`) takes them from too.
 
 Cost: the scale search runs the inspect module ``num_grid`` times on about
 :data:`~.scaling.SEARCH_TOKENS` calibration tokens (whole sequences); statistics use every token.
@@ -44,28 +47,27 @@ from quark.torch.quantization.config.config import first_stage
 from quark.torch.quantization.config.type import QSchemeType
 from quark.torch.quantization.fused_experts import FusedProjection
 from quark.torch.quantization.modules import QuantLinear
+from quark.torch.quantization.moe import (
+    DOWN_ROLES,
+    INPUT_ROLES,
+    RoutedTokens,
+    block_fused_experts,
+    expert_matrix,
+    iter_experts,
+    record_routed_tokens,
+    static_weight_projections,
+)
 from quark.torch.quantization.online_rotation import online_rotation
 from quark.torch.quantization.tensor_quantize import fake_quantize
 
-from . import BlockAlgorithm, BlockContext, quantizers_off, register_algorithm, scaling
-from .expert_scaling import awq_rule, block_fused_experts, record_calls, scale_block_experts
-from .gptq_experts import DOWN_ROLES, INPUT_ROLES, RoutedRecord, solvable_projections
-from .scaling import ScaleEvaluator, capture, check_pairs, fold, resolve_sites, search
+from . import BlockAlgorithm, BlockContext, register_algorithm, scaling
+from .expert_scaling import awq_rule, scale_block_experts
+from .scaling import ScaleEvaluator, awq_candidates, capture, check_pairs, fold, resolve_sites, search
 
 logger = logging.getLogger(__name__)
 
 #: the clipping search shrinks each group's range to at most this fraction
 MAX_SHRINK = 0.5
-
-
-def awq_candidates(absmean: torch.Tensor, num_grid: int) -> list[torch.Tensor]:
-    """``s = m^alpha`` for ``alpha = i / num_grid``, ``i = 0 .. num_grid-1``, normalised so that
-    ``max(s) * min(s) = 1`` (the first candidate is all ones: no scaling)."""
-    out = []
-    for i in range(num_grid):
-        s = absmean.pow(i / num_grid).clamp(min=1e-4)
-        out.append(s / (s.max() * s.min()).sqrt())
-    return out
 
 
 def clip_group_width(spec: object, in_features: int) -> int | None:
@@ -201,20 +203,20 @@ def clip_matrix(w: torch.Tensor, spec: object, g: int, x: torch.Tensor, num_grid
 
 
 def clip_block_experts(ctx: BlockContext, num_grid: int, exclude: list[str] | tuple[str, ...] = (),
-                       records: dict[str, RoutedRecord] | None = None) -> int:
+                       records: dict[str, RoutedTokens] | None = None) -> int:
     """AWQ's clipping search (:func:`clip_matrix`) on every expert of every fused experts module of the
     block: each expert's gate/up and down matrices, on the float inputs of the calibration tokens
-    routed to it (``records``: :func:`~.expert_scaling.record_calls` of a float pass of the block after
-    its scales are folded, made here when None; the down projection's inputs are computed before the
-    expert's gate/up matrices are clipped). Projections matching ``exclude`` (``<module>.<parameter
-    path>``), without per-group / per-row static weight scales, or whose input is rotated online (R4)
-    keep their range, and so do experts that got no token. Returns how many expert matrices were
-    searched."""
+    routed to it (``records``: :func:`~quark.torch.quantization.moe.record_routed_tokens` of a float
+    pass of the block after its scales are folded, made here when None; the down projection's inputs
+    are computed before the expert's gate/up matrices are clipped). Projections matching ``exclude``
+    (``<module>.<parameter path>``), without per-group / per-row static weight scales, or whose input
+    is rotated online (R4) keep their range, and so do experts that got no token. Returns how many
+    expert matrices were searched."""
     plans: dict[str, list[tuple[FusedProjection, int]]] = {}
     for name, m in block_fused_experts(ctx.block).items():
         roles = INPUT_ROLES if online_rotation(m) is not None else INPUT_ROLES + DOWN_ROLES
         plan = []
-        for fp in solvable_projections(m, roles):
+        for fp in static_weight_projections(m, roles):
             if any(fnmatch.fnmatchcase(f"{name}.{fp.proj.path}", pat) for pat in exclude):
                 continue
             g = clip_group_width(fp.weight_quantizer.spec, fp.in_features)
@@ -225,21 +227,16 @@ def clip_block_experts(ctx: BlockContext, num_grid: int, exclude: list[str] | tu
     if not plans:
         return 0
     if records is None:
-        records = record_calls(ctx, {name: ctx.block.get_submodule(name) for name in plans})
+        records = record_routed_tokens(ctx.block, ctx.inputs, ctx.index,
+                                       {name: ctx.block.get_submodule(name) for name in plans})
     searched = 0
     for name, plan in plans.items():
-        record = records[name]
-        m = record.module
-        for e in range(int(m.num_experts)):
-            inputs = record.expert_inputs(e)
-            if not inputs:
-                continue
-            x = torch.cat([xq for xq, _ in inputs])
+        for expert in iter_experts(records[name]):
+            x = expert.tokens()
             if any(fp.proj.role in DOWN_ROLES for fp, _ in plan):
-                with quantizers_off(m), torch.no_grad():
-                    hidden = torch.cat([m.expert_hidden(xq, e) for xq, _ in inputs])
+                hidden = expert.float_hidden()
             for fp, g in plan:
-                w = fp.view(m.float_weight(fp.proj))[e]  # [out, in], a view into the fused parameter
+                w = expert_matrix(expert.module, fp, expert.index)
                 clipped, _ = clip_matrix(w, fp.weight_quantizer.spec, g,
                                          hidden if fp.proj.role in DOWN_ROLES else x, num_grid)
                 with torch.no_grad():
@@ -288,7 +285,8 @@ class AWQ(BlockAlgorithm):
         # inside every fused MoE expert: up -> down scales, then clipping, both on the expert's own
         # tokens from one float pass (the down scales leave the experts' inputs as they are)
         experts = block_fused_experts(ctx.block)
-        records = record_calls(ctx, experts) if experts and (config.scale_expert_down or config.clip_search) else None
+        records = (record_routed_tokens(ctx.block, ctx.inputs, ctx.index, experts)
+                   if experts and (config.scale_expert_down or config.clip_search) else None)
         if config.scale_expert_down:
             scale_block_experts(ctx, awq_rule(config.num_grid), self.name, records)
         if config.clip_search:

@@ -20,6 +20,13 @@ function (the class's ``_apply_gate``, else ``act(gate) * up`` on the two halves
 factors). It does not apply where the gate function fails the probe (GPT-OSS clamps ``up`` and adds
 one), where rotation's R4 rotates the down input online, or to experts without a gate. An expert that
 got no calibration token keeps its weights.
+
+Where the pieces come from: the float pass recording each expert's tokens and the iteration over the
+experts (:func:`~quark.torch.quantization.moe.record_routed_tokens`,
+:func:`~quark.torch.quantization.moe.iter_experts`) from :mod:`quark.torch.quantization.moe`; the
+candidate scales (:func:`~.scaling.smooth_scale`, :func:`~.scaling.awq_candidates`) and the simulated
+quantization after a fold from :mod:`.scaling`. The plugins (:mod:`.smoothquant`, :mod:`.awq`,
+:mod:`.autosmoothquant`) call :func:`scale_block_experts` with their rule; this module imports none of them.
 """
 
 from __future__ import annotations
@@ -31,12 +38,12 @@ from typing import Any
 
 import torch
 
-from quark.torch.quantization.driver import run_block
 from quark.torch.quantization.fused_experts import Projection, QuantFusedExperts, expert_view
+from quark.torch.quantization.moe import RoutedTokens, block_fused_experts, iter_experts, record_routed_tokens
 from quark.torch.quantization.online_rotation import online_rotation
 
-from . import BlockContext, quantizers_off
-from .gptq_experts import RoutedRecord
+from . import BlockContext
+from .scaling import awq_candidates, quantized_scaled_matrix, scaled_input_quant, smooth_scale
 
 logger = logging.getLogger(__name__)
 
@@ -91,30 +98,11 @@ def down_site(module: QuantFusedExperts) -> tuple[Projection, torch.Tensor | sli
     return up, rows.to(module.float_weight(up).device), down
 
 
-def block_fused_experts(block: torch.nn.Module) -> dict[str, QuantFusedExperts]:
-    """Every fused-experts module of the block, by name."""
-    return {name: m for name, m in block.named_modules() if isinstance(m, QuantFusedExperts)}
-
-
-def record_calls(ctx: BlockContext, modules: dict[str, QuantFusedExperts]) -> dict[str, RoutedRecord]:
-    """One float pass of the block (quantizers off) recording what each experts module receives."""
-    records = {name: RoutedRecord(m) for name, m in modules.items()}
-    hooks = [m.register_forward_pre_hook(lambda _m, a, k, r=records[name]: r.add_call(a, k), with_kwargs=True)
-             for name, m in modules.items()]
-    try:
-        with quantizers_off(ctx.block), torch.no_grad():
-            run_block(ctx.block, ctx.inputs, ctx.index)
-    finally:
-        for h in hooks:
-            h.remove()
-    return records
-
-
 ScaleRule = Callable[[QuantFusedExperts, int, torch.Tensor, torch.Tensor], torch.Tensor | None]
 
 
 @torch.no_grad()
-def scale_expert_downs(record: RoutedRecord, site: tuple[Projection, torch.Tensor | slice, Projection],
+def scale_expert_downs(record: RoutedTokens, site: tuple[Projection, torch.Tensor | slice, Projection],
                        rule: ScaleRule) -> int:
     """Scale every expert of ``record.module`` by ``rule(module, e, H_e, W_down,e)`` (a ``[I]`` scale,
     or None to leave the expert alone; ``H_e``: its float down inputs ``[tokens, I]``, ``W_down,e``:
@@ -127,13 +115,9 @@ def scale_expert_downs(record: RoutedRecord, site: tuple[Projection, torch.Tenso
     down_w = expert_view(module.float_weight(down).detach(), num, down.transposed)  # [E, hidden, I]
     up_bias = module.bias(up)
     scaled = 0
-    for e in range(num):
-        inputs = record.expert_inputs(e)
-        if not inputs:
-            continue
-        with quantizers_off(module):
-            hidden = torch.cat([module.expert_hidden(x, e) for x, _ in inputs])
-        s = rule(module, e, hidden, down_w[e])
+    for expert in iter_experts(record):
+        e = expert.index
+        s = rule(module, e, expert.float_hidden(), down_w[e])
         if s is None:
             continue
         s = s.to(up_w.device, torch.float32)
@@ -146,9 +130,8 @@ def scale_expert_downs(record: RoutedRecord, site: tuple[Projection, torch.Tenso
 
 
 def smooth_rule(alpha: float, clamp_min: float) -> ScaleRule:
-    """SmoothQuant's per-expert scale (:func:`~.smoothquant.smooth_scale` of the expert's down input
+    """SmoothQuant's per-expert scale (:func:`~.scaling.smooth_scale` of the expert's down input
     and down weight)."""
-    from .smoothquant import smooth_scale
 
     def rule(_module: QuantFusedExperts, _e: int, hidden: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         return smooth_scale(hidden.abs().amax(0), down.float().abs().amax(0), alpha, clamp_min)
@@ -165,8 +148,6 @@ def _down_errors(fp: Any, hidden: torch.Tensor, down: torch.Tensor, candidates: 
     scale, with the down projection's weight and input quantization as they act after the fold:
     ``Q_in(H / s) Q_w(W diag(s))^T`` against ``H W^T``. ``hidden`` holds every token routed to the
     expert, so a static per-tensor input scale is exactly the one its per-expert observer records."""
-    from .scaling import quantized_scaled_matrix, scaled_input_quant
-
     x, w = hidden.float(), down.float()
     target = x @ w.T
     lo, hi = x.amin(0), x.amax(0)
@@ -202,19 +183,16 @@ def _searched_rule(candidates_of: Callable[[torch.Tensor, torch.Tensor], list[to
 
 
 def awq_rule(num_grid: int) -> ScaleRule:
-    """AWQ's per-expert scale: the grid candidate (:func:`~.awq.awq_candidates` of the expert's mean
+    """AWQ's per-expert scale: the grid candidate (:func:`~.scaling.awq_candidates` of the expert's mean
     ``|H_e|``) with the lowest squared error of the expert's down output on ``H_e`` (:func:`_down_errors`:
     weight and input quantization as after the fold); None when the down projection has no static
     weight quantizer or the best candidate is no scaling."""
-    from .awq import awq_candidates
-
     return _searched_rule(lambda hidden, _down: awq_candidates(hidden.float().abs().mean(0), num_grid), True)
 
 
 def autosmooth_rule(alphas: list[float], clamp_min: float) -> ScaleRule:
     """AutoSmoothQuant's per-expert scale: no scaling or SmoothQuant's scale for each of ``alphas``,
     whichever gives the lowest :func:`_down_errors` on the expert's down inputs."""
-    from .smoothquant import smooth_scale
 
     def candidates(hidden: torch.Tensor, down: torch.Tensor) -> list[torch.Tensor]:
         act, w = hidden.abs().amax(0), down.float().abs().amax(0)
@@ -224,10 +202,10 @@ def autosmooth_rule(alphas: list[float], clamp_min: float) -> ScaleRule:
 
 
 def scale_block_experts(ctx: BlockContext, rule: ScaleRule, algorithm: str,
-                        records: dict[str, RoutedRecord] | None = None) -> None:
+                        records: dict[str, RoutedTokens] | None = None) -> None:
     """The per-expert ``up -> down`` scales (``rule``) of every fused experts module of the block (the
     statistics come from a float pass after the block's other folds; ``records``: that pass's
-    :func:`record_calls`, when the caller already made it). Modules without such a site are logged on
+    :func:`~quark.torch.quantization.moe.record_routed_tokens`, when the caller already made it). Modules without such a site are logged on
     the first block the loop processes."""
     first_block = ctx.index == min(ctx.inputs.called, default=ctx.index)
     modules: dict[str, QuantFusedExperts] = {}
@@ -241,7 +219,7 @@ def scale_block_experts(ctx: BlockContext, rule: ScaleRule, algorithm: str,
         modules[name], sites[name] = m, site
     if not modules:
         return
-    records = record_calls(ctx, modules) if records is None else records
+    records = record_routed_tokens(ctx.block, ctx.inputs, ctx.index, modules) if records is None else records
     for name, m in modules.items():
         scaled = scale_expert_downs(records[name], sites[name], rule)
         logger.debug("%s block %d: %s: %d of %d experts' down inputs scaled", algorithm, ctx.index, name, scaled,

@@ -14,7 +14,9 @@ Each block pass stops as soon as every layer of the group has received its input
 q/k/v's inputs costs a norm, o_proj's the attention, and so on.
 
 Fused MoE experts (3-D expert parameters, not ``nn.Linear`` layers) come after the block's linear
-groups, expert by expert on the tokens routed to each (:mod:`.gptq_experts`).
+groups, expert by expert on the tokens routed to each: this driver records what each experts module
+receives (:class:`~quark.torch.quantization.moe.RoutedTokens`, on the pass that stops at them) and
+hands every module to the expert stage (:func:`~.gptq_experts.quantize_experts`).
 
 After the solver a layer's weight holds the fake-quantized result ``Q`` and its weight quantizer
 the solver's qparams, fixed with :meth:`QuantLinear.set_weight_qparams`: ``fake_quantize(Q)`` with
@@ -31,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -40,14 +42,23 @@ from quark.torch.quantization.config.algo_configs import GPTQConfig
 from quark.torch.quantization.driver import forwards_replaced, module_device, move_to
 from quark.torch.quantization.fused_experts import ExpertsWeightQuantizer, QuantFusedExperts
 from quark.torch.quantization.modules import QuantLinear
+from quark.torch.quantization.moe import RoutedTokens, block_fused_experts, has_static_weights
 from quark.torch.quantization.tensor_quantizer import TensorQuantizer
 
 from . import BlockAlgorithm, BlockContext, precision, quantizers_off, register_algorithm, switched_off
-from .gptq_experts import RoutedRecord, block_experts, quantize_experts
-from .gptq_experts import solvable as experts_solvable
+from .gptq_experts import quantize_experts
 from .hessian_solver import Gram, quantize_weight
 
 logger = logging.getLogger(__name__)
+
+
+class _TailRecord(NamedTuple):
+    """One recorded call of a tail submodule: enough to replay it by running only its last layer."""
+
+    module_args: tuple  # (args, kwargs) the submodule was called with
+    layer_args: tuple  # (args, kwargs) its last layer was called with
+    output: tuple | None  # the submodule's output tuple without the layer's output (None: the output is it)
+    position: int | None  # where the layer's output sits in that tuple (None: the output is it)
 
 
 class _Stop(Exception):
@@ -85,7 +96,7 @@ def _solved_unit(m: nn.Module) -> bool:
     """A module whose weights the GPTQ family changes: a weight-quantized linear, or fused experts."""
     if isinstance(m, QuantLinear):
         return m.weight_quantizer is not None
-    return experts_solvable(m)
+    return has_static_weights(m)
 
 
 def _uncalibrated_static(block: nn.Module) -> list[TensorQuantizer]:
@@ -166,8 +177,8 @@ class BlockRunner:
         }
         self._batch = 0
         self._calls: dict[str, int] = {}
-        #: submodule name -> (batch, call) -> (its args, the layer's args, its output, where the layer's output is)
-        self._tails: dict[str, dict[tuple[int, int], tuple[Any, Any, Any, int | None]]] = {}
+        #: submodule name -> (batch, call) -> what replaying its tail layer needs
+        self._tails: dict[str, dict[tuple[int, int], _TailRecord]] = {}
         self._tail_layer: dict[str, nn.Module] = {}
 
     def finalize(self, layers: list[nn.Module]) -> None:
@@ -190,10 +201,11 @@ class BlockRunner:
                 if _versions(kept) == versions:  # nobody changed it in place since
                     return kept
             tail = self._tails.get(name, {}).pop(key, None)
-            if tail is not None and _tensors_equal(tail[0], (args, kwargs)):
-                layer_args, layer_kwargs = tail[1]
+            if tail is not None and _tensors_equal(tail.module_args, (args, kwargs)):
+                layer_args, layer_kwargs = tail.layer_args
                 y = self._tail_layer[name](*layer_args, **layer_kwargs)
-                out = y if tail[3] is None else (*tail[2][:tail[3]], y, *tail[2][tail[3] + 1:])
+                at = tail.position
+                out = y if at is None else (*tail.output[:at], y, *tail.output[at + 1:])
             else:
                 out = original(*args, **kwargs)
             if store:
@@ -291,7 +303,7 @@ class BlockRunner:
                 where = next((i for i, o in enumerate(out) if o is y), -1) if type(out) is tuple else -1
             if state.get("layer_calls") == 1 and state["calls"] == 1 and where != -1:
                 kept = None if where is None else (*out[:where], None, *out[where + 1:])  # not the zeros
-                records[(self._batch, 0)] = (state["args"], state["layer_args"], kept, where)
+                records[(self._batch, 0)] = _TailRecord(state["args"], state["layer_args"], kept, where)
             raise _Stop
 
         def reset(_m: nn.Module, _args: tuple) -> None:
@@ -467,7 +479,7 @@ class GPTQ(BlockAlgorithm):
     def _record_float(self, ctx: BlockContext, config: GPTQConfig) -> Iterator[None]:
         layers = {n: m for g in layer_groups(ctx, config.inside_layer_modules) for n, m in g.items()}
         with_outputs = self.float_output_layers(layers, config)
-        layers.update(block_experts(ctx.block))  # (their hidden states)
+        layers.update(block_fused_experts(ctx.block, static_weights=True))  # (their hidden states)
         batches: list[dict[str, torch.Tensor]] = []
         outputs: list[dict[str, torch.Tensor]] = []
 
@@ -516,7 +528,7 @@ class GPTQ(BlockAlgorithm):
     def apply(self, ctx: BlockContext, config: GPTQConfig) -> None:
         groups = layer_groups(ctx, config.inside_layer_modules)
         all_layers = {n: m for g in groups for n, m in g.items()}
-        experts = block_experts(ctx.block)
+        experts = block_fused_experts(ctx.block, static_weights=True)
         floats, float_outs = (self.float_inputs(ctx, {**all_layers, **experts}) if self.needs_float_stream
                               else (None, None))
         runner = BlockRunner(ctx)
@@ -554,7 +566,7 @@ class GPTQ(BlockAlgorithm):
         """After the linears: every fused-experts module of the block, expert by expert
         (:mod:`.gptq_experts`), from what one pass of the block routes to them (``floats``: per batch,
         the float stream's inputs, the experts modules' hidden states among them)."""
-        records = {name: RoutedRecord(m) for name, m in experts.items()}
+        records = {name: RoutedTokens(m) for name, m in experts.items()}
         with uncalibrated_off(ctx.block):
             for b, calls in enumerate(runner.inputs(experts, last=last, arguments=True)):
                 for name, (args, kwargs) in calls.items():

@@ -5,7 +5,11 @@ transformers 5 keeps a MoE block's routed experts as 3-D parameters
 ``[out, in]`` weight whose inputs are the tokens routed to that expert, so the GPTQ family (Frantar
 et al. 2022, arXiv:2210.17323; GPTAQ, Li et al. 2025; Qronos, Zhang et al. 2025) applies to it
 unchanged, with statistics over that expert's routed calibration tokens only: the algorithm's own
-``new_stats`` / ``accumulate`` / ``solve_stack`` (:class:`~.gptq.GPTQ` and its subclasses).
+``new_stats`` / ``accumulate`` / ``solve_stack`` (:class:`ExpertSolver`, which :class:`~.gptq.GPTQ` and
+its subclasses implement). GPTQ's block driver (:mod:`.gptq`) records what each experts module receives
+(:class:`~quark.torch.quantization.moe.RoutedTokens`) and calls :func:`quantize_experts`; this module
+does not import :mod:`.gptq`. Which projections are solved, the routing capture and the iteration over
+the experts come from :mod:`quark.torch.quantization.moe`.
 
 Order (true sequential, after the block's ``nn.Linear`` groups): for each expert, its input
 projections (``gate_up``, or ``gate`` and ``up``, stacked when they share a weight spec), then its
@@ -31,42 +35,36 @@ tokens are rounded rather than zeroed (they need not be zero on the tokens it wi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
-import torch.nn as nn
 
 from quark.torch.quantization.fused_experts import FusedProjection, QuantFusedExperts, stack_qparams
+from quark.torch.quantization.moe import (
+    DOWN_ROLES,
+    INPUT_ROLES,
+    RoutedTokens,
+    expert_matrix,
+    iter_experts,
+    static_weight_projections,
+)
 from quark.torch.quantization.tensor_quantize import compute_qparams
 
 from . import precision, quantizers_off
-
-if TYPE_CHECKING:
-    from .gptq import GPTQ
-
-#: roles that read the experts' input (the first stage), then the one that reads their hidden
-INPUT_ROLES = ("gate_up", "gate", "up")
-DOWN_ROLES = ("down",)
+from .hessian_solver import Solution
 
 
-def solvable(module: nn.Module) -> bool:
-    """Whether ``module`` is fused experts with some projection these algorithms solve (a static
-    weight quantizer on a float, not yet frozen, weight)."""
-    return isinstance(module, QuantFusedExperts) and bool(solvable_projections(module, INPUT_ROLES + DOWN_ROLES))
+class ExpertSolver(Protocol):
+    """What the expert stage needs of the algorithm: its statistics and its solver for one stack of
+    matrices sharing an input."""
 
+    def new_stats(self, cross_dtype: torch.dtype | None = None) -> dict[str, Any]: ...
 
-def block_experts(block: nn.Module) -> dict[str, QuantFusedExperts]:
-    """The block's solvable fused-experts modules, by name."""
-    return {name: m for name, m in block.named_modules() if solvable(m)}
+    def accumulate(self, stats: dict[str, Any], x_quant: torch.Tensor, x_float: torch.Tensor | None,
+                   y_float: torch.Tensor | None = None) -> None: ...
 
-
-def solvable_projections(module: QuantFusedExperts, roles: tuple[str, ...]) -> list[FusedProjection]:
-    """The projections of ``roles`` with a static weight quantizer on a float, not yet frozen, weight."""
-    return [
-        fp for proj, fp in module.quantized_projections()
-        if proj.role in roles and fp.weight_quantizer is not None and not fp.frozen
-        and not fp.weight_quantizer.is_dynamic and module.float_weight(proj) is not None
-    ]
+    def solve_stack(self, weight: torch.Tensor, stats: dict[str, Any], spec: Any, splits: list[int],
+                    config: Any, zero_dead: bool = True) -> Solution: ...
 
 
 def _stacks(projections: list[FusedProjection]) -> list[list[FusedProjection]]:
@@ -77,49 +75,12 @@ def _stacks(projections: list[FusedProjection]) -> list[list[FusedProjection]]:
     return list(stacks.values())
 
 
-class RoutedRecord:
-    """What one experts module received on every calibration batch: per batch the token rows, per
-    expert the indices of its rows (:meth:`QuantFusedExperts.routed_tokens`), and, for the float
-    stream, the float model's rows of the same tokens (None: not paired, see the module doc)."""
-
-    def __init__(self, module: QuantFusedExperts) -> None:
-        self.module = module
-        self.batches: list[tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]] = []
-
-    def add_call(self, args: tuple, kwargs: dict, float_hidden: torch.Tensor | None = None) -> None:
-        """One batch's call of the experts module; ``float_hidden``: the float model's hidden states
-        passed to it on that batch (paired by token with top-k routing only)."""
-        x, rows = self.module.routed_tokens(*args, **kwargs)
-        paired = float_hidden is not None and self.module.fused_layout.routing != "dense"
-        x_float = float_hidden.reshape(-1, x.shape[-1]).to(x.device) if paired else None
-        if x_float is not None and x_float.shape != x.shape:
-            raise ValueError(f"float stream {tuple(x_float.shape)} and quantized stream {tuple(x.shape)} differ")
-        self.batches.append((x.detach(), rows, x_float))
-
-    def tokens(self, e: int) -> int:
-        return sum(int(rows[e].numel()) for _, rows, _ in self.batches)
-
-    def expert_inputs(self, e: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Expert ``e``'s rows on the quantized and on the float stream (the quantized ones where the
-        float stream is not paired), per batch where it has some."""
-        out = []
-        for x, rows, x_float in self.batches:
-            if rows[e].numel():
-                xq = x[rows[e]]
-                out.append((xq, xq if x_float is None else x_float[rows[e]]))
-        return out
-
-
-def _expert_weight(module: QuantFusedExperts, fp: FusedProjection, e: int) -> torch.Tensor:
-    """Expert ``e``'s ``[out, in]`` matrix of a projection: a view into the fused parameter."""
-    return fp.view(module.float_weight(fp.proj))[e]
-
-
-def quantize_experts(record: RoutedRecord, algorithm: GPTQ, config: Any) -> list[int]:
+def quantize_experts(record: RoutedTokens, algorithm: ExpertSolver, config: Any) -> list[int]:
     """Quantize every expert of ``record.module`` with ``algorithm`` (input projections, then down);
     returns the experts left at round-to-nearest for want of calibration tokens."""
     module = record.module
-    stages = [p for p in (solvable_projections(module, INPUT_ROLES), solvable_projections(module, DOWN_ROLES)) if p]
+    stages = [p for p in (static_weight_projections(module, INPUT_ROLES), static_weight_projections(module, DOWN_ROLES))
+              if p]
     if not stages:
         return []
     first = module.float_weight(stages[0][0].proj)
@@ -128,12 +89,12 @@ def quantize_experts(record: RoutedRecord, algorithm: GPTQ, config: Any) -> list
     raw = {p.path: module.float_weight(p) for p in module.fused_layout.projections}
     qparams: dict[int, list[Any]] = {id(fp): [] for stage in stages for fp in stage}
     unrouted = []
-    for e in range(int(module.num_experts)):
-        inputs = record.expert_inputs(e)
+    for expert in iter_experts(record, unrouted=True):
+        e, inputs = expert.index, expert.inputs
         if not inputs:  # no token: round-to-nearest, min-max qparams of the float weight
             unrouted.append(e)
             for fp in (fp for stage in stages for fp in stage):
-                w = _expert_weight(module, fp, e).detach().float()
+                w = expert_matrix(module, fp, e).detach().float()
                 qparams[id(fp)].append(compute_qparams(w, fp.weight_quantizer.spec))
             continue
         float_down = None
@@ -156,12 +117,12 @@ def quantize_experts(record: RoutedRecord, algorithm: GPTQ, config: Any) -> list
 
 
 def _solve_stack(module: QuantFusedExperts, stack: list[FusedProjection], e: int,
-                 pairs: list[tuple[torch.Tensor, torch.Tensor]], algorithm: GPTQ, config: Any,
+                 pairs: list[tuple[torch.Tensor, torch.Tensor]], algorithm: ExpertSolver, config: Any,
                  cross: torch.dtype | None, qparams: dict[int, list[Any]]) -> None:
     stats = algorithm.new_stats(cross)
     for xq, xf in pairs:
         algorithm.accumulate(stats, xq, xf)
-    views = [_expert_weight(module, fp, e) for fp in stack]
+    views = [expert_matrix(module, fp, e) for fp in stack]
     splits = [w.shape[0] for w in views]
     sol = algorithm.solve_stack(torch.cat([w.detach() for w in views], 0), stats, stack[0].weight_quantizer.spec,
                                 splits, config, zero_dead=False)

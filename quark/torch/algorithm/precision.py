@@ -13,9 +13,7 @@ Two places use it, each with its own config field taking one of ``DTYPE_CHOICES`
   ``2^-9`` on average) for a relative quantization error ``e`` (under 0.5% for 4-bit
   weights, ``e ~ 2^-5``; a few percent for W8A8), nearly the same for every candidate, so it moves
   the losses together and rarely changes the winner; near-ties may flip. The targets stay the
-  float outputs. Default ``"auto"``: on SmolLM2 (2-core AVX512-BF16 CPU) AWQ ``uint4_wo_64`` took
-  192 s instead of 222 s for 32.450 ppl instead of 32.452, AutoSmoothQuant ``int8`` 174 s instead of
-  201 s for 45.19 instead of 45.49.
+  float outputs. Default ``"auto"`` (its measured speed and accuracy on SmolLM2: docs/benchmarks.md).
 * ``cross_term_dtype`` (GPTAQ, Qronos; default ``"float32"``): the products accumulating
   ``X~^T (X - X~)`` (the drift between the float and quantized streams) may run in bfloat16 with a
   float32 sum (:class:`~.hessian_solver.Gram`). Each entry then carries an error up to ``2^-8`` of

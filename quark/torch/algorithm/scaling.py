@@ -17,7 +17,13 @@ only in how they choose ``s``; this module holds everything else:
   evaluates candidates on;
 - :class:`ScaleEvaluator`: the output error of a site (its ``inspect`` module, or its single
   layer) with the site's layers quantized as if a candidate scale were folded in;
-- :func:`fold`: fold a scale into ``prev`` and the layers.
+- :func:`fold`: fold a scale into ``prev`` and the layers;
+- the candidate scales the algorithms share with their per-expert ``up -> down`` rules
+  (:mod:`.expert_scaling`): SmoothQuant's :func:`smooth_scale` / :func:`smooth_candidate` (also
+  AutoSmoothQuant's candidates) and AWQ's :func:`awq_candidates`.
+
+The algorithm plugins (:mod:`.smoothquant`, :mod:`.awq`, :mod:`.autosmoothquant`) and
+:mod:`.expert_scaling` import this module; it imports none of them.
 
 Searches evaluate every candidate on the block's data, so their cost is (grid points) x (tokens).
 They use a subset of the calibration data: whole sequences (evenly spaced batches, about
@@ -702,3 +708,32 @@ def weight_absmax(site: Site) -> torch.Tensor:
             per_layer += [m.float().abs().reshape(-1, m.shape[-1]).amax(0) for m in _reader_matrices(name, layer)]
     device = per_layer[0].device
     return torch.stack([t.to(device) for t in per_layer]).amax(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# candidate scales
+# ---------------------------------------------------------------------------------------------
+#: floor of SmoothQuant's statistics before the powers (a dead channel would otherwise give 0 or inf)
+EPS = 1e-5
+
+
+def smooth_scale(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float, clamp_min: float) -> torch.Tensor:
+    """SmoothQuant's ``max|X|^alpha / max|W|^(1-alpha)`` per input channel, at least ``clamp_min``."""
+    act = act_absmax.float().clamp(min=EPS)
+    w = w_absmax.float().to(act.device).clamp(min=EPS)
+    return (act.pow(alpha) / w.pow(1.0 - alpha)).clamp(min=clamp_min)
+
+
+def smooth_candidate(site: Site, act_absmax: torch.Tensor, alpha: float, clamp_min: float) -> torch.Tensor:
+    """:func:`smooth_scale` of a site: its activations' ``max|X|`` and its layers' :func:`weight_absmax`."""
+    return smooth_scale(act_absmax, weight_absmax(site), alpha, clamp_min)
+
+
+def awq_candidates(absmean: torch.Tensor, num_grid: int) -> list[torch.Tensor]:
+    """AWQ's ``s = m^alpha`` for ``alpha = i / num_grid``, ``i = 0 .. num_grid-1``, normalised so that
+    ``max(s) * min(s) = 1`` (the first candidate is all ones: no scaling)."""
+    out = []
+    for i in range(num_grid):
+        s = absmean.pow(i / num_grid).clamp(min=1e-4)
+        out.append(s / (s.max() * s.min()).sqrt())
+    return out

@@ -22,32 +22,20 @@ expert: a pair may list those (``post_attention_layernorm -> mlp.gate, mlp.exper
 multiplies the router's columns and every expert's gate/up input columns, and ``max|W_j|`` is over all
 of them. The MoE templates derive that pair from rotation's ``mlp_inputs`` (the same readers). Inside
 each fused expert, ``up -> down`` gets the expert's own scale (:mod:`.expert_scaling`).
+
+The scale formula (:func:`~.scaling.smooth_scale`, :func:`~.scaling.smooth_candidate`) lives in
+:mod:`.scaling`, where AutoSmoothQuant and the per-expert rules take it from too.
 """
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from quark.torch.quantization.config.algo_configs import SmoothQuantConfig
 
 from . import BlockAlgorithm, BlockContext, register_algorithm
 from .expert_scaling import scale_block_experts, smooth_rule
-from .scaling import Site, capture, check_pairs, fold, resolve_sites, weight_absmax
-
-#: floor of the statistics before the powers (a dead channel would otherwise give 0 or inf)
-EPS = 1e-5
-
-
-def smooth_scale(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float, clamp_min: float) -> torch.Tensor:
-    """``max|X|^alpha / max|W|^(1-alpha)`` per input channel, at least ``clamp_min``."""
-    act = act_absmax.float().clamp(min=EPS)
-    w = w_absmax.float().to(act.device).clamp(min=EPS)
-    return (act.pow(alpha) / w.pow(1.0 - alpha)).clamp(min=clamp_min)
-
-
-def smooth_candidate(site: Site, act_absmax: torch.Tensor, alpha: float, clamp_min: float) -> torch.Tensor:
-    return smooth_scale(act_absmax, weight_absmax(site), alpha, clamp_min)
+from .scaling import capture, check_pairs, fold, resolve_sites, smooth_candidate
 
 
 class SmoothQuant(BlockAlgorithm):

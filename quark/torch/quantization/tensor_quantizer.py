@@ -6,7 +6,7 @@ Modes:
   observed in float inside the block being calibrated);
 - ``"quantize"``: fake-quantize with the stored qparams (static) or qparams computed from each
   input (dynamic);
-- ``"off"``: identity.
+- ``"off"``: identity (:func:`switched_off` / :func:`quantizers_off` for a while, e.g. a float pass).
 
 Qparams live in buffers so they follow ``.to(device)`` and land in ``state_dict``:
 ``scale`` / ``zero_point`` for the (first) stage, ``scale_2`` / ``zero_point_2`` for the second stage
@@ -14,6 +14,9 @@ of a two-stage spec. Those are the names export writes (``weight_scale``, ``weig
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -152,3 +155,22 @@ def set_mode(module: nn.Module, mode: str, roles: tuple[str, ...] | None = None)
     for name, m in module.named_modules():
         if isinstance(m, TensorQuantizer) and (roles is None or name.rsplit(".", 1)[-1] in roles):
             m.mode = mode
+
+
+@contextlib.contextmanager
+def switched_off(quantizers: Iterable[TensorQuantizer]) -> Iterator[None]:
+    """Context manager: ``quantizers`` are the identity (mode ``off``) while entered; their modes
+    are restored on exit."""
+    saved = [(q, q.mode) for q in quantizers]
+    for q, _ in saved:
+        q.mode = "off"
+    try:
+        yield
+    finally:
+        for q, mode in saved:
+            q.mode = mode
+
+
+def quantizers_off(module: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Context manager: every TensorQuantizer under ``module`` is the identity (the float function)."""
+    return switched_off(q for q in module.modules() if isinstance(q, TensorQuantizer))
