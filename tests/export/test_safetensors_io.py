@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from quark.torch import LLMTemplate
-from quark.torch.export import api as export_api
+from quark.torch.export import writing as export_writing
 from quark.torch.export.api import export_safetensors, import_model_from_safetensors
 from quark.torch.export.safetensors_io import (
     INDEX_NAME,
@@ -143,7 +143,7 @@ def test_existing_output_needs_overwrite_and_a_crash_leaves_nothing(exported, tm
         (folder / "model-00001.partial").write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(export_api, "write_shards", crash)
+    monkeypatch.setattr(export_writing, "write_shards", crash)
     with pytest.raises(OSError, match="disk full"):
         export_safetensors(model, out, overwrite=True)
     with pytest.raises(OSError, match="disk full"):

@@ -44,15 +44,15 @@ from quark.torch.quantization.fused_experts import (
     Projection,
     QuantFusedExperts,
     cat_rows,
-    expert_view,
     module_view,
     slice_rows,
     stack_qparams,
 )
 from quark.torch.quantization.layouts import WeightLayout, activation_placeholders, qparam_tensors
+from quark.torch.quantization.moe import expert_matrix
 from quark.torch.quantization.tensor_quantize import QParams, dequantize, fake_quantize
 
-from .checkpoint_keys import _to_checkpoint_key, _to_module_key
+from .checkpoint_keys import to_checkpoint_key, to_module_key
 from .safetensors_io import CheckpointError
 
 #: on-disk parts of one expert matrix: (name, rows of the [out, in] matrix; None = all)
@@ -176,10 +176,10 @@ def fused_checkpoint_tensors(name: str, module: QuantFusedExperts, parts: dict[t
     """The per-expert checkpoint tensors of one quantized experts module (``real_quantized``: the
     serving layout; ``fake_quantized``: dequantized weights plus natural qparams)."""
     targets: dict[int, WeightLayout] = {}
-    for prefix, proj, fp, e, rows, codes, qparams in expert_parts_codes(name, module, parts):
+    for prefix, _proj, fp, e, rows, codes, qparams in expert_parts_codes(name, module, parts):
         wq = fp.weight_quantizer
         if wq is None:
-            matrix = expert_view(module.float_weight(proj), fp.num_experts, proj.transposed)[e]
+            matrix = expert_matrix(module, fp, e)
             yield f"{prefix}.weight", (matrix if rows is None else matrix[rows]).detach()
         elif weight_format == "real_quantized":
             target = targets.setdefault(id(fp), WeightLayout(wq.spec, pack_method=pack_method))
@@ -411,7 +411,7 @@ def attach_checkpoint_slots(module: QuantFusedExperts, parts_of: dict[str, Parts
         for key in list(sub._buffers):
             sub._buffers[key] = None
     for key, t in slots.items():
-        head, _, leaf = _to_module_key(key).rpartition(".")
+        head, _, leaf = to_module_key(key).rpartition(".")
         owner = module
         for part in head.split("."):
             child = owner._modules.get(part)
@@ -443,7 +443,7 @@ def adopt_checkpoint_slots(module: QuantFusedExperts) -> bool:
         child = module._modules.get(str(e))
         if isinstance(child, CheckpointSlots):
             for key, t in child.state_dict(prefix=f"{e}.", keep_vars=True).items():
-                tensors[_to_checkpoint_key(key)] = t
+                tensors[to_checkpoint_key(key)] = t
     held = []  # buffers under the fused parameters' names: the merged codes, or empty stand-ins
     for proj, _ in module.quantized_projections():
         owner, leaf = _submodule(module, proj.path)

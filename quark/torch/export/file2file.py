@@ -14,10 +14,13 @@ weight_format="real_quantized", pack_method=...)`` writes for the model loaded i
 dtype: same tensor names, same bits, same ``quantization_config``.  That is by construction:
 
 - which tensors are quantized linear weights: the model is built from config.json on the ``meta``
-  device and its linears are swapped exactly as ``quantize_model`` swaps them
-  (``ModelQuantizer._swap_linears``: exclude > layer pattern > layer type > global);
+  device (:func:`.reading.build_model`) and its linears are swapped exactly as ``quantize_model``
+  swaps them (:func:`quark.torch.quantization.prepare.swap_linears`: exclude > layer pattern > layer
+  type > global);
 - each quantized linear is a ``QuantLinear`` built around the checkpoint's weight (in its stored
-  dtype, on ``device``) whose tensors come from the exporter's own ``_layer_tensors``;
+  dtype, on ``device``) whose tensors come from the exporter's own
+  :func:`.checkpoint_tensors.layer_tensors`; config.json comes from the exporter's
+  :func:`.writing.quark_quantization_config` and :func:`.writing.write_config_files`;
 - tied weights (``tie_word_embeddings``) follow the exporter: a tensor that is not part of a
   quantized layer is written once, under its first state-dict name; a quantized layer whose weight
   is tied (a quantized ``lm_head``) gets its own quantized tensors.
@@ -53,18 +56,13 @@ from tqdm.auto import tqdm
 from quark.torch.quantization.config.config import QConfig
 from quark.torch.quantization.layouts import NoServingLayoutError
 from quark.torch.quantization.modules import QuantLinear, quantized_linears
+from quark.torch.quantization.prepare import swap_linears
 
-from .api import (
-    _build_model,
-    _check_real_quantized,
-    _layer_tensors,
-    _owner,
-    _quark_quantization_config,
-    _version,
-    _write_config_files,
-)
+from .checkpoint_tensors import layer_of, layer_tensors
 from .config.config import PACK_METHODS
+from .reading import build_model, read_config_json
 from .safetensors_io import INDEX_NAME, CheckpointError, parse_size, read_index, write_shards
+from .writing import check_real_quantized, quark_quantization_config, quark_version, write_config_files
 
 __all__ = ["direct_quantize_checkpoint", "OutputExistsError"]
 
@@ -168,7 +166,7 @@ def _make_plan(src: Path, meta_model: nn.Module, weight_map: dict[str, str]) -> 
         known.update(members)
         quantized_weights, biases, plain = [], [], []
         for key in members:
-            owner = _owner(key, layers)
+            owner = layer_of(key, layers)
             if owner is None:
                 plain.append(key)
             elif key == f"{owner}.weight":
@@ -213,16 +211,10 @@ def _make_plan(src: Path, meta_model: nn.Module, weight_map: dict[str, str]) -> 
 # input checks
 # ---------------------------------------------------------------------------------------------
 def _read_source_config(src: Path) -> dict[str, Any]:
-    path = src / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (not a Hugging Face checkpoint folder)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    data = read_config_json(src, "a Hugging Face checkpoint folder")
     if data.get("quantization_config"):
         method = (data["quantization_config"] or {}).get("quant_method", "?")
-        raise ValueError(f"{path}: the checkpoint is already quantized (quant_method={method!r}); "
+        raise ValueError(f"{src / 'config.json'}: the checkpoint is already quantized (quant_method={method!r}); "
                          "file-to-file quantization needs a float checkpoint")
     return data
 
@@ -285,7 +277,7 @@ def _quantized_layer(plan: _Plan, name: str, weight: torch.Tensor, bias: torch.T
     oq = meta_q.output_quantizer
     q = QuantLinear.from_linear(linear, meta_q.layer_config, oq.min_scale if oq is not None else 0.0)
     q.update_weight_qparams()
-    return {f"{name}.{k}": v for k, v in _layer_tensors(q, "real_quantized", plan.pack_method, name).items()}
+    return {f"{name}.{k}": v for k, v in layer_tensors(q, "real_quantized", plan.pack_method, name).items()}
 
 
 def _shard_tensors(plan: _Plan, shard: str, bar: Any):
@@ -344,7 +336,7 @@ def _convert_shard(plan: _Plan, shard: str, folder: Path, bar: Any = None) -> di
 def _run_hash(config: QConfig, source_config: dict[str, Any], plan: _Plan) -> str:
     data = {
         "format": _FORMAT,
-        "version": _version(),
+        "version": quark_version(),
         "qconfig": config.to_dict(),
         "pack_method": plan.pack_method,
         "limit": plan.limit,
@@ -426,8 +418,6 @@ def direct_quantize_checkpoint(
     loaded in the checkpoint's dtype.  Interrupted, a rerun with the same arguments resumes from
     ``<dst_dir>.partial``.
     """
-    from quark.torch.quantization.api import ModelQuantizer
-
     if not isinstance(config, QConfig):
         raise TypeError(f"config must be a QConfig, got {type(config).__name__}")
     if pack_method not in PACK_METHODS:
@@ -449,15 +439,15 @@ def direct_quantize_checkpoint(
     source_config = _read_source_config(src)
     weight_map, _ = read_index(src)
     with torch.device("meta"):
-        meta_model = _build_model(src)
-    ModelQuantizer(config)._swap_linears(meta_model)  # the in-memory quantizer's layer resolution
+        meta_model = build_model(src)
+    swap_linears(meta_model, config)  # the in-memory quantizer's layer resolution
     _refuse_fused_experts(config, meta_model)
     layers = dict(quantized_linears(meta_model))
     reason = _static_activation(config, layers)
     if reason is not None:
         raise ValueError(_calibration_message(reason))
     try:
-        _check_real_quantized(meta_model)
+        check_real_quantized(meta_model)
     except NoServingLayoutError as exc:
         raise NoServingLayoutError(f"direct_quantize_checkpoint writes real-quantized weights only: {exc}") from None
     plan = _make_plan(src, meta_model, weight_map)
@@ -508,7 +498,7 @@ def direct_quantize_checkpoint(
     index = {"metadata": {"total_size": total, "sha256": digests},
              "weight_map": dict(sorted(weight_map_out.items()))}
     (partial / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    _write_config_files(meta_model, partial, _quark_quantization_config(config, "real_quantized", pack_method), None)
+    write_config_files(meta_model, partial, quark_quantization_config(config, "real_quantized", pack_method), None)
     for name in COPIED_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, partial / name)

@@ -50,6 +50,8 @@ from quark.torch.quantization.modules import quantized_linears
 from quark.torch.quantization.online_rotation import online_rotated_layers
 from quark.torch.quantization.tensor_quantize import QParams, dequantize
 
+from .checkpoint_tensors import tied_keys
+
 __all__ = ["export_gguf", "GGUF_ARCHITECTURES", "GgufArchitecture", "GGUFExportError"]
 
 logger = logging.getLogger(__name__)
@@ -282,21 +284,6 @@ def _tokenizer_source(model: nn.Module, tokenizer_path: str | os.PathLike | None
 # ---------------------------------------------------------------------------------------------
 # tensors
 # ---------------------------------------------------------------------------------------------
-def _tied_keys(model: nn.Module) -> set[str]:
-    """State-dict keys whose tensor is another key's (written once, under the first name)."""
-    seen: dict[tuple, str] = {}
-    tied: set[str] = set()
-    for key, t in model.state_dict(keep_vars=True).items():
-        if not t.numel():
-            continue
-        ident = (t.data_ptr(), t.dtype, tuple(t.shape))
-        if ident in seen:
-            tied.add(key)
-        else:
-            seen[ident] = key
-    return tied
-
-
 def _float_tensor(t: torch.Tensor) -> tuple[np.ndarray, Any]:
     import gguf
 
@@ -320,7 +307,7 @@ def _plan(model: nn.Module, arch: GgufArchitecture, strict: bool) -> tuple[list[
         raise GGUFExportError(f"the installed gguf package does not know the {arch.arch!r} architecture")
     name_map = gguf.get_tensor_name_map(arch_enum, config.num_hidden_layers)
     layers = dict(quantized_linears(model))
-    tied = _tied_keys(model)
+    tied = set(tied_keys(model))  # written once, under the first name
     heads = {"q": config.num_attention_heads, "k": config.num_key_value_heads or config.num_attention_heads}
 
     refused: list[str] = []

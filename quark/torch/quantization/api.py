@@ -10,9 +10,11 @@ The stack is the algorithm configs' ``model_decoder_layers``, else ``QConfig.mod
 cross-attention blocks on text-only batches) keep min-max weight qparams, get no algorithm and keep
 their static activation quantizers uncalibrated (:meth:`ModelQuantizer._skipped_blocks`).
 
-Besides ``nn.Linear`` layers (swapped for ``QuantLinear``), the fused 3-D expert weights of
-transformers-5 MoE blocks are quantized in place, per expert (:mod:`.fused_experts`); the algorithms
-(AWQ, GPTQ, SmoothQuant ...) act on the linears only and leave those min-max quantized.
+Besides ``nn.Linear`` layers (swapped for ``QuantLinear`` by :func:`.prepare.swap_linears`), the fused
+3-D expert weights of transformers-5 MoE blocks are quantized in place, per expert
+(:mod:`.fused_experts`); the algorithms reach them through :mod:`.moe` (the GPTQ family solves each
+expert on its routed tokens, SmoothQuant / AWQ / AutoSmoothQuant scale into and inside them, AWQ clips
+them).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from tqdm.auto import tqdm
 from quark.torch.utils.model_loading import drop_gguf_marker
 
 from .attention import enable_softmax_quantization
-from .config.config import QConfig, QLayerConfig, first_stage
-from .config.type import QSchemeType, QuantFlow
+from .config.config import QConfig
+from .config.type import QuantFlow
 from .driver import (
     call_model,
     capture_block_inputs,
@@ -48,27 +50,13 @@ from .fused_experts import (
     projection_shape,
 )
 from .modules import QuantLinear, quantized_linears, weight_caching
+from .prepare import check_layer_shapes, swap_linears
 from .tensor_quantizer import TensorQuantizer, set_mode
 
 logger = logging.getLogger(__name__)
 
 def _quantizers(module: nn.Module) -> list[TensorQuantizer]:
     return [m for m in module.modules() if isinstance(m, TensorQuantizer)]
-
-
-def _check_layer_shapes(name: str, linear: nn.Linear, cfg: QLayerConfig) -> None:
-    """Group sizes must divide the dimension they group: fail before any work is done."""
-    for role, spec, dim, dim_name in (
-        ("weight", cfg.weight, linear.in_features, "in_features"),
-        ("input_tensors", cfg.input_tensors, linear.in_features, "in_features"),
-        ("output_tensors", cfg.output_tensors, linear.out_features, "out_features"),
-    ):
-        s = first_stage(spec)
-        if s is not None and s.qscheme is QSchemeType.per_group and s.group_size and dim % s.group_size:
-            raise ValueError(
-                f"layer {name!r}: {role} group_size={s.group_size} does not divide {dim_name}={dim}; "
-                "choose a group size that divides it or exclude the layer (exclude_layers=[...])"
-            )
 
 
 def _drop_weight_caches(module: nn.Module) -> None:
@@ -220,30 +208,8 @@ class ModelQuantizer:
 
     # -- steps -------------------------------------------------------------------------------------
     def _swap_linears(self, model: nn.Module) -> int:
-        cfg = self.config
-        todo: list[tuple[str, nn.Linear, QLayerConfig]] = []
-        excluded = 0
-        for name, module in model.named_modules():
-            if type(module) is not nn.Linear and not (isinstance(module, nn.Linear) and not isinstance(module, QuantLinear)):
-                continue
-            layer_cfg = cfg.resolve(name, type(module))
-            if layer_cfg is None:
-                excluded += 1
-                continue
-            if layer_cfg.is_empty:
-                continue
-            _check_layer_shapes(name, module, layer_cfg)
-            todo.append((name, module, layer_cfg))
-        for name, module, layer_cfg in todo:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            is_kv = cfg.kv_cache_config(name) is not None
-            setattr(parent, child, QuantLinear.from_linear(module, layer_cfg, cfg.min_kv_scale if is_kv else 0.0))
-        if not todo:
-            logger.warning("no layer was quantized: no nn.Linear matched the config (%d excluded)", excluded)
-        else:
-            logger.info("quantizing %d linear layers (%d excluded)", len(todo), excluded)
-        return len(todo)
+        """:func:`.prepare.swap_linears` with this quantizer's config."""
+        return swap_linears(model, self.config)
 
     def _wrap_fused_experts(self, model: nn.Module) -> int:
         """Quantize the fused 3-D expert weights of transformers-5 MoE blocks in place, per expert
@@ -258,8 +224,8 @@ class ModelQuantizer:
             for proj in layout.projections:
                 if proj.path in configs:
                     out_f, in_f = projection_shape(module, proj)
-                    _check_layer_shapes(f"{name}.{proj.path}", SimpleNamespace(in_features=in_f, out_features=out_f),
-                                        configs[proj.path])
+                    check_layer_shapes(f"{name}.{proj.path}", SimpleNamespace(in_features=in_f, out_features=out_f),
+                                       configs[proj.path])
             if configs:
                 QuantFusedExperts.wrap(module, layout, configs)
                 # weights are static: their qparams exist before any calibration pass (algorithms run
