@@ -335,3 +335,16 @@ def test_row_fake_quantizer_is_bit_identical_to_fake_quantize(dtype, symmetric, 
         expected = fake_quantize(v[:, None], spec, qp).reshape(-1)
         assert torch.equal(fn(v), expected), float(c)
     assert tq.row_fake_quantizer(Spec("fp8_e4m3", "per_channel", ch_axis=0), QParams(scale)) is None
+
+
+def test_ptpc_fp8_activations_get_one_scale_per_token():
+    """FORMATS.md 2a.6 as this project keeps it (docs/numerics.md): one scale per row of the [-1, K] view,
+    for [B, T, K] and for [N, K] inputs, each the token's own amax / 448."""
+    from quark.torch import LLMTemplate
+
+    spec = LLMTemplate.get_scheme("ptpc_fp8").config.input_tensors
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(compute_qparams(x, spec).scale, x.abs().amax(-1) / 448)
+    flat = x.reshape(10, 16)
+    assert torch.equal(compute_qparams(flat, spec).scale, flat.abs().amax(-1) / 448)
+    assert torch.equal(fake_quantize(x, spec).reshape(10, 16), fake_quantize(flat, spec))
