@@ -45,22 +45,13 @@ def experts_output_error(model, reference, batches) -> float:
     import torch
 
     from quark.torch.quantization.fused_experts import fused_experts_modules
+    from quark.torch.testing.calls import record_calls
 
     modules = dict(fused_experts_modules(model))
     names = {id(m): n for n, m in modules.items()}
-    calls = []
-    handles = [m.register_forward_pre_hook(lambda m, a, k: calls.append((m, a, k)), with_kwargs=True)
-               for m in modules.values()]
-    try:
-        with torch.no_grad():
-            for b in batches:
-                model(**b)
-    finally:
-        for h in handles:
-            h.remove()
     total = 0.0
     with torch.no_grad():
-        for m, args, kwargs in calls:
+        for m, args, kwargs in record_calls(model, modules.values(), batches):
             float_module = reference.get_submodule(names[id(m)])
             total += float((m(*args, **kwargs).float() - float_module(*args, **kwargs).float()).pow(2).sum())
     return total

@@ -148,20 +148,11 @@ def _experts_error(model, batches) -> float:
     upstream: on these tiny random models such flips dominate the logits error, which then moves by
     10x between neighbouring outlier strengths while this measure moves by a few percent."""
     from quark.torch.quantization.fused_experts import fused_experts_modules
+    from quark.torch.testing.calls import record_calls
 
-    calls = []
-    handles = [m.register_forward_pre_hook(lambda m, a, k: calls.append((m, a, k)), with_kwargs=True)
-               for _, m in fused_experts_modules(model)]
-    try:
-        with torch.no_grad():
-            for b in batches:
-                model(**b)
-    finally:
-        for h in handles:
-            h.remove()
     total = 0.0
     with torch.no_grad():
-        for m, args, kwargs in calls:
+        for m, args, kwargs in record_calls(model, [m for _, m in fused_experts_modules(model)], batches):
             quantized = m(*args, **kwargs).float()
             with quantizers_off(m):
                 total += float((quantized - m(*args, **kwargs).float()).pow(2).sum())
