@@ -19,8 +19,8 @@ Registration: an algorithm is declared once on each side of the layer boundary. 
 ``name``; its plugin module here, ``quark/torch/algorithm/<name>.py``, defines a
 :class:`BlockAlgorithm` subclass with ``config_class = <that config class>`` and registers the one
 instance: ``ALGORITHM = register_algorithm(<the class>())``. Every list of algorithms derives from
-those two registries (``ALGO_CONFIG_CLASSES``, :func:`registered_algorithms`, ``MODULES``, the
-template's ``SUPPORTED_ALGORITHMS``). :func:`get_algorithm` imports a plugin on first use.
+those two registries (``ALGO_CONFIG_CLASSES``, :func:`registered_algorithms`, the template's
+``SUPPORTED_ALGORITHMS``). :func:`get_algorithm` imports a plugin on first use.
 
 Shared by the plugins: :class:`BlockContext`, :func:`match_modules`, and :func:`quantizers_off` /
 :func:`switched_off` (defined with the quantizer modes in ``quark.torch.quantization.tensor_quantizer``,
@@ -181,18 +181,6 @@ def registered_algorithms() -> dict[str, BlockAlgorithm]:
     """Every implemented algorithm by name, in the order of ``ALGO_CONFIG_CLASSES`` (imports all plugins)."""
     load_plugins()
     return {n: _IMPLEMENTATIONS[n] for n in [*ALGO_CONFIG_CLASSES, *_IMPLEMENTATIONS] if n in _IMPLEMENTATIONS}
-
-
-def __getattr__(name: str) -> Any:
-    # MODULES: algorithm name -> the module implementing it (relative to this package when inside it),
-    # derived from the registry (imports every plugin)
-    if name == "MODULES":
-        return {n: type(a).__module__.removeprefix(f"{__name__}.") for n, a in registered_algorithms().items()}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), "MODULES"])
 
 
 def get_algorithm(name: str) -> BlockAlgorithm:

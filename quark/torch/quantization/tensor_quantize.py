@@ -355,7 +355,6 @@ def _fake_one(x: torch.Tensor, spec: SpecLike, qp: QParams | None, out: torch.Te
     kind = _kind(spec)
     if qp is not None and qp.scale is None:
         qp = None
-    x = _finite_if_bfp(x, kind)
     if kind.family == "cast":
         res = x.to(kind.fmt).to(x.dtype)
         return res if out is None else out.copy_(res)
@@ -367,8 +366,8 @@ def _fake_one(x: torch.Tensor, spec: SpecLike, qp: QParams | None, out: torch.Te
     if qp is not None:
         pq = lay.to_param(qp)
         view = lay.view
-        if kind.family == "shared":
-            view, pq = _shared_view(x, kind, pq)
+        if kind.family == "shared":  # (the dynamic shared kernel cleans bfp16's NaN/inf in its own pass)
+            view, pq = _shared_view(_finite_if_bfp(x, kind), kind, pq)
             out_view = None if out is None else out.view(view.shape)
         return _fake_view(view, spec, kind, pq, out_view).view(x.shape)
     if lay.dim != 1:  # one scale for everything, or per column: reduce first, then one pass

@@ -49,19 +49,6 @@ from ..algo_configs import (
     SmoothQuantConfig,
 )
 
-
-def __getattr__(name: str) -> Any:
-    # ``ALGORITHMS``: the algorithm keys every template spells out (``None`` = no default for the
-    # architecture), i.e. every registered algorithm, computed on access from the registry
-    if name == "ALGORITHMS":
-        return tuple(ALGO_CONFIG_CLASSES)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), "ALGORITHMS"])
-
-
 #: exclusion every template carries
 LM_HEAD = "lm_head"
 
