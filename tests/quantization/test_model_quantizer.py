@@ -200,9 +200,9 @@ def test_calibration_batches_go_to_the_models_own_device(batches, monkeypatch):
     seen = []
     real = api.capture_block_inputs
 
-    def spy(model, layers, data, device=None, progress=True):
+    def spy(model, layers, data, device=None, progress=True, **kwargs):
         seen.append(device)
-        return real(model, layers, data, device=device, progress=progress)
+        return real(model, layers, data, device=device, progress=progress, **kwargs)
 
     monkeypatch.setattr(api, "capture_block_inputs", spy)
     cfg = LLMTemplate.get("llama").get_config("int8")

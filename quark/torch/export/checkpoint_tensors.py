@@ -94,7 +94,8 @@ def layer_of(key: str, layers: dict[str, QuantLinear]) -> str | None:
 
 
 def iter_checkpoint_tensors(
-    model: nn.Module, layer: LayerTensors, experts: ExpertsTensors | None = None
+    model: nn.Module, layer: LayerTensors, experts: ExpertsTensors | None = None,
+    select: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Checkpoint ``(name, tensor)`` pairs of ``model`` in state-dict order.
 
@@ -105,6 +106,10 @@ def iter_checkpoint_tensors(
     under its checkpoint name (:func:`.checkpoint_keys.to_checkpoint_key`): a tied weight
     (``lm_head`` = ``embed_tokens``) under its first state-dict name, as transformers does; a
     quantized layer whose weight is tied still gets its own tensors.
+
+    ``select`` (a state-dict key -> bool) restricts the walk to part of the model (the streamed flow
+    writes one decoder block at a time, the other parts of the model still on ``meta``); the names
+    and the tied-weight rule are those of the whole model's walk.
     """
     layers = dict(quantized_linears(model))
     modules = dict(fused_experts_modules(model)) if experts is not None else {}
@@ -112,6 +117,8 @@ def iter_checkpoint_tensors(
     done: set[str] = set()
     seen: set[tuple] = set()
     for key, tensor in model.state_dict(keep_vars=True).items():
+        if select is not None and not select(key):
+            continue
         if key in owned:
             name = owned[key]
             if name not in done:
@@ -198,7 +205,8 @@ def layer_tensors(q: QuantLinear, weight_format: str, pack_method: str, name: st
     return out
 
 
-def quark_tensors(model: nn.Module, weight_format: str, pack_method: str) -> Iterator[tuple[str, torch.Tensor]]:
+def quark_tensors(model: nn.Module, weight_format: str, pack_method: str,
+                  select: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The ``quark`` layout: :func:`iter_checkpoint_tensors` with :func:`layer_tensors` per quantized
     linear and :func:`.experts.fused_checkpoint_tensors` per quantized fused-experts module (in
     ``params`` the experts modules' own state)."""
@@ -213,7 +221,7 @@ def quark_tensors(model: nn.Module, weight_format: str, pack_method: str) -> Ite
     def experts(name: str, module: QuantFusedExperts) -> Iterator[tuple[str, torch.Tensor]]:
         return fused_checkpoint_tensors(name, module, parts, weight_format, pack_method)
 
-    yield from iter_checkpoint_tensors(model, layer, experts if per_expert else None)
+    yield from iter_checkpoint_tensors(model, layer, experts if per_expert else None, select)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,9 +244,10 @@ def _awq_experts(name: str, module: QuantFusedExperts, parts: dict[tuple[str, st
             yield f"{prefix}.{key}", value
 
 
-def awq_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def awq_tensors(model: nn.Module, select: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The ``awq`` layout (a model :func:`~.writing.export_safetensors` checked for it): AWQ tensors
     per quantized linear and per expert of each quantized fused-experts module, under the per-expert
     names transformers' loader merges (:func:`.experts.merged_projections`)."""
     parts = merged_projections(model)
-    yield from iter_checkpoint_tensors(model, _awq_layer, lambda name, module: _awq_experts(name, module, parts))
+    yield from iter_checkpoint_tensors(model, _awq_layer, lambda name, module: _awq_experts(name, module, parts),
+                                       select)

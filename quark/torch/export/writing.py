@@ -20,6 +20,8 @@ import collections
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,9 @@ __all__ = [
     "check_real_quantized",
     "quark_quantization_config",
     "write_config_files",
+    "plan_export",
+    "ExportPlan",
+    "check_calibrated",
 ]
 
 logger = logging.getLogger(__name__)
@@ -87,15 +92,19 @@ def model_qconfig(model: nn.Module) -> QConfig:
 # ---------------------------------------------------------------------------------------------
 # checks before anything is written
 # ---------------------------------------------------------------------------------------------
-def _check_calibrated(model: nn.Module) -> None:
+def check_calibrated(model: nn.Module, skip: str | None = None) -> None:
     """Every static activation quantizer has its qparams: the checkpoint would lack them otherwise (and
     quark's own import refuses a checkpoint with missing tensors). ``ValueError`` naming the first that
-    has none."""
-    for _, q in quantized_linears(model):
-        q._sync_second_stage()  # second-stage qparams held by the layer (nvfp4's global scales)
+    has none. Modules under ``skip`` (a module path) are not looked at."""
+    def kept(name: str) -> bool:
+        return skip is None or not (name == skip or name.startswith(skip + "."))
+
+    for name, q in quantized_linears(model):
+        if kept(name):
+            q._sync_second_stage()  # second-stage qparams held by the layer (nvfp4's global scales)
     missing = [(name, q) for name, q in model.named_modules()
                if isinstance(q, TensorQuantizer) and q.needs_calibration and not q.has_qparams
-               and not name.endswith("weight_quantizer")]
+               and not name.endswith("weight_quantizer") and kept(name)]
     if missing:
         name, q = missing[0]
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -238,6 +247,33 @@ def export_safetensors(
     Writing is atomic (a temporary folder renamed into place): a refused layer or any error leaves no
     output behind and an existing output untouched.
     """
+    plan = plan_export(model, custom_mode, weight_format, pack_method)
+    tensors = plan.tensors()
+    with torch.no_grad(), atomic_directory(output_dir, overwrite=overwrite) as tmp:
+        write_config_files(model, tmp, plan.quantization_config, tokenizer)
+        write_shards(tensors, tmp, max_shard_size)
+    logger.info("exported %s (%s, %s) to %s", type(model).__name__, custom_mode, weight_format, output_dir)
+    return Path(output_dir)
+
+
+@dataclass
+class ExportPlan:
+    """What an export writes, decided (and checked) before anything is written: the
+    ``quantization_config`` of config.json and the walk producing the tensors."""
+
+    quantization_config: dict[str, Any]
+    _tensors: Callable[[Callable[[str], bool] | None], Iterator[tuple[str, torch.Tensor]]]
+
+    def tensors(self, select: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """The checkpoint ``(name, tensor)`` pairs, of the state-dict keys ``select`` keeps (all by default)."""
+        return self._tensors(select)
+
+
+def plan_export(model: nn.Module, custom_mode: str = "quark", weight_format: str = "real_quantized",
+                pack_method: str = "reorder", check_calibration: bool = True) -> ExportPlan:
+    """The checks of :func:`export_safetensors` and what it will write. ``check_calibration=False``
+    leaves out the check that every static activation quantizer has qparams (the streamed flow plans
+    its export before calibrating, and checks each block with :func:`check_calibrated` when it is done)."""
     if custom_mode not in CUSTOM_MODES:
         raise ValueError(f"custom_mode={custom_mode!r}; allowed: {', '.join(CUSTOM_MODES)}")
     if weight_format not in WEIGHT_FORMATS:
@@ -252,21 +288,15 @@ def export_safetensors(
         logger.warning("%d layers (e.g. %s) rotate their input online (rotation r4): the config records it and "
                        "quark's import and transformers' quark loader re-apply it; runtimes that ignore "
                        "algo_config (vLLM) would compute wrong outputs", len(rotated), rotated[0])
-    _check_calibrated(model)
+    if check_calibration:
+        check_calibrated(model)
     if custom_mode == "awq":
         if weight_format != "real_quantized" or pack_method != "reorder":
             raise ValueError("custom_mode='awq' writes real-quantized weights packed in the AutoAWQ order only")
         spec, left = _check_awq(model)
-        quantization_config = awq_config(spec, left)
-        tensors = awq_tensors(model)
-    else:
-        qconfig = model_qconfig(model)
-        if weight_format == "real_quantized":
-            check_real_quantized(model)
-        quantization_config = quark_quantization_config(qconfig, weight_format, pack_method)
-        tensors = quark_tensors(model, weight_format, pack_method)
-    with torch.no_grad(), atomic_directory(output_dir, overwrite=overwrite) as tmp:
-        write_config_files(model, tmp, quantization_config, tokenizer)
-        write_shards(tensors, tmp, max_shard_size)
-    logger.info("exported %s (%s, %s) to %s", type(model).__name__, custom_mode, weight_format, output_dir)
-    return Path(output_dir)
+        return ExportPlan(awq_config(spec, left), lambda select: awq_tensors(model, select))
+    qconfig = model_qconfig(model)
+    if weight_format == "real_quantized":
+        check_real_quantized(model)
+    return ExportPlan(quark_quantization_config(qconfig, weight_format, pack_method),
+                      lambda select: quark_tensors(model, weight_format, pack_method, select))

@@ -35,6 +35,7 @@ from .attention import enable_softmax_quantization
 from .config.config import QConfig
 from .config.type import QuantFlow
 from .driver import (
+    BlockStore,
     call_model,
     capture_block_inputs,
     find_decoder_layers,
@@ -88,6 +89,20 @@ def _update_weight_qparams(module: nn.Module) -> None:
             m.update_weight_qparams()
 
 
+@contextlib.contextmanager
+def _transformers_bars_off() -> Any:
+    """transformers' loader shows a progress bar per call: one per block is noise."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def check_calibration_batch(batch: Any, index: int) -> None:
     """Refuse the batches a language model cannot take, naming the batch and the fix: text that was
     not tokenized, and 1-D token ids (iterating a ``[batch, seq]`` tensor yields its rows)."""
@@ -133,27 +148,8 @@ class ModelQuantizer:
         in place), fake-quantized. ``dataloader`` yields batches passed as ``model(**batch)`` (dicts)
         or ``model(batch)``; it is required when some activation spec is static or algorithms run."""
         cfg = self.config
-        batches = list(dataloader) if dataloader is not None else None
-        if batches is not None and len(batches) == 0:
-            raise ValueError("dataloader is empty: give at least one calibration batch")
-        for i, batch in enumerate(batches or []):
-            check_calibration_batch(batch, i)
-        if batches is None and cfg.needs_calibration():
-            raise ValueError(
-                "this config has static activation quantization (is_dynamic=False), whose scales come from "
-                "calibration data: pass dataloader=... (e.g. a list of {'input_ids': tensor} batches)"
-            )
-        if batches is None and cfg.algo_config:
-            names = ", ".join(a.name for a in cfg.algo_config)
-            raise ValueError(f"algorithm(s) {names} need calibration data: pass dataloader=...")
-        drop_gguf_marker(model)
-        model.eval()
-        self._swap_linears(model)
-        self._wrap_fused_experts(model)
-        model._quark_qconfig = cfg  # export writes it into config.json
-        attention_modules = self._setup_attention(model)
-        if self.config.softmax_quant_spec is not None:
-            enable_softmax_quantization(model, attention_modules, self.config.softmax_quant_spec)
+        batches = self._batches(dataloader)
+        self._prepare(model)
 
         flow = cfg.quant_flow
         home = module_device(model)
@@ -173,6 +169,36 @@ class ModelQuantizer:
         set_mode(model, "quantize")
         return model
 
+    def _batches(self, dataloader: Iterable[Any] | None) -> list | None:
+        """The calibration batches, checked against what the config needs."""
+        cfg = self.config
+        batches = list(dataloader) if dataloader is not None else None
+        if batches is not None and len(batches) == 0:
+            raise ValueError("dataloader is empty: give at least one calibration batch")
+        for i, batch in enumerate(batches or []):
+            check_calibration_batch(batch, i)
+        if batches is None and cfg.needs_calibration():
+            raise ValueError(
+                "this config has static activation quantization (is_dynamic=False), whose scales come from "
+                "calibration data: pass dataloader=... (e.g. a list of {'input_ids': tensor} batches)"
+            )
+        if batches is None and cfg.algo_config:
+            names = ", ".join(a.name for a in cfg.algo_config)
+            raise ValueError(f"algorithm(s) {names} need calibration data: pass dataloader=...")
+        return batches
+
+    def _prepare(self, model: nn.Module) -> None:
+        """Swap the quantized layers in (linears, fused experts, attention quantizers); nothing is
+        calibrated yet."""
+        drop_gguf_marker(model)
+        model.eval()
+        self._swap_linears(model)
+        self._wrap_fused_experts(model)
+        model._quark_qconfig = self.config  # export writes it into config.json
+        attention_modules = self._setup_attention(model)
+        if self.config.softmax_quant_spec is not None:
+            enable_softmax_quantization(model, attention_modules, self.config.softmax_quant_spec)
+
     def direct_quantize_checkpoint(
         self,
         src_dir: Any,
@@ -183,18 +209,100 @@ class ModelQuantizer:
         max_shard_size: int | str | None = None,
         overwrite: bool = False,
         progress: bool = True,
+        dataloader: Iterable[Any] | None = None,
+        custom_mode: str = "quark",
+        weight_format: str = "real_quantized",
     ) -> Any:
-        """File-to-file quantization (``QuantFlow.file2file``): quantize the float Hugging Face checkpoint
-        in ``src_dir`` shard by shard into a quark safetensors export in ``dst_dir``, without building the
-        model (memory: about one input + one output shard). Weight-only and fully dynamic schemes only;
-        the result equals ``quantize_model`` + ``export_safetensors``. Resumable after a crash; returns
-        ``dst_dir`` as a Path. See :func:`quark.torch.export.file2file.direct_quantize_checkpoint`."""
+        """Quantize the float Hugging Face checkpoint in ``src_dir`` into an export in ``dst_dir`` without
+        ever holding the whole model in memory; returns ``dst_dir`` as a Path. Resumable after a crash.
+
+        - With a ``dataloader``: the streamed flow (:mod:`.streamed`), for every config ``quantize_model``
+          takes (algorithms, static activations, fp8 KV cache and attention, fused MoE experts; rotation
+          not yet): one decoder block at a time is loaded from the memory-mapped shards onto ``device``,
+          quantized and calibrated exactly as in memory, written and freed. Memory: the embeddings,
+          lm_head, one block and the calibration hidden states. ``custom_mode`` / ``weight_format`` as
+          in ``export_safetensors``; ``max_shard_size`` splits a block's file.
+        - Without: file-to-file (``QuantFlow.file2file``, :mod:`quark.torch.export.file2file`), shard by
+          shard without building the model (memory: about one input + one output shard); weight-only
+          and fully dynamic schemes only, quark real-quantized layout.
+
+        Either way the result equals ``quantize_model`` + ``export_safetensors`` with the same arguments."""
+        if dataloader is not None:
+            return self._quantize_streamed(
+                src_dir, dst_dir, dataloader, device=device, custom_mode=custom_mode, weight_format=weight_format,
+                pack_method=pack_method, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+            )
+        if custom_mode != "quark" or weight_format != "real_quantized":
+            raise ValueError("without a dataloader direct_quantize_checkpoint goes file to file, which writes "
+                             "custom_mode='quark', weight_format='real_quantized' only; pass a dataloader for the "
+                             "streamed flow")
         from quark.torch.export.file2file import direct_quantize_checkpoint
 
         return direct_quantize_checkpoint(
             self.config, src_dir, dst_dir, device=device, pack_method=pack_method,
             max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
         )
+
+    def _quantize_streamed(self, src_dir: Any, dst_dir: Any, dataloader: Iterable[Any], *,
+                           device: torch.device | str | None, custom_mode: str, weight_format: str,
+                           pack_method: str, max_shard_size: int | str | None, overwrite: bool,
+                           progress: bool) -> Any:
+        """The streamed flow (:mod:`.streamed`): the model skeleton from the source's config.json, the
+        part outside the decoder stack loaded on ``device``, then :meth:`_calibrate_blocks` with a
+        :class:`.streamed.DiskBlockStore` that reads each block from the source and hands it to a
+        :class:`~quark.torch.export.streamed_output.StreamedOutput` once done."""
+        from pathlib import Path
+
+        from quark.torch.export.safetensors_io import parse_size
+        from quark.torch.export.source_checkpoint import SourceCheckpoint
+        from quark.torch.export.streamed_output import StreamedOutput, check_destination, run_hash
+        from quark.torch.export.writing import plan_export
+
+        from .streamed import DiskBlockStore
+
+        src, dst = Path(src_dir), Path(dst_dir)
+        check_destination(src, dst, overwrite)
+        for algo in self.config.algo_config or []:
+            if algo.name == "rotation":
+                raise NotImplementedError(
+                    "the streamed flow does not run rotation yet (it rotates the embeddings, every block and lm_head "
+                    "together before calibration): quantize in memory (quantize_model + export_safetensors)")
+        batches = self._batches(dataloader)
+        compute = torch.device(device) if device is not None else torch.device("cpu")
+        limit = (1 << 62) if max_shard_size is None else parse_size(max_shard_size)
+
+        source = SourceCheckpoint(src)
+        model = source.skeleton()
+        self._prepare(model)
+        found = self._decoder_layers(model)
+        if found is None:
+            raise ValueError(f"the streamed flow goes block by block, but {type(model).__name__} has no decoder stack "
+                             "that was found: set model_decoder_layers in the QConfig")
+        path, layers = found
+        with _transformers_bars_off():
+            source.load(model, [""], compute, exclude=[path])
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        outside = [name for name, q in model.named_modules()
+                   if isinstance(q, TensorQuantizer) and not (name == path or name.startswith(path + "."))
+                   and q.needs_calibration and not q.has_qparams and not name.endswith("weight_quantizer")]
+        if outside:
+            raise NotImplementedError(
+                f"the streamed flow calibrates static activation quantizers inside the decoder blocks only; {outside[0]} "
+                "lies outside them: exclude that layer or quantize in memory")
+        plan = plan_export(model, custom_mode, weight_format, pack_method, check_calibration=False)
+        settings = {"custom_mode": custom_mode, "weight_format": weight_format, "pack_method": pack_method,
+                    "limit": limit}
+        output = StreamedOutput(dst, source, plan, run_hash(self.config.to_dict(), settings, batches, source, model,
+                                                            path, compute), limit)
+        store = DiskBlockStore(source, output, model, path, compute)
+        with torch.no_grad(), _transformers_bars_off():
+            self._calibrate_blocks(model, path, layers, batches, compute, progress, store=store)
+        set_mode(model, "quantize")
+        output.finish(model, path, len(layers))
+        source.close()
+        logger.info("quantized %s -> %s block by block (%d blocks)", src, dst, len(layers))
+        return dst
 
     @staticmethod
     def freeze(model: nn.Module) -> nn.Module:
@@ -282,7 +390,8 @@ class ModelQuantizer:
         self._observe(model, lambda: [call_model(model, b, device) for b in tqdm(batches, desc="calibrate", disable=not progress)])
 
     @staticmethod
-    def _skipped_blocks(path: str, layers: nn.ModuleList, skipped: list[int], algorithms: list[str]) -> None:
+    def _skipped_blocks(path: str, layers: nn.ModuleList, skipped: list[int], algorithms: list[str],
+                        store: BlockStore) -> None:
         """Blocks the model did not call on the calibration data (Mllama's cross-attention blocks on
         text-only batches). Their weights are quantized from the weights, as everywhere (weights are
         static). Algorithms need the blocks' inputs: they are skipped there. Static activation
@@ -293,7 +402,6 @@ class ModelQuantizer:
         for cross-attention) or excluding their layers gives a complete model."""
         static = []
         for i in skipped:
-            _update_weight_qparams(layers[i])
             for name, q in layers[i].named_modules():
                 if isinstance(q, TensorQuantizer) and q.needs_calibration and not q.has_qparams \
                         and not name.endswith("weight_quantizer"):
@@ -303,6 +411,8 @@ class ModelQuantizer:
                         "its layer"
                     )
                     static.append(f"{i}.{name}")
+            with store.visiting(i, layers[i], done=True):
+                _update_weight_qparams(layers[i])
         parts = ["their weights are quantized from the weights"]
         if algorithms:
             parts.append(f"{', '.join(algorithms)} skipped there (they need the blocks' inputs)")
@@ -342,7 +452,11 @@ class ModelQuantizer:
         return min(bits, default=None)
 
     def _calibrate_blocks(self, model: nn.Module, path: str, layers: nn.ModuleList, batches: list,
-                          device: torch.device | None, progress: bool) -> None:
+                          device: torch.device | None, progress: bool, store: BlockStore | None = None) -> None:
+        """Calibrate the decoder stack block by block (:func:`.driver.for_each_block`), then what lies
+        outside it. ``store`` decides where blocks live between their turns (default: where they are,
+        moved to ``device`` for their turn); a store with a resume point (the streamed flow's) starts
+        there."""
         from quark.torch.algorithm import BlockContext, float_check, get_algorithm, quantizers_off
         from quark.torch.algorithm.rotation import warn_if_round_to_nearest_follows
 
@@ -366,16 +480,24 @@ class ModelQuantizer:
             )
         # the capture runs one block per block class for real (to learn what blocks return): in float,
         # as the blocks' static quantizers are not calibrated yet
+        store = store if store is not None else BlockStore(device)
         with quantizers_off(layers):
             # at the model's own device (where its embeddings are): the batches may be elsewhere
-            inputs = capture_block_inputs(model, layers, batches, device=module_device(model), progress=progress)
-        if inputs.skipped:
-            self._skipped_blocks(path, layers, inputs.skipped, [a.name for _, a in algorithms])
+            inputs = capture_block_inputs(model, layers, batches, device=module_device(model), progress=progress,
+                                          store=store)
         float_stream = any(algo.needs_float_stream for algo, _ in algorithms)
         # the float stream takes the blocks' extra inputs (BlockInputs.links) from the quantized one
         state: dict[str, Any] = {"float_hidden": list(inputs.hidden) if float_stream else None, "previous": None}
+        start = 0
+        resumed = store.resume_point(inputs)
+        if resumed is not None:
+            start, state["float_hidden"] = resumed
+        if inputs.skipped:
+            self._skipped_blocks(path, layers, [i for i in inputs.skipped if i >= start],
+                                 [a.name for _, a in algorithms], store)
 
         def process(index: int, block: nn.Module, block_inputs: Any) -> contextlib.ExitStack:
+            store.block_inputs(index, block_inputs, state["float_hidden"])
             if state["previous"] is not None:  # the previous block is done: drop its cached fake-quantized weights
                 _drop_weight_caches(layers[state["previous"]])
             state["previous"] = index
@@ -395,8 +517,9 @@ class ModelQuantizer:
             return replay
 
         with weight_caching():
-            for_each_block(layers, inputs, process, device=device, progress=progress)
-        _drop_weight_caches(layers[state["previous"]])
+            for_each_block(layers, inputs, process, progress=progress, store=store, start=start)
+        if state["previous"] is not None:
+            _drop_weight_caches(layers[state["previous"]])
         # quantizers outside the blocks (a non-excluded lm_head with static inputs ...): one more pass
         inside = {id(q) for q in _quantizers(layers)}
         outside = [q for q in _quantizers(model) if id(q) not in inside]
@@ -404,6 +527,7 @@ class ModelQuantizer:
             if q.weight_quantizer is not None and id(q.weight_quantizer) not in inside:
                 q.update_weight_qparams()
         for _, m in fused_experts_modules(model):
-            m.update_weight_qparams()  # a no-op for those inside the blocks (weights unchanged)
+            if module_device(m) is None or module_device(m).type != "meta":  # a streamed block is on disk by now
+                m.update_weight_qparams()  # a no-op for those inside the blocks (weights unchanged)
         if any(q.needs_calibration and not q.has_qparams for q in outside):
             self._observe(model, lambda: [call_model(model, b, module_device(model)) for b in batches])

@@ -178,7 +178,8 @@ def _arguments(args: tuple, kwargs: dict) -> Iterator[tuple[ArgLoc, Any]]:
 
 @contextlib.contextmanager
 def _stand_in_blocks(
-    layers: nn.ModuleList, record: Callable[[int, tuple, dict], None], returned: Callable[[int, Any], None]
+    layers: nn.ModuleList, record: Callable[[int, tuple, dict], None], returned: Callable[[int, Any], None],
+    probe: Callable[[int, nn.Module], contextlib.AbstractContextManager],
 ) -> Iterator[None]:
     """Replace each block's forward by a stand-in that records its arguments and returns its input
     hidden states, in the structure the real block returns (learned by running the first called
@@ -200,7 +201,8 @@ def _stand_in_blocks(
             cls = type(block)
             if cls not in structure:
                 real = originals[i] or type(block).forward.__get__(block)
-                structure[cls] = real(*call_args, **call_kwargs)
+                with probe(i, block):
+                    structure[cls] = real(*call_args, **call_kwargs)
             out = _placeholders(structure[cls], hidden)
             returned(i, out)
             return out
@@ -237,6 +239,7 @@ def capture_block_inputs(
     dataloader: Iterable[Any],
     device: torch.device | str | None = None,
     progress: bool = True,
+    store: BlockStore | None = None,
 ) -> BlockInputs:
     """Run each batch up to the last block and record every block's call arguments.
 
@@ -245,8 +248,10 @@ def capture_block_inputs(
     it costs an embedding lookup and mask creation per batch. Arguments of a block that are extra
     outputs of the block called before it are recorded in :attr:`BlockInputs.links`; blocks the
     model never calls in :attr:`BlockInputs.skipped` (a block called in some batches only is an
-    error).
+    error). A block run for real is made usable by ``store`` around that call (:meth:`BlockStore.visiting`;
+    by default it stays where it is).
     """
+    probe = store.visiting if store is not None else (lambda i, block: contextlib.nullcontext())
     inputs = BlockInputs()
     current: dict[int, tuple[tuple, dict]] = {}
     previous: dict[str, Any] = {}  # the stand-in output the model got last, and the block's index
@@ -269,7 +274,7 @@ def capture_block_inputs(
     def returned(i: int, output: Any) -> None:
         previous["output"] = output
 
-    with torch.no_grad(), _stand_in_blocks(layers, record, returned):
+    with torch.no_grad(), _stand_in_blocks(layers, record, returned, probe):
         for batch in tqdm(list(dataloader), desc="capture block inputs", disable=not progress, leave=False):
             current = {}
             previous.clear()
@@ -346,6 +351,53 @@ def module_device(module: nn.Module) -> torch.device | None:
     return None
 
 
+class BlockStore:
+    """Where the blocks live between their turns, and what becomes of a finished block.
+
+    The default keeps every block where it is and, given a ``device``, moves the block being worked
+    on there and back (``QuantFlow.per_block``). The streamed flow's store loads a block from disk in
+    :meth:`enter` and writes and frees it in :meth:`leave`.
+    """
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = device
+        self._homes: dict[int, torch.device | None] = {}
+
+    def enter(self, index: int, block: nn.Module) -> None:
+        """Make block ``index`` usable (its weights on the compute device)."""
+        self._homes[index] = module_device(block)
+        if self.device is not None:
+            block.to(self.device)
+
+    def leave(self, index: int, block: nn.Module, done: bool) -> None:
+        """Block ``index`` is not needed any more for now; ``done``: it is finished (quantized and
+        run), else it was only probed (the capture's one real call)."""
+        home = self._homes.pop(index, None)
+        if self.device is not None and home is not None:
+            block.to(home)
+
+    def after_block(self, index: int, inputs: BlockInputs) -> None:
+        """Called once the next called block's inputs (``inputs.hidden``, linked extras) are complete."""
+
+    def resume_point(self, inputs: BlockInputs) -> tuple[int, list[torch.Tensor] | None] | None:
+        """Where a resumed run starts: ``(block index, float-stream hidden states)``, with ``inputs``
+        (hidden states, linked extras) set to that block's inputs; None: from the start (default)."""
+        return None
+
+    def block_inputs(self, index: int, inputs: BlockInputs, float_hidden: list[torch.Tensor] | None) -> None:
+        """Block ``index``'s complete inputs, before anything is computed on it (a resumable store
+        records them)."""
+
+    @contextlib.contextmanager
+    def visiting(self, index: int, block: nn.Module, done: bool = False) -> Iterator[nn.Module]:
+        """``enter`` ... ``leave`` around a ``with`` body."""
+        self.enter(index, block)
+        try:
+            yield block
+        finally:
+            self.leave(index, block, done)
+
+
 def for_each_block(
     layers: nn.ModuleList,
     inputs: BlockInputs,
@@ -353,22 +405,27 @@ def for_each_block(
     device: torch.device | str | None = None,
     progress: bool = True,
     desc: str = "quantize blocks",
+    store: BlockStore | None = None,
+    start: int = 0,
 ) -> list[torch.Tensor]:
-    """Drive the block loop: for each block the model calls, move it to ``device``, let ``process``
-    work on it with its inputs, run it to produce the next called block's inputs (hidden states and
-    linked extra outputs, :attr:`BlockInputs.links`), then move it back where it was. A context
-    manager returned by ``process`` is entered around that run (an algorithm replaying work). The blocks of
+    """Drive the block loop: for each block the model calls, make it usable (``store.enter``: by
+    default, move it to ``device``), let ``process`` work on it with its inputs, run it to produce the
+    next called block's inputs (hidden states and linked extra outputs, :attr:`BlockInputs.links`),
+    then hand it back (``store.leave``: by default, move it back where it was). A context manager
+    returned by ``process`` is entered around that run (an algorithm replaying work). The blocks of
     :attr:`BlockInputs.skipped` are not processed: the hidden states pass them by, as in the model.
+    Called blocks before index ``start`` are taken as done (a resumed run: ``inputs`` already hold
+    the inputs of the first block from ``start`` on).
 
     ``inputs.hidden`` is replaced as the loop advances; returns the last block's outputs.
     """
+    store = store if store is not None else BlockStore(device)
     called = inputs.called
+    todo = [(n, i) for n, i in enumerate(called) if i >= start]
     trimmer = BlockTrimmer()  # the blocks' freed activations: keep RSS flat across blocks
-    for n, i in enumerate(tqdm(called, desc=desc, disable=not progress)):
+    for n, i in tqdm(todo, desc=desc, disable=not progress):
         block = layers[i]
-        home = module_device(block)
-        if device is not None:
-            block.to(device)
+        store.enter(i, block)
         around = process(i, block, inputs)
         nxt = called[n + 1] if n + 1 < len(called) else None
         keep = set(inputs.links.get(nxt, {}).values()) if nxt is not None else set()
@@ -376,7 +433,7 @@ def for_each_block(
             inputs.hidden, extra = _run(block, inputs, i, inputs.hidden, keep)
         if keep:
             _link(inputs, nxt, extra)
-        if device is not None and home is not None:
-            block.to(home)
+        store.leave(i, block, True)
+        store.after_block(i, inputs)
         trimmer.after_block()
     return inputs.hidden
