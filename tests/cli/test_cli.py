@@ -1,6 +1,7 @@
 """The `quark` command: tables, and one clear line (no traceback) for human errors."""
 
 import pytest
+import torch
 
 from quark.cli import main
 
@@ -134,5 +135,59 @@ def test_scheme_and_data_mistakes_are_refused_before_the_model_loads(monkeypatch
 
     monkeypatch.setattr(cli, "_load", no_load)
     assert main(["quantize", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def _word_tokenizer(folder, vocab=128):
+    """A word-level tokenizer of ``vocab`` entries (no download), saved into ``folder``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"[UNK]": 0, **{f"w{i}": i for i in range(1, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+
+
+def test_stream_quantizes_a_folder_block_by_block_as_the_api_does(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from quark.torch import LLMTemplate
+    from quark.torch.evaluation.data import calibration_dataloader
+    from quark.torch.export.safetensors_io import load_tensors
+    from quark.torch.quantization.api import ModelQuantizer
+    from tests.helpers import tiny_llama
+
+    src = tmp_path / "src"
+    tiny_llama(layers=2).save_pretrained(src)
+    _word_tokenizer(src)
+    text = " ".join(f"w{(7 * i) % 127 + 1}" for i in range(400))
+    (tmp_path / "calib.txt").write_text(text)
+    argv = ["quantize", "--stream", "--model", str(src), "--scheme", "int4_wo_32", "--algorithm", "gptq",
+            "--calib-data", str(tmp_path / "calib.txt"), "--num-calib-samples", "2", "--seq-len", "16",
+            "--output", str(tmp_path / "cli")]
+    assert main(argv) == 0
+    assert "block by block" in capsys.readouterr().out
+    batches = calibration_dataloader(AutoTokenizer.from_pretrained(src), 2, 16, text=text)
+    cfg = LLMTemplate.get("llama").get_config("int4_wo_32", algorithm=["gptq"])
+    ModelQuantizer(cfg).direct_quantize_checkpoint(src, tmp_path / "api", dataloader=batches, progress=False)
+    a, b = load_tensors(tmp_path / "cli"), load_tensors(tmp_path / "api")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "cli" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "give --output DIR"),
+    (["--output", "OUT", "--eval"], "--eval needs the whole model in memory"),
+    (["--output", "OUT", "--dtype", "float16"], "checkpoint's own dtype"),
+])
+def test_stream_mistakes_are_one_line(tmp_path, capsys, extra, message):
+    from tests.helpers import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "src")
+    capsys.readouterr()
+    extra = [str(tmp_path / "out") if e == "OUT" else e for e in extra]
+    assert main(["quantize", "--stream", "--model", str(tmp_path / "src"), "--scheme", "int4_wo_32", *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1

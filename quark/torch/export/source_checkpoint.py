@@ -17,9 +17,10 @@ resume record identifies its source by content with it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,6 @@ class SourceCheckpoint:
             raise CheckpointError(f"{self.folder}: no safetensors weights ({INDEX_NAME} or {SINGLE_NAME})")
         self.weight_map, _ = read_index(self.folder)  # names every missing shard
         self._shapes = self._read_headers()
-        self._handles: dict[str, Any] = {}
         self._targets: dict[str, str] | None = None
         self._model: nn.Module | None = None
 
@@ -162,18 +162,22 @@ class SourceCheckpoint:
 
         return [k for k, t in self._key_targets(model).items() if under(t, prefixes) and not under(t, exclude)]
 
-    def _handle(self, shard: str) -> Any:
+    @contextlib.contextmanager
+    def _open(self, keys: Iterable[str]) -> Iterator[dict[str, Any]]:
+        """The shards holding ``keys``, memory-mapped while entered."""
         from safetensors import safe_open
 
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.folder / shard), framework="pt", device="cpu")
-        return self._handles[shard]
+        handles: dict[str, Any] = {}
+        try:
+            for shard in sorted({self.weight_map[k] for k in keys}):
+                handles[shard] = safe_open(str(self.folder / shard), framework="pt", device="cpu")
+            yield handles
+        finally:
+            for h in handles.values():
+                h.__exit__(None, None, None)
 
     def close(self) -> None:
-        """Close the memory-mapped shards."""
-        for h in self._handles.values():
-            h.__exit__(None, None, None)
-        self._handles.clear()
+        """Nothing stays open between calls (kept for callers that close a source)."""
 
     def load(self, model: nn.Module, prefixes: Iterable[str], device: torch.device | str | None,
              exclude: Iterable[str] = ()) -> None:
@@ -187,10 +191,12 @@ class SourceCheckpoint:
         prefixes, exclude = list(prefixes), list(exclude)
         device = torch.device(device) if device is not None else torch.device("cpu")
         keys = self.keys_for(model, prefixes, exclude)
-        state = {k: self._handle(self.weight_map[k]).get_slice(k) for k in keys}
         config = LoadStateDictConfig(device_map={"": device}, weight_mapping=_mapping(model), dtype=None)
-        if state:
-            info, _ = convert_and_load_state_dict_in_model(model, state, config)
+        if keys:
+            with self._open(keys) as handles:  # unmapped after the call: the pages read leave the RSS
+                state = {k: handles[self.weight_map[k]].get_slice(k) for k in keys}
+                info, _ = convert_and_load_state_dict_in_model(model, state, config)
+                del state
             if info.mismatched_keys:
                 name, got, want = sorted(info.mismatched_keys)[0]
                 raise CheckpointError(f"{self.folder}: {name} has shape {tuple(got)} in the checkpoint, the model "
@@ -213,18 +219,14 @@ class SourceCheckpoint:
         """sha256 over the names, dtypes, shapes and data of the checkpoint tensors that load
         ``prefixes`` (reads them: about a second per GB)."""
         h = hashlib.sha256()
-        for key in sorted(self.keys_for(model, prefixes, exclude)):
-            t = self._handle(self.weight_map[key]).get_tensor(key)
-            h.update(f"{key}|{t.dtype}|{tuple(t.shape)}\0".encode())
-            h.update(t.contiguous().view(torch.uint8).reshape(-1).numpy().data)
-            del t
+        keys = sorted(self.keys_for(model, prefixes, exclude))
+        with self._open(keys) as handles:
+            for key in keys:
+                t = handles[self.weight_map[key]].get_tensor(key)
+                h.update(f"{key}|{t.dtype}|{tuple(t.shape)}\0".encode())
+                h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                del t
         return h.hexdigest()
-
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 def _tied(model: nn.Module) -> set[str]:

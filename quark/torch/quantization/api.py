@@ -496,8 +496,9 @@ class ModelQuantizer:
             self._skipped_blocks(path, layers, [i for i in inputs.skipped if i >= start],
                                  [a.name for _, a in algorithms], store)
 
+        store.float_hidden = lambda: state["float_hidden"]
+
         def process(index: int, block: nn.Module, block_inputs: Any) -> contextlib.ExitStack:
-            store.block_inputs(index, block_inputs, state["float_hidden"])
             if state["previous"] is not None:  # the previous block is done: drop its cached fake-quantized weights
                 _drop_weight_caches(layers[state["previous"]])
             state["previous"] = index

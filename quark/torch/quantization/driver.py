@@ -376,17 +376,19 @@ class BlockStore:
         if self.device is not None and home is not None:
             block.to(home)
 
-    def after_block(self, index: int, inputs: BlockInputs) -> None:
-        """Called once the next called block's inputs (``inputs.hidden``, linked extras) are complete."""
+    #: the float stream's hidden states entering the next block (set by the caller that keeps a float
+    #: stream; read by :meth:`after_block` implementations that record the loop's state)
+    float_hidden: Callable[[], list[torch.Tensor] | None] = staticmethod(lambda: None)
+
+    def after_block(self, index: int, next_index: int, inputs: BlockInputs) -> None:
+        """Block ``index`` is finished and left; ``inputs`` now hold block ``next_index``'s complete
+        inputs (hidden states, linked extras; ``next_index`` is past the last block after it). A
+        resumable store records them here."""
 
     def resume_point(self, inputs: BlockInputs) -> tuple[int, list[torch.Tensor] | None] | None:
         """Where a resumed run starts: ``(block index, float-stream hidden states)``, with ``inputs``
         (hidden states, linked extras) set to that block's inputs; None: from the start (default)."""
         return None
-
-    def block_inputs(self, index: int, inputs: BlockInputs, float_hidden: list[torch.Tensor] | None) -> None:
-        """Block ``index``'s complete inputs, before anything is computed on it (a resumable store
-        records them)."""
 
     @contextlib.contextmanager
     def visiting(self, index: int, block: nn.Module, done: bool = False) -> Iterator[nn.Module]:
@@ -434,6 +436,6 @@ def for_each_block(
         if keep:
             _link(inputs, nxt, extra)
         store.leave(i, block, True)
-        store.after_block(i, inputs)
+        store.after_block(i, nxt if nxt is not None else i + 1, inputs)
         trimmer.after_block()
     return inputs.hidden

@@ -72,10 +72,12 @@ class DiskBlockStore(BlockStore):
             self.output.write_block(index, self.prefix(index), block)
         free_module(block, self._init_buffers)
 
-    def block_inputs(self, index: int, inputs: BlockInputs, float_hidden: list[torch.Tensor] | None) -> None:
-        linked = [{f"{kind}:{key}": (inputs.extras[b][index][0][key] if kind == "arg" else inputs.extras[b][index][1][key])
-                   for (kind, key) in inputs.links.get(index, {})} for b in range(len(inputs))]
-        self.output.save_inputs(index, {"hidden": list(inputs.hidden), "float_hidden": float_hidden, "linked": linked})
+    def after_block(self, index: int, next_index: int, inputs: BlockInputs) -> None:
+        links = inputs.links.get(next_index, {})
+        linked = [{f"{kind}:{key}": inputs.extras[b][next_index][0 if kind == "arg" else 1][key]
+                   for (kind, key) in links} for b in range(len(inputs))]
+        self.output.save_inputs(next_index, {"hidden": list(inputs.hidden), "float_hidden": self.float_hidden(),
+                                             "linked": linked})
 
     def resume_point(self, inputs: BlockInputs) -> tuple[int, list[torch.Tensor] | None] | None:
         found = self.output.resume_inputs(self.model, lambda nxt: [
