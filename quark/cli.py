@@ -262,7 +262,7 @@ def _quantize_streamed(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     ModelQuantizer(config).direct_quantize_checkpoint(
         model_dir, args.output, dataloader=dataloader, device=args.device, custom_mode=custom_mode,
-        overwrite=args.overwrite)
+        overwrite=args.overwrite, hidden_states_budget=args.hidden_states_budget if dataloader is not None else None)
     flow = "block by block" if dataloader is not None else "file to file"
     print(f"quantized {model_dir} {flow} in {time.perf_counter() - start:.1f} s; exported to {args.output}")
     return 0
@@ -276,6 +276,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     _check_algo_config(args)
     if args.stream:
         return _quantize_streamed(args)
+    if args.hidden_states_budget is not None:
+        raise CLIError("--hidden-states-budget applies to --stream only")
     model, tokenizer = _load(args)
     rows = []
     size_before = model_size_bytes(model)
@@ -366,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "into --output: for models larger than memory (RAM, or GPU memory with --device cuda). Memory: "
                         "embeddings + lm_head + one block + the calibration activations. Every scheme and algorithm "
                         "but rotation; same output as without --stream; rerun the same command to resume after a crash")
+    q.add_argument("--hidden-states-budget", default=None, metavar="SIZE",
+                   help="with --stream: keep the calibration activations carried between blocks in files next to "
+                        "--output when they would take more than SIZE (e.g. 8GB) of memory")
     q.set_defaults(func=cmd_quantize)
     e = sub.add_parser("eval", help="perplexity of a model under the shared protocol")
     _add_model_args(e)

@@ -113,6 +113,22 @@ def test_fused_moe_experts_with_gptq(model_type, tmp_path):
     assert_same_folder(tmp_path / "mem", tmp_path / "stream")
 
 
+@pytest.mark.parametrize("model_type", ["glm_moe_dsa", "mllama"])
+def test_irregular_stacks(model_type, tmp_path):
+    """GLM-MoE-DSA's blocks pass their top-k indices to the next one (linked inputs); Mllama's
+    cross-attention blocks are not called on text (skipped blocks: weights only, still written)."""
+    model = build_model(model_type)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    batches = token_batches(2, vocab=64)
+    tmpl = LLMTemplate.get(model_type)
+    reference = type(model).from_pretrained(src)
+    ModelQuantizer(tmpl.get_config("int4_wo_32", algorithm=["gptq"])).quantize_model(reference, batches, progress=False)
+    export_safetensors(reference, tmp_path / "mem")
+    stream(src, tmpl.get_config("int4_wo_32", algorithm=["gptq"]), tmp_path / "stream", batches)
+    assert_same_folder(tmp_path / "mem", tmp_path / "stream")
+
+
 # ---------------------------------------------------------------------------------------------
 # resume
 # ---------------------------------------------------------------------------------------------
@@ -264,3 +280,43 @@ def test_rotation_is_refused_clearly(llama_src, tmp_path):
     with pytest.raises(NotImplementedError, match="rotation"):
         stream(llama_src, llama("int4_wo_32", algorithm=["rotation"]), tmp_path / "out", token_batches(1))
     assert not (tmp_path / "out.partial").exists()
+
+
+def test_spilled_hidden_states_give_the_same_bits(llama_src, tmp_path, monkeypatch):
+    """Above hidden_states_budget the carried hidden states (both streams for GPTAQ) live in files;
+    the result does not change."""
+    from quark.torch.quantization import driver
+
+    puts = []
+    real = driver.HiddenSpill.put
+    monkeypatch.setattr(driver.HiddenSpill, "put", lambda self, t: puts.append(t.shape) or real(self, t))
+    batches = token_batches(3)
+    cfg = lambda: llama("int4_wo_32", algorithm=["gptaq"])  # noqa: E731
+    stream(llama_src, cfg(), tmp_path / "memory", batches, hidden_states_budget="1GB")
+    assert puts == []
+    stream(llama_src, cfg(), tmp_path / "spilled", batches, hidden_states_budget=1000)
+    # captured once, then both streams for every one of the 3 blocks (3 batches each)
+    assert len(puts) == 3 + 3 * 3 * 2
+    assert_same_folder(tmp_path / "memory", tmp_path / "spilled")
+
+
+def test_a_crash_after_the_last_block_only_writes_the_rest(llama_src, tmp_path, monkeypatch):
+    batches = token_batches(2)
+    entered = []
+    crash_at(monkeypatch, -1, entered)
+    real = StreamedOutput.finish
+
+    def finish(self, *args):
+        if crash_at.armed:
+            raise Crash("killed before the end")
+        return real(self, *args)
+
+    monkeypatch.setattr(StreamedOutput, "finish", finish)
+    with pytest.raises(Crash):
+        stream(llama_src, llama("int4_wo_32", algorithm=["gptq"]), tmp_path / "out", batches)
+    crash_at.armed = False
+    entered.clear()
+    stream(llama_src, llama("int4_wo_32", algorithm=["gptq"]), tmp_path / "out", batches)
+    assert entered == [0]  # the capture's probe; no block quantized again
+    in_memory(llama_src, llama("int4_wo_32", algorithm=["gptq"]), tmp_path / "mem", batches)
+    assert_same_folder(tmp_path / "mem", tmp_path / "out")

@@ -36,6 +36,7 @@ from .config.config import QConfig
 from .config.type import QuantFlow
 from .driver import (
     BlockStore,
+    HiddenSpill,
     call_model,
     capture_block_inputs,
     find_decoder_layers,
@@ -212,6 +213,7 @@ class ModelQuantizer:
         dataloader: Iterable[Any] | None = None,
         custom_mode: str = "quark",
         weight_format: str = "real_quantized",
+        hidden_states_budget: int | str | None = None,
     ) -> Any:
         """Quantize the float Hugging Face checkpoint in ``src_dir`` into an export in ``dst_dir`` without
         ever holding the whole model in memory; returns ``dst_dir`` as a Path. Resumable after a crash.
@@ -221,7 +223,9 @@ class ModelQuantizer:
           not yet): one decoder block at a time is loaded from the memory-mapped shards onto ``device``,
           quantized and calibrated exactly as in memory, written and freed. Memory: the embeddings,
           lm_head, one block and the calibration hidden states. ``custom_mode`` / ``weight_format`` as
-          in ``export_safetensors``; ``max_shard_size`` splits a block's file.
+          in ``export_safetensors``; ``max_shard_size`` splits a block's file. The calibration hidden states
+          carried from block to block stay in memory, in the model's dtype, unless they would exceed
+          ``hidden_states_budget`` (bytes or ``"8GB"``): then they live in files next to the output.
         - Without: file-to-file (``QuantFlow.file2file``, :mod:`quark.torch.export.file2file`), shard by
           shard without building the model (memory: about one input + one output shard); weight-only
           and fully dynamic schemes only, quark real-quantized layout.
@@ -231,7 +235,10 @@ class ModelQuantizer:
             return self._quantize_streamed(
                 src_dir, dst_dir, dataloader, device=device, custom_mode=custom_mode, weight_format=weight_format,
                 pack_method=pack_method, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+                hidden_states_budget=hidden_states_budget,
             )
+        if hidden_states_budget is not None:
+            raise ValueError("hidden_states_budget applies to the streamed flow: pass a dataloader")
         if custom_mode != "quark" or weight_format != "real_quantized":
             raise ValueError("without a dataloader direct_quantize_checkpoint goes file to file, which writes "
                              "custom_mode='quark', weight_format='real_quantized' only; pass a dataloader for the "
@@ -246,7 +253,7 @@ class ModelQuantizer:
     def _quantize_streamed(self, src_dir: Any, dst_dir: Any, dataloader: Iterable[Any], *,
                            device: torch.device | str | None, custom_mode: str, weight_format: str,
                            pack_method: str, max_shard_size: int | str | None, overwrite: bool,
-                           progress: bool) -> Any:
+                           progress: bool, hidden_states_budget: int | str | None = None) -> Any:
         """The streamed flow (:mod:`.streamed`): the model skeleton from the source's config.json, the
         part outside the decoder stack loaded on ``device``, then :meth:`_calibrate_blocks` with a
         :class:`.streamed.DiskBlockStore` that reads each block from the source and hands it to a
@@ -270,6 +277,7 @@ class ModelQuantizer:
         batches = self._batches(dataloader)
         compute = torch.device(device) if device is not None else torch.device("cpu")
         limit = (1 << 62) if max_shard_size is None else parse_size(max_shard_size)
+        budget = None if hidden_states_budget is None else parse_size(hidden_states_budget)
 
         source = SourceCheckpoint(src)
         model = source.skeleton()
@@ -296,13 +304,39 @@ class ModelQuantizer:
         output = StreamedOutput(dst, source, plan, run_hash(self.config.to_dict(), settings, batches, source, model,
                                                             path, compute), limit)
         store = DiskBlockStore(source, output, model, path, compute)
+        spill = None
+        need = self._hidden_states_bytes(model, batches)
+        if budget is not None and need is not None and need > budget:
+            spill = HiddenSpill(output.partial / "spill")
+            logger.info("the calibration hidden states (about %.2f GB) exceed hidden_states_budget (%.2f GB): they are "
+                        "kept in files under %s", need / 1e9, budget / 1e9, spill.folder)
         with torch.no_grad(), _transformers_bars_off():
-            self._calibrate_blocks(model, path, layers, batches, compute, progress, store=store)
+            self._calibrate_blocks(model, path, layers, batches, compute, progress, store=store, spill=spill)
         set_mode(model, "quantize")
         output.finish(model, path, len(layers))
         source.close()
         logger.info("quantized %s -> %s block by block (%d blocks)", src, dst, len(layers))
         return dst
+
+    def _hidden_states_bytes(self, model: nn.Module, batches: list) -> int | None:
+        """Bytes of the hidden states the block loop carries (two streams when an algorithm needs the
+        float one): tokens x hidden size x the model's element size; None when it cannot tell."""
+        from quark.torch.algorithm import get_algorithm
+
+        config = getattr(model, "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        hidden = getattr(text, "hidden_size", None)
+        if not isinstance(hidden, int):
+            return None
+        tokens = 0
+        for batch in batches:
+            ids = batch.get("input_ids") if isinstance(batch, dict) else batch
+            if not isinstance(ids, torch.Tensor):
+                return None
+            tokens += ids.numel()
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        streams = 2 if any(get_algorithm(a.name).needs_float_stream for a in self.config.algo_config or []) else 1
+        return tokens * hidden * dtype.itemsize * streams
 
     @staticmethod
     def freeze(model: nn.Module) -> nn.Module:
@@ -452,11 +486,12 @@ class ModelQuantizer:
         return min(bits, default=None)
 
     def _calibrate_blocks(self, model: nn.Module, path: str, layers: nn.ModuleList, batches: list,
-                          device: torch.device | None, progress: bool, store: BlockStore | None = None) -> None:
+                          device: torch.device | None, progress: bool, store: BlockStore | None = None,
+                          spill: HiddenSpill | None = None) -> None:
         """Calibrate the decoder stack block by block (:func:`.driver.for_each_block`), then what lies
         outside it. ``store`` decides where blocks live between their turns (default: where they are,
         moved to ``device`` for their turn); a store with a resume point (the streamed flow's) starts
-        there."""
+        there. With ``spill`` the hidden states carried from block to block live on disk."""
         from quark.torch.algorithm import BlockContext, float_check, get_algorithm, quantizers_off
         from quark.torch.algorithm.rotation import warn_if_round_to_nearest_follows
 
@@ -484,7 +519,7 @@ class ModelQuantizer:
         with quantizers_off(layers):
             # at the model's own device (where its embeddings are): the batches may be elsewhere
             inputs = capture_block_inputs(model, layers, batches, device=module_device(model), progress=progress,
-                                          store=store)
+                                          store=store, spill=spill)
         float_stream = any(algo.needs_float_stream for algo, _ in algorithms)
         # the float stream takes the blocks' extra inputs (BlockInputs.links) from the quantized one
         state: dict[str, Any] = {"float_hidden": list(inputs.hidden) if float_stream else None, "previous": None}
@@ -507,7 +542,7 @@ class ModelQuantizer:
                 with quantizers_off(block), contextlib.ExitStack() as observers:
                     for algo, algo_cfg in algorithms:
                         observers.enter_context(algo.float_pass(ctx, algo_cfg))
-                    state["float_hidden"] = run_block(block, block_inputs, index, ctx.float_hidden)
+                    state["float_hidden"] = run_block(block, block_inputs, index, ctx.float_hidden, carried=True)
             for algo, algo_cfg in algorithms:
                 algo.apply(ctx, algo_cfg)
             _update_weight_qparams(block)

@@ -36,8 +36,11 @@ quantization.
 from __future__ import annotations
 
 import contextlib
+import os
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -145,9 +148,15 @@ class BlockInputs:
     links: dict[int, dict[ArgLoc, int]] = field(default_factory=dict)
     #: the blocks the model did not call during capture (in no batch), in order
     skipped: list[int] = field(default_factory=list)
+    #: where the hidden states the block loop carries are kept when they do not stay in memory
+    spill: HiddenSpill | None = None
 
     def __len__(self) -> int:
         return len(self.hidden)
+
+    def keep(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as the loop carries it: itself, or a copy on disk (:class:`HiddenSpill`)."""
+        return self.spill.put(t) if self.spill is not None else t
 
     @property
     def called(self) -> list[int]:
@@ -155,6 +164,34 @@ class BlockInputs:
         n = len(self.extras[0]) if self.extras else 0
         skipped = set(self.skipped)
         return [i for i in range(n) if i not in skipped]
+
+
+class HiddenSpill:
+    """Calibration hidden states kept in files instead of memory.
+
+    :meth:`put` writes a tensor's bytes to a new file in ``folder`` and returns a CPU tensor mapped
+    from that file (``torch.from_file``): the pages are the page cache's, which the kernel reads back
+    on use and drops under memory pressure, so the carried activations of a long calibration set cost
+    disk, not RAM. The file's name is removed at once; its space is freed when the last tensor
+    mapping it is gone.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.written = 0  # bytes, for reports
+
+    def put(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        data = t.cpu().contiguous().reshape(-1).view(torch.uint8)
+        path = self.folder / f"h-{uuid.uuid4().hex}.bin"
+        data.numpy().tofile(path)
+        try:
+            mapped = torch.from_file(str(path), shared=False, size=data.numel(), dtype=torch.uint8)
+        finally:
+            path.unlink()
+        self.written += data.numel()
+        return mapped.view(t.dtype).reshape(t.shape)
 
 
 def _placeholders(template: Any, hidden: torch.Tensor) -> Any:
@@ -240,6 +277,7 @@ def capture_block_inputs(
     device: torch.device | str | None = None,
     progress: bool = True,
     store: BlockStore | None = None,
+    spill: HiddenSpill | None = None,
 ) -> BlockInputs:
     """Run each batch up to the last block and record every block's call arguments.
 
@@ -252,13 +290,13 @@ def capture_block_inputs(
     by default it stays where it is).
     """
     probe = store.visiting if store is not None else (lambda i, block: contextlib.nullcontext())
-    inputs = BlockInputs()
+    inputs = BlockInputs(spill=spill)
     current: dict[int, tuple[tuple, dict]] = {}
     previous: dict[str, Any] = {}  # the stand-in output the model got last, and the block's index
 
     def record(i: int, args: tuple, kwargs: dict) -> None:
         if not current:  # the first block the model calls
-            inputs.hidden.append(args[0].detach())
+            inputs.hidden.append(inputs.keep(args[0].detach()))
         kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache", "past_key_value")}
         kwargs["use_cache"] = False if "use_cache" in kwargs else kwargs.get("use_cache", None)
         if kwargs["use_cache"] is None:
@@ -306,15 +344,16 @@ def _no_cache(model: nn.Module, batch: Any) -> Any:
     return batch
 
 
-def _run(block: nn.Module, inputs: BlockInputs, index: int, hidden: list[torch.Tensor], keep: set[int]
-         ) -> tuple[list[torch.Tensor], list[dict[int, Any]]]:
+def _run(block: nn.Module, inputs: BlockInputs, index: int, hidden: list[torch.Tensor], keep: set[int],
+         carried: bool = False) -> tuple[list[torch.Tensor], list[dict[int, Any]]]:
     device = module_device(block)
     outs, kept = [], []
     with torch.no_grad():
         for h, extras in zip(hidden, inputs.extras):
             args, kwargs = move_to(extras[index], device)
             out = block(move_to(h, device), *args, **kwargs)
-            outs.append(_first_tensor(out).detach())
+            first = _first_tensor(out).detach()
+            outs.append(inputs.keep(first) if carried else first)
             if keep:
                 if not isinstance(out, (tuple, list)) or len(out) <= max(keep):
                     raise TypeError(
@@ -325,9 +364,11 @@ def _run(block: nn.Module, inputs: BlockInputs, index: int, hidden: list[torch.T
     return outs, kept
 
 
-def run_block(block: nn.Module, inputs: BlockInputs, index: int, hidden: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """Run block ``index`` on every cached batch; returns its output hidden states."""
-    return _run(block, inputs, index, inputs.hidden if hidden is None else hidden, set())[0]
+def run_block(block: nn.Module, inputs: BlockInputs, index: int, hidden: list[torch.Tensor] | None = None,
+              carried: bool = False) -> list[torch.Tensor]:
+    """Run block ``index`` on every cached batch; returns its output hidden states (``carried``: kept
+    as the loop carries its hidden states, on disk when :attr:`BlockInputs.spill` is set)."""
+    return _run(block, inputs, index, inputs.hidden if hidden is None else hidden, set(), carried)[0]
 
 
 def _link(inputs: BlockInputs, index: int, outputs: list[dict[int, Any]]) -> None:
@@ -432,7 +473,7 @@ def for_each_block(
         nxt = called[n + 1] if n + 1 < len(called) else None
         keep = set(inputs.links.get(nxt, {}).values()) if nxt is not None else set()
         with around if around is not None else contextlib.nullcontext():
-            inputs.hidden, extra = _run(block, inputs, i, inputs.hidden, keep)
+            inputs.hidden, extra = _run(block, inputs, i, inputs.hidden, keep, carried=True)
         if keep:
             _link(inputs, nxt, extra)
         store.leave(i, block, True)

@@ -87,8 +87,10 @@ class DiskBlockStore(BlockStore):
         nxt, saved = found
         if len(saved["hidden"]) != len(inputs):
             return None
-        inputs.hidden = [h.to(self.device) for h in saved["hidden"]]
+        inputs.hidden = [inputs.keep(h) if inputs.spill is not None else h.to(self.device) for h in saved["hidden"]]
         for b, values in enumerate(saved["linked"]):
+            if not values:
+                continue
             args, kwargs = inputs.extras[b][nxt]
             args, kwargs = list(args), dict(kwargs)
             for loc, value in values.items():
@@ -99,4 +101,6 @@ class DiskBlockStore(BlockStore):
                     kwargs[key] = value
             inputs.extras[b][nxt] = (tuple(args), kwargs)
         float_hidden = saved["float_hidden"]
-        return nxt, None if float_hidden is None else [h.to(self.device) for h in float_hidden]
+        if float_hidden is not None:
+            float_hidden = [inputs.keep(h) if inputs.spill is not None else h.to(self.device) for h in float_hidden]
+        return nxt, float_hidden
