@@ -320,3 +320,17 @@ def test_a_crash_after_the_last_block_only_writes_the_rest(llama_src, tmp_path, 
     assert entered == [0]  # the capture's probe; no block quantized again
     in_memory(llama_src, llama("int4_wo_32", algorithm=["gptq"]), tmp_path / "mem", batches)
     assert_same_folder(tmp_path / "mem", tmp_path / "out")
+
+
+def test_an_untied_output_head_is_loaded_only_after_the_blocks(llama_src, tmp_path, monkeypatch):
+    seen = []
+    real = streamed.DiskBlockStore.enter
+
+    def enter(self, index, block):
+        seen.append(self.model.lm_head.weight.device.type)
+        return real(self, index, block)
+
+    monkeypatch.setattr(streamed.DiskBlockStore, "enter", enter)
+    stream(llama_src, llama("int4_wo_32", algorithm=["gptq"]), tmp_path / "out", token_batches(1))
+    assert seen == ["meta"] * 4  # the probe and three blocks
+    assert "lm_head.weight" in load_tensors(tmp_path / "out")

@@ -38,6 +38,7 @@ import contextlib
 import fnmatch
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -122,6 +123,16 @@ class BlockAlgorithm:
 
     def prepare_model(self, model: nn.Module, config: AlgoConfig) -> None:
         """Model-level transform run once before calibration (default: nothing)."""
+
+    def prepare_model_streamed(self, model: nn.Module, config: AlgoConfig) -> Callable[[int, nn.Module], None]:
+        """prepare_model for a model whose decoder blocks are not loaded yet (their parameters on meta):
+        does every change prepare_model makes outside the decoder blocks and every structural change
+        (modules added or replaced, on meta inside the blocks), and returns prepare_block(index, block),
+        which makes prepare_model's weight changes to decoder block `index` once its float weights are loaded.
+        Default: prepare_model(model, config) and a prepare_block that does nothing (right for algorithms
+        whose prepare_model changes no block weights)."""
+        self.prepare_model(model, config)
+        return lambda index, block: None
 
     def float_pass(self, ctx: BlockContext, config: AlgoConfig) -> contextlib.AbstractContextManager:
         """Context manager entered around the loop's float-stream pass over this block (run, when

@@ -406,6 +406,64 @@ def resolve_role(block: nn.Module, entry: str, prefix: str, role: str) -> tuple[
         raise ValueError(f"rotation {role}: block {prefix} has no {' or '.join(repr(n) for n in entry.split('|'))}")
     return found[0], _linear(found[1], f"{prefix}.{found[0]}")
 
+def block_prefix(cfg: RotationConfig, index: int) -> str:
+    """Block ``index``'s path in the model (in messages)."""
+    return f"{cfg.model_decoder_layers}.{index}" if cfg.model_decoder_layers else str(index)
+
+
+def _is_meta(module: nn.Module) -> bool:
+    return any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+def _probe_copy(norm: nn.Module) -> nn.Module:
+    """What :func:`norm_kind` probes: ``norm``, or where its tensors are not loaded (on meta: a
+    streamed model's skeleton) a copy holding stand-ins of the same dtypes, weights in [0.5, 1.5) and
+    small random biases (its kind is the class's; a block checks it again on its loaded weights)."""
+    if not _is_meta(norm):
+        return norm
+    probe = copy.deepcopy(norm)
+    g = torch.Generator().manual_seed(0)
+    for m in probe.modules():
+        for store in (m._parameters, m._buffers):
+            for name, t in store.items():
+                if t is not None and t.is_meta:
+                    value = (torch.rand(t.shape, generator=g) + 0.5 if name == "weight"
+                             else torch.randn(t.shape, generator=g) * 0.3).to(t.dtype)
+                    store[name] = nn.Parameter(value, requires_grad=False) if store is m._parameters else value
+    return probe
+
+
+def _check_width(modules: list[StreamModule], hidden: int, role: str = "") -> None:
+    for m in modules:
+        if m.features() != {hidden}:
+            raise ValueError(f"rotation r1: {role}{m.path} {'writes' if m.writes else 'reads'} "
+                             f"{sorted(m.features())} features, not the hidden size {hidden}")
+
+
+def _fold_and_rotate_bias(norm: nn.Module, readers: list[StreamModule], keep: bool, offset: float,
+                          rot: HadamardTransform) -> None:
+    fold_norm(norm, readers, keep, offset)
+    if keep:  # the bias is added to the normalised (rotated) stream
+        rotate_output_side(norm.bias.detach(), rot)
+
+
+@torch.no_grad()
+def absorb_online_rotation(module: nn.Module) -> None:
+    """``W <- W H`` with the online rotation ``H`` attached to ``module`` with ``absorb=False``
+    (:func:`attach_online_rotation` with ``absorb=True`` in two steps): a linear's weight, or every
+    expert's down matrix of quantized fused experts."""
+    rot = online_rotation(module).rot
+    if experts_layout(module) is None:
+        rotate_input_side(module.weight, rot)
+        return
+    for view in _down_matrices(module):  # [E, hidden, intermediate]
+        for e in range(view.shape[0]):
+            rotate_input_side(view[e], rot)
+
+
+#: what a rotation step does: ``(outside the blocks and structural changes, block index -> the block's weights)``
+_Step = tuple[Callable[[], None], Callable[[int, nn.Module], None]]
+
 
 class RotationAlgorithm(BlockAlgorithm):
     config_class = RotationConfig
@@ -413,8 +471,29 @@ class RotationAlgorithm(BlockAlgorithm):
     acts_on_fused_experts = True  # R1 rotates their gate/up and down matrices
 
     def prepare_model(self, model: nn.Module, config: RotationConfig) -> None:
-        """Rotate the model's weights in place (R1, R2, R4 as configured); float outputs unchanged."""
-        cfg = config
+        """Rotate the model's weights in place (R1, R2, R4 as configured); float outputs unchanged:
+        :meth:`prepare_model_streamed`, then every block's weights."""
+        planned = self._plan(model, config)
+        if planned is not None:
+            layers, prepare_block = planned
+            for i, block in enumerate(layers):
+                prepare_block(i, block)
+
+    def prepare_model_streamed(self, model: nn.Module, config: RotationConfig) -> Callable[[int, nn.Module], None]:
+        """:meth:`prepare_model` on a skeleton whose decoder blocks are on meta: rotates the embeddings, the
+        stream writers and lm_head (folding the final norm) and attaches R4's online rotations; the
+        returned ``prepare_block(index, block)`` folds the block's norms and rotates its weights (R1, R2,
+        R4's absorption), a function of the loaded float weights alone. Everything global (the
+        transforms, which norms keep the stream's mean) is decided here from shapes and classes (a
+        meta norm is probed on stand-in weights); what needs a block's values (its norms' kinds, a bias
+        its weight cannot carry) is checked by ``prepare_block`` before it changes the block."""
+        planned = self._plan(model, config)
+        return (lambda index, block: None) if planned is None else planned[1]
+
+    def _plan(self, model: nn.Module, cfg: RotationConfig
+              ) -> tuple[nn.ModuleList, Callable[[int, nn.Module], None]] | None:
+        """Check and plan everything, change what lies outside the blocks; ``(decoder layers, prepare_block)``,
+        or None when nothing is to be done."""
         if cfg.r3:
             raise NotImplementedError(
                 "rotation r3 (online Hadamard on Q/K after RoPE) is not implemented: Q/K are quantized at "
@@ -422,26 +501,70 @@ class RotationAlgorithm(BlockAlgorithm):
             )
         if not (cfg.r1 or cfg.r2 or cfg.r4):
             logger.warning("rotation: r1, r2 and r4 are all off; nothing to do")
-            return
+            return None
         found = find_decoder_layers(model, cfg.model_decoder_layers or None)
         if found is None:
             raise ValueError("rotation needs the model's decoder layers: set model_decoder_layers in RotationConfig")
         layers = found[1]
         # plan everything (checks, Hadamard constructions) before the first change, so that a refusal
         # leaves the model untouched
-        steps = []
+        steps: list[_Step] = []
         if cfg.r1:
             steps.append(self._plan_r1(model, layers, cfg, cfg.seed))
         if cfg.r2:
             steps.append(self._plan_r2(model, layers, cfg, cfg.seed + 1))
         if cfg.r4:
             steps.append(self._plan_r4(layers, cfg, cfg.seed + R4_SEED_OFFSET))
-        for step in steps:
-            step()
+        for apply_model, _ in steps:
+            apply_model()
+
+        def prepare_block(index: int, block: nn.Module) -> None:
+            # each block in the order R1, R2, R4 (the order in which they change the same matrices)
+            for _, apply_block in steps:
+                apply_block(index, block)
+
+        return layers, prepare_block
 
     _rotation = staticmethod(rotation_transform)
 
-    def _plan_r1(self, model: nn.Module, layers: nn.ModuleList, cfg: RotationConfig, seed: int) -> Callable[[], None]:
+    @staticmethod
+    def _r1_block(block: nn.Module, prefix: str, cfg: RotationConfig, hidden: int, found: set[str]
+                  ) -> tuple[list[tuple[nn.Module, str, list[StreamModule]]], list[StreamModule]]:
+        """R1's roles in one block: ``([(norm, path, its readers)], [every stream reader and writer])``;
+        adds the role entries it finds to ``found``."""
+
+        def sub(name: str) -> nn.Module:
+            return get_submodule(block, name) if name else block
+
+        def present(names: list[str], writes: bool) -> list[StreamModule]:
+            """The entries this block has (dense and MoE blocks, or blocks with and without an indexer,
+            differ)."""
+            out = []
+            for entry in names:
+                role = find_role(block, entry)
+                if role is not None:
+                    found.add(entry)
+                    out.append(StreamModule(role[1], f"{prefix}.{role[0]}", writes))
+            return out
+
+        mlp_outputs = cfg.mlp_outputs or [cfg.down_proj]
+        attn_norm, mlp_norm = sub(cfg.attn_norm), sub(cfg.mlp_norm)
+        attn_in = present(cfg.attn_inputs, False)
+        mlp_in, mlp_out = present(cfg.mlp_inputs, False), present(mlp_outputs, True)
+        for what, modules, names in (("attention inputs", attn_in, cfg.attn_inputs),
+                                     ("MLP inputs", mlp_in, cfg.mlp_inputs), ("MLP outputs", mlp_out, mlp_outputs)):
+            if not modules:
+                raise ValueError(f"rotation r1: block {prefix} has none of the {what} {names}")
+        o_name, o_proj = resolve_role(block, cfg.o_proj, prefix, "r1")
+        outs = [StreamModule(o_proj, f"{prefix}.{o_name}", True), *mlp_out]
+        _check_width(attn_in + mlp_in + outs, hidden)
+        # a parallel block (Phi, Cohere) reads attention and MLP through one norm: fold it once
+        readers: dict[int, tuple[nn.Module, str, list[StreamModule]]] = {}
+        for norm, name, ins in ((attn_norm, cfg.attn_norm, attn_in), (mlp_norm, cfg.mlp_norm, mlp_in)):
+            readers.setdefault(id(norm), (norm, f"{prefix}.{name}", []))[2].extend(ins)
+        return list(readers.values()), attn_in + mlp_in + outs
+
+    def _plan_r1(self, model: nn.Module, layers: nn.ModuleList, cfg: RotationConfig, seed: int) -> _Step:
         embeddings = [get_submodule(model, p) for p in cfg.embedding_layers]
         if not embeddings:
             raise ValueError("rotation r1: RotationConfig.embedding_layers is empty")
@@ -453,62 +576,24 @@ class RotationAlgorithm(BlockAlgorithm):
             if weight is None or weight.dim() != 2 or weight.shape[1] != hidden:
                 raise ValueError(f"rotation r1: {path} has no (rows, {hidden}) weight to rotate")
 
-        def check_width(modules: list[StreamModule], role: str = "") -> None:
-            for m in modules:
-                if m.features() != {hidden}:
-                    raise ValueError(f"rotation r1: {role}{m.path} {'writes' if m.writes else 'reads'} "
-                                     f"{sorted(m.features())} features, not the hidden size {hidden}")
-
         writers = [StreamModule(m, path, True) for path, m in find_stream_writers(model, cfg.stream_writers)]
-        check_width(writers, "stream writer ")
+        _check_width(writers, hidden, "stream writer ")
 
-        plan: list[tuple[list[StreamModule], list[StreamModule]]] = []  # per block: readers, writers
         norms: list[tuple[nn.Module, str, list[StreamModule]]] = []  # (norm, path, its readers)
-        mlp_outputs = cfg.mlp_outputs or [cfg.down_proj]
         found: set[str] = set()
         for i, block in enumerate(layers):
-            prefix = f"{cfg.model_decoder_layers}.{i}" if cfg.model_decoder_layers else str(i)
-
-            def sub(name: str, block: nn.Module = block, prefix: str = prefix) -> nn.Module:
-                return get_submodule(block, name) if name else block
-
-            def present(names: list[str], writes: bool, block: nn.Module = block, prefix: str = prefix
-                        ) -> list[StreamModule]:
-                """The entries this block has (dense and MoE blocks, or blocks with and without an indexer,
-                differ)."""
-                out = []
-                for entry in names:
-                    role = find_role(block, entry)
-                    if role is not None:
-                        found.add(entry)
-                        out.append(StreamModule(role[1], f"{prefix}.{role[0]}", writes))
-                return out
-
-            attn_norm, mlp_norm = sub(cfg.attn_norm), sub(cfg.mlp_norm)
-            attn_in = present(cfg.attn_inputs, False)
-            mlp_in, mlp_out = present(cfg.mlp_inputs, False), present(mlp_outputs, True)
-            for what, modules, names in (("attention inputs", attn_in, cfg.attn_inputs),
-                                         ("MLP inputs", mlp_in, cfg.mlp_inputs), ("MLP outputs", mlp_out, mlp_outputs)):
-                if not modules:
-                    raise ValueError(f"rotation r1: block {prefix} has none of the {what} {names}")
-            o_name, o_proj = resolve_role(block, cfg.o_proj, prefix, "r1")
-            outs = [StreamModule(o_proj, f"{prefix}.{o_name}", True), *mlp_out]
-            check_width(attn_in + mlp_in + outs)
-            # a parallel block (Phi, Cohere) reads attention and MLP through one norm: fold it once
-            readers: dict[int, tuple[nn.Module, str, list[StreamModule]]] = {}
-            for norm, name, ins in ((attn_norm, cfg.attn_norm, attn_in), (mlp_norm, cfg.mlp_norm, mlp_in)):
-                readers.setdefault(id(norm), (norm, f"{prefix}.{name}", []))[2].extend(ins)
-            norms.extend(readers.values())
-            plan.append((attn_in + mlp_in, outs))
-        missing = [n for n in [*cfg.attn_inputs, *cfg.mlp_inputs, *mlp_outputs] if n not in found]
+            norms.extend(self._r1_block(block, block_prefix(cfg, i), cfg, hidden, found)[0])
+        missing = [n for n in [*cfg.attn_inputs, *cfg.mlp_inputs, *(cfg.mlp_outputs or [cfg.down_proj])]
+                   if n not in found]
         if missing:
             raise ValueError(f"rotation r1: {missing} match no module in any decoder block")
         head = StreamModule(lm_head, cfg.lm_head, False)
         norms.append((final_norm, cfg.final_norm, [head]))
-        found_kinds = {path: norm_kind(norm, path, hidden) for norm, path, _ in norms}
+        found_kinds = {path: norm_kind(_probe_copy(norm), path, hidden) for norm, path, _ in norms}
         kinds = {path: kind for path, (kind, _) in found_kinds.items()}
-        offsets = [found_kinds[path][1] for _, path, _ in norms]
-        kept = [_bias_kept_in_norm(norm, ins, path, off) for (norm, path, ins), off in zip(norms, offsets)]
+        # the bias checks of the norms whose values are there (a streamed block's: when it is loaded)
+        kept = {path: _bias_kept_in_norm(norm, ins, path, found_kinds[path][1])
+                for norm, path, ins in norms if not _is_meta(norm)}
         keep_mean = "layer" in kinds.values()
         if keep_mean and "rms" in kinds.values():
             layer = next(p for p, k in kinds.items() if k == "layer")
@@ -520,83 +605,99 @@ class RotationAlgorithm(BlockAlgorithm):
             )
         rot = self._rotation(hidden, cfg, seed, "r1", keep_mean=keep_mean)
 
-        def apply() -> None:
+        def apply_model() -> None:
             untie_embeddings(model, embeddings, lm_head)
             for emb in embeddings:
                 rotate_input_side(emb.weight, rot)  # token vectors are rows: E <- E Q
             for w in writers:  # e.g. image features that replace image-token embeddings
                 w.rotate(rot)
-            for (norm, _, ins), keep, off in zip(norms, kept, offsets):
-                fold_norm(norm, ins, keep, off)
-                if keep:  # the bias is added to the normalised (rotated) stream
-                    rotate_output_side(norm.bias.detach(), rot)
-            for ins, outs in plan:
-                for m in ins + outs:
-                    m.rotate(rot)
+            _fold_and_rotate_bias(final_norm, [head], kept[cfg.final_norm], found_kinds[cfg.final_norm][1], rot)
             head.rotate(rot)
 
-        return apply
+        def apply_block(index: int, block: nn.Module) -> None:
+            block_norms, modules = self._r1_block(block, block_prefix(cfg, index), cfg, hidden, set())
+            folds = []
+            for norm, path, ins in block_norms:  # all checks before the block changes
+                kind, offset = norm_kind(norm, path, hidden)
+                if (kind == "layer") != keep_mean:
+                    raise ValueError(
+                        f"rotation r1: {path} computes a{' LayerNorm' if kind == 'layer' else 'n RMSNorm'} with its "
+                        f"weights, but the stream was rotated for {'LayerNorms' if keep_mean else 'RMSNorms'} (as "
+                        "probed on the model before its blocks were loaded)"
+                    )
+                folds.append((norm, ins, _bias_kept_in_norm(norm, ins, path, offset), offset))
+            for fold in folds:
+                _fold_and_rotate_bias(*fold, rot)
+            for m in modules:
+                m.rotate(rot)
 
-    def _plan_r2(self, model: nn.Module, layers: nn.ModuleList, cfg: RotationConfig, seed: int) -> Callable[[], None]:
-        rots: dict[int, HadamardTransform] = {}
-        pairs = []
-        for i, block in enumerate(layers):
-            prefix = f"{cfg.model_decoder_layers}.{i}" if cfg.model_decoder_layers else str(i)
-            try:
-                v_name, v = resolve_role(block, cfg.v_proj, prefix, "r2")
-            except ValueError as exc:
+        return apply_model, apply_block
+
+    @staticmethod
+    def _r2_block(model: nn.Module, block: nn.Module, prefix: str, cfg: RotationConfig
+                  ) -> tuple[nn.Linear, slice, int | None, int, nn.Linear, int]:
+        """R2's roles in one block: ``(v, its value rows, rows per head block, offset, o, head size)``
+        (the arguments of :func:`rotate_heads_output` and :func:`rotate_heads_input`)."""
+        try:
+            v_name, v = resolve_role(block, cfg.v_proj, prefix, "r2")
+        except ValueError as exc:
+            raise ValueError(
+                f"{exc}; R2 rotates V's heads and needs V's projection (RotationConfig.v_proj; with "
+                "fused_qkv=True a fused [q; k; v] projection) in every block: set r2=False if the model has "
+                "neither"
+            ) from None
+        v_alts, o_alts = cfg.v_proj.split("|"), cfg.o_proj.split("|")
+        # paired alternatives (self_attn.v_proj|cross_attn.v_proj with self_attn.o_proj|cross_attn.o_proj):
+        # O from the same attention as V
+        o_entry = o_alts[v_alts.index(v_name)] if len(v_alts) == len(o_alts) > 1 else cfg.o_proj
+        o_name, o = resolve_role(block, o_entry, prefix, "r2")
+        parent = v_name.rpartition(".")[0]
+        attention = get_submodule(block, parent) if parent else block
+        rows, block_rows, offset = slice(None), None, 0  # where V's heads sit (rotate_heads_output)
+        if cfg.kv_per_head:  # MLA: each head's rows of kv_b_proj are [k_nope; v]
+            head_dim = _value_head_dim(attention, model)
+            heads = o.in_features // head_dim if o.in_features % head_dim == 0 else 0
+            if not heads or v.out_features % heads or v.out_features // heads < head_dim:
                 raise ValueError(
-                    f"{exc}; R2 rotates V's heads and needs V's projection (RotationConfig.v_proj; with "
-                    "fused_qkv=True a fused [q; k; v] projection) in every block: set r2=False if the model has "
-                    "neither"
-                ) from None
-            v_alts, o_alts = cfg.v_proj.split("|"), cfg.o_proj.split("|")
-            # paired alternatives (self_attn.v_proj|cross_attn.v_proj with self_attn.o_proj|cross_attn.o_proj):
-            # O from the same attention as V
-            o_entry = o_alts[v_alts.index(v_name)] if len(v_alts) == len(o_alts) > 1 else cfg.o_proj
-            o_name, o = resolve_role(block, o_entry, prefix, "r2")
-            parent = v_name.rpartition(".")[0]
-            attention = get_submodule(block, parent) if parent else block
-            rows, block_rows, offset = slice(None), None, 0  # where V's heads sit (rotate_heads_output)
-            if cfg.kv_per_head:  # MLA: each head's rows of kv_b_proj are [k_nope; v]
-                head_dim = _value_head_dim(attention, model)
-                heads = o.in_features // head_dim if o.in_features % head_dim == 0 else 0
-                if not heads or v.out_features % heads or v.out_features // heads < head_dim:
+                    f"rotation r2: {prefix}.{v_name} has {v.out_features} outputs, not one [key; value] block of "
+                    f"at least the value size {head_dim} per head of {o_name}'s {o.in_features} inputs "
+                    "(kv_per_head=True)"
+                )
+            block_rows = v.out_features // heads
+            offset = block_rows - head_dim
+        else:
+            head_dim = _head_dim(attention, model)
+            if cfg.fused_qkv:  # [q; k; v]: q as wide as o_proj's input, k and v equally wide
+                kv = (v.out_features - o.in_features) // 2
+                if kv <= 0 or v.out_features != o.in_features + 2 * kv:
                     raise ValueError(
-                        f"rotation r2: {prefix}.{v_name} has {v.out_features} outputs, not one [key; value] block of "
-                        f"at least the value size {head_dim} per head of {o_name}'s {o.in_features} inputs "
-                        "(kv_per_head=True)"
+                        f"rotation r2: {prefix}.{v_name} has {v.out_features} outputs, not {o.in_features} query "
+                        f"features ({o_name}'s inputs) plus two equal key and value parts (fused_qkv=True)"
                     )
-                block_rows = v.out_features // heads
-                offset = block_rows - head_dim
-            else:
-                head_dim = _head_dim(attention, model)
-                if cfg.fused_qkv:  # [q; k; v]: q as wide as o_proj's input, k and v equally wide
-                    kv = (v.out_features - o.in_features) // 2
-                    if kv <= 0 or v.out_features != o.in_features + 2 * kv:
-                        raise ValueError(
-                            f"rotation r2: {prefix}.{v_name} has {v.out_features} outputs, not {o.in_features} query "
-                            f"features ({o_name}'s inputs) plus two equal key and value parts (fused_qkv=True)"
-                        )
-                    rows = slice(o.in_features + kv, v.out_features)
-                width = v.out_features if rows.start is None else rows.stop - rows.start
-                if width % head_dim or o.in_features % head_dim:
-                    raise ValueError(
-                        f"rotation r2: {prefix}: head size {head_dim} does not divide {v_name}'s value outputs "
-                        f"({width}) and {o_name}'s inputs ({o.in_features})"
-                    )
+                rows = slice(o.in_features + kv, v.out_features)
+            width = v.out_features if rows.start is None else rows.stop - rows.start
+            if width % head_dim or o.in_features % head_dim:
+                raise ValueError(
+                    f"rotation r2: {prefix}: head size {head_dim} does not divide {v_name}'s value outputs "
+                    f"({width}) and {o_name}'s inputs ({o.in_features})"
+                )
+        return v, rows, block_rows, offset, o, head_dim
+
+    def _plan_r2(self, model: nn.Module, layers: nn.ModuleList, cfg: RotationConfig, seed: int) -> _Step:
+        rots: dict[int, HadamardTransform] = {}
+        for i, block in enumerate(layers):
+            head_dim = self._r2_block(model, block, block_prefix(cfg, i), cfg)[-1]
             if head_dim not in rots:
                 rots[head_dim] = self._rotation(head_dim, cfg, seed, "r2")
-            pairs.append((v, rows, block_rows, offset, o, rots[head_dim]))
 
-        def apply() -> None:
-            for v, rows, block_rows, offset, o, rot in pairs:
-                rotate_heads_output(v, rot, rows, block_rows, offset)
-                rotate_heads_input(o, rot)
+        def apply_block(index: int, block: nn.Module) -> None:
+            v, rows, block_rows, offset, o, head_dim = self._r2_block(model, block, block_prefix(cfg, index), cfg)
+            rotate_heads_output(v, rots[head_dim], rows, block_rows, offset)
+            rotate_heads_input(o, rots[head_dim])
 
-        return apply
+        return (lambda: None), apply_block
 
-    def _plan_r4(self, layers: nn.ModuleList, cfg: RotationConfig, seed: int) -> Callable[[], None]:
+    def _plan_r4(self, layers: nn.ModuleList, cfg: RotationConfig, seed: int) -> _Step:
         targets = r4_targets(layers, cfg, cfg.model_decoder_layers)
         sizes = [r4_input_size(module, name) for name, module in targets]
         rots: dict[int, HadamardTransform] = {}
@@ -604,15 +705,22 @@ class RotationAlgorithm(BlockAlgorithm):
             if n not in rots:
                 rots[n] = self._rotation(n, cfg, seed, "r4")
 
-        def apply() -> None:
+        def apply_model() -> None:
+            # the online transforms (structure); each block's weights absorb them in apply_block
             for (_, module), n in zip(targets, sizes):
-                attach_online_rotation(module, HadamardTransform(n, rots[n].signs))
+                attach_online_rotation(module, HadamardTransform(n, rots[n].signs), absorb=False)
             logger.warning(
                 "rotation r4: the inputs of %d MLP outputs (e.g. %s) are rotated online; a runtime loading an "
                 "exported checkpoint must apply the same Hadamard transform", len(targets), targets[0][0]
             )
 
-        return apply
+        def apply_block(index: int, block: nn.Module) -> None:
+            for entry in cfg.mlp_outputs or [cfg.down_proj]:  # as r4_targets finds them
+                role = find_role(block, entry)
+                if role is not None:
+                    absorb_online_rotation(role[1])
+
+        return apply_model, apply_block
 
 
 ALGORITHM = register_algorithm(RotationAlgorithm())

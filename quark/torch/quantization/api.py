@@ -287,8 +287,14 @@ class ModelQuantizer:
             raise ValueError(f"the streamed flow goes block by block, but {type(model).__name__} has no decoder stack "
                              "that was found: set model_decoder_layers in the QConfig")
         path, layers = found
+        # the output head runs after the blocks only: it is loaded when they are done (unless it is tied
+        # to the input embeddings, which the capture needs)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        inputs_embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        deferred = [] if head is None or getattr(head, "weight", None) is getattr(inputs_embed, "weight", False) else [
+            name for name, m in model.named_modules() if m is head][:1]
         with _transformers_bars_off():
-            source.load(model, [""], compute, exclude=[path])
+            source.load(model, [""], compute, exclude=[path, *deferred])
         if hasattr(model, "tie_weights"):
             model.tie_weights()
         outside = [name for name, q in model.named_modules()
@@ -303,7 +309,7 @@ class ModelQuantizer:
                     "limit": limit}
         output = StreamedOutput(dst, source, plan, run_hash(self.config.to_dict(), settings, batches, source, model,
                                                             path, compute), limit)
-        store = DiskBlockStore(source, output, model, path, compute)
+        store = DiskBlockStore(source, output, model, path, compute, deferred)
         spill = None
         need = self._hidden_states_bytes(model, batches)
         if budget is not None and need is not None and need > budget:
@@ -556,6 +562,7 @@ class ModelQuantizer:
             for_each_block(layers, inputs, process, progress=progress, store=store, start=start)
         if state["previous"] is not None:
             _drop_weight_caches(layers[state["previous"]])
+        store.blocks_done()
         # quantizers outside the blocks (a non-excluded lm_head with static inputs ...): one more pass
         inside = {id(q) for q in _quantizers(layers)}
         outside = [q for q in _quantizers(model) if id(q) not in inside]

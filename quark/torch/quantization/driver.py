@@ -426,6 +426,10 @@ class BlockStore:
         inputs (hidden states, linked extras; ``next_index`` is past the last block after it). A
         resumable store records them here."""
 
+    def blocks_done(self) -> None:
+        """Every block is finished; what lies outside the stack is calibrated next (a store that kept
+        modules needed only then off memory loads them here)."""
+
     def resume_point(self, inputs: BlockInputs) -> tuple[int, list[torch.Tensor] | None] | None:
         """Where a resumed run starts: ``(block index, float-stream hidden states)``, with ``inputs``
         (hidden states, linked extras) set to that block's inputs; None: from the start (default)."""

@@ -48,9 +48,12 @@ def free_module(module: nn.Module, keep: set[tuple[int, str]] = frozenset()) -> 
 class DiskBlockStore(BlockStore):
     """Blocks are read from ``source`` for their turn and written to ``output`` once done."""
 
-    def __init__(self, source: Any, output: Any, model: nn.Module, path: str, device: torch.device) -> None:
+    def __init__(self, source: Any, output: Any, model: nn.Module, path: str, device: torch.device,
+                 deferred: list[str] = ()) -> None:
         super().__init__(device)
         self.source, self.output, self.model, self.path = source, output, model, path
+        #: modules outside the stack needed only after it (the output head): loaded in blocks_done
+        self.deferred = list(deferred)
         # buffers the model computed in __init__ (not in the checkpoint): kept when a block is freed
         self._init_buffers = {(id(m), n) for m in model.get_submodule(path).modules()
                               for n, b in m._buffers.items() if b is not None and b.device.type != "meta"}
@@ -71,6 +74,10 @@ class DiskBlockStore(BlockStore):
                     m.update_weight_qparams()  # what the in-memory flow does after its loop (a no-op there)
             self.output.write_block(index, self.prefix(index), block)
         free_module(block, self._init_buffers)
+
+    def blocks_done(self) -> None:
+        if self.deferred:
+            self.source.load(self.model, self.deferred, self.device)
 
     def after_block(self, index: int, next_index: int, inputs: BlockInputs) -> None:
         links = inputs.links.get(next_index, {})
