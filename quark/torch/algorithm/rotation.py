@@ -50,11 +50,16 @@ the quantizer checks the float logits on a calibration batch before and after th
 (:mod:`.float_check`) and refuses a rotation that changed them.
 
 Rotation is model-level (:meth:`RotationAlgorithm.prepare_model`, run once before calibration);
-the per-block step does nothing. Module roles come from :class:`RotationConfig` (template data).
+the per-block step does nothing. The streamed flow, whose blocks are loaded one at a time, runs it
+as :meth:`RotationAlgorithm.prepare_model_streamed` (the embeddings, lm_head and the online
+transforms) followed by each block's part when the block is loaded, with the same result bit for
+bit. Module roles come from :class:`RotationConfig` (template data).
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import logging
 from collections.abc import Callable
 
@@ -68,10 +73,12 @@ from quark.torch.quantization.hadamard import HadamardTransform
 from quark.torch.quantization.online_rotation import (
     _CHUNK,
     R4_SEED_OFFSET,
+    _down_matrices,
     _linear,
     _transform,
     attach_online_rotation,
     find_role,
+    online_rotation,
     r4_input_size,
     r4_targets,
     rotate_input_side,
@@ -406,6 +413,7 @@ def resolve_role(block: nn.Module, entry: str, prefix: str, role: str) -> tuple[
         raise ValueError(f"rotation {role}: block {prefix} has no {' or '.join(repr(n) for n in entry.split('|'))}")
     return found[0], _linear(found[1], f"{prefix}.{found[0]}")
 
+
 def block_prefix(cfg: RotationConfig, index: int) -> str:
     """Block ``index``'s path in the model (in messages)."""
     return f"{cfg.model_decoder_layers}.{index}" if cfg.model_decoder_layers else str(index)
@@ -578,6 +586,12 @@ class RotationAlgorithm(BlockAlgorithm):
 
         writers = [StreamModule(m, path, True) for path, m in find_stream_writers(model, cfg.stream_writers)]
         _check_width(writers, hidden, "stream writer ")
+        outside = [*zip(cfg.embedding_layers, embeddings), *((w.path, w.module) for w in writers),
+                   (cfg.final_norm, final_norm), (cfg.lm_head, lm_head)]
+        unloaded = [path for path, m in outside if _is_meta(m)]
+        if unloaded:  # (a streamed model's skeleton has only its decoder blocks on meta)
+            raise ValueError(f"rotation r1: {unloaded} are not loaded (on meta); R1 rotates them with the stream: load "
+                             "everything outside the decoder blocks before the rotation")
 
         norms: list[tuple[nn.Module, str, list[StreamModule]]] = []  # (norm, path, its readers)
         found: set[str] = set()
