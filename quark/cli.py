@@ -366,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--stream", action="store_true",
                    help="quantize a Hugging Face safetensors folder (--model DIR) one decoder block at a time from disk "
                         "into --output: for models larger than memory (RAM, or GPU memory with --device cuda). Memory: "
-                        "embeddings + lm_head + one block + the calibration activations. Every scheme and algorithm "
-                        "but rotation; same output as without --stream; rerun the same command to resume after a crash")
+                        "embeddings + lm_head + one block + the calibration activations. Every scheme and algorithm; "
+                        "same output as without --stream; rerun the same command to resume after a crash")
     q.add_argument("--hidden-states-budget", default=None, metavar="SIZE",
                    help="with --stream: keep the calibration activations carried between blocks in files next to "
                         "--output when they would take more than SIZE (e.g. 8GB) of memory")

@@ -60,8 +60,13 @@ def tied_src(tmp_path_factory):
     return folder
 
 
-def llama(scheme, **kwargs):
-    return LLMTemplate.get("llama").get_config(scheme, **kwargs)
+def llama(scheme, overrides=None, **kwargs):
+    from quark.torch.quantization.config.algo_configs import with_field_overrides
+
+    tmpl = LLMTemplate.get("llama")
+    if overrides:
+        kwargs["algo_configs"] = with_field_overrides(tmpl.algorithm_configs, overrides)
+    return tmpl.get_config(scheme, **kwargs)
 
 
 @pytest.mark.parametrize("cfg_kwargs, export_kwargs", [
@@ -72,7 +77,10 @@ def llama(scheme, **kwargs):
     (dict(scheme="fp8", kv_cache_scheme="fp8", attention_scheme="fp8"), {}),
     (dict(scheme="int4_wo_32", algorithm=["gptaq"]), {}),  # the float stream rides along
     (dict(scheme="mxfp4"), dict(weight_format="fake_quantized")),
-], ids=["gptq", "awq-layout", "smoothquant", "autosmoothquant", "fp8-kv-attention", "gptaq", "mxfp4-fake"])
+    (dict(scheme="int4_wo_32", algorithm=["rotation", "gptq"]), {}),
+    (dict(scheme="int8", algorithm=["rotation", "smoothquant"], overrides=["rotation.r4=true"]), {}),
+], ids=["gptq", "awq-layout", "smoothquant", "autosmoothquant", "fp8-kv-attention", "gptaq", "mxfp4-fake",
+        "rotation-gptq", "rotation-r4-smoothquant"])
 def test_streamed_equals_in_memory(llama_src, tmp_path, cfg_kwargs, export_kwargs):
     batches = token_batches(3)
     scheme = cfg_kwargs.pop("scheme")
@@ -276,10 +284,18 @@ def test_a_failure_mid_run_leaves_the_old_output_untouched(llama_src, tmp_path, 
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_rotation_is_refused_clearly(llama_src, tmp_path):
-    with pytest.raises(NotImplementedError, match="rotation"):
-        stream(llama_src, llama("int4_wo_32", algorithm=["rotation"]), tmp_path / "out", token_batches(1))
-    assert not (tmp_path / "out.partial").exists()
+def test_an_untied_output_head_is_loaded_only_after_the_blocks(llama_src, tmp_path, monkeypatch):
+    seen = []
+    real = streamed.DiskBlockStore.enter
+
+    def enter(self, index, block):
+        seen.append(self.model.lm_head.weight.device.type)
+        return real(self, index, block)
+
+    monkeypatch.setattr(streamed.DiskBlockStore, "enter", enter)
+    stream(llama_src, llama("int4_wo_32", algorithm=["gptq"]), tmp_path / "out", token_batches(1))
+    assert seen == ["meta"] * 4  # the probe and three blocks
+    assert "lm_head.weight" in load_tensors(tmp_path / "out")
 
 
 def test_spilled_hidden_states_give_the_same_bits(llama_src, tmp_path, monkeypatch):
@@ -320,17 +336,3 @@ def test_a_crash_after_the_last_block_only_writes_the_rest(llama_src, tmp_path, 
     assert entered == [0]  # the capture's probe; no block quantized again
     in_memory(llama_src, llama("int4_wo_32", algorithm=["gptq"]), tmp_path / "mem", batches)
     assert_same_folder(tmp_path / "mem", tmp_path / "out")
-
-
-def test_an_untied_output_head_is_loaded_only_after_the_blocks(llama_src, tmp_path, monkeypatch):
-    seen = []
-    real = streamed.DiskBlockStore.enter
-
-    def enter(self, index, block):
-        seen.append(self.model.lm_head.weight.device.type)
-        return real(self, index, block)
-
-    monkeypatch.setattr(streamed.DiskBlockStore, "enter", enter)
-    stream(llama_src, llama("int4_wo_32", algorithm=["gptq"]), tmp_path / "out", token_batches(1))
-    assert seen == ["meta"] * 4  # the probe and three blocks
-    assert "lm_head.weight" in load_tensors(tmp_path / "out")

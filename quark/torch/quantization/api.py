@@ -219,8 +219,8 @@ class ModelQuantizer:
         ever holding the whole model in memory; returns ``dst_dir`` as a Path. Resumable after a crash.
 
         - With a ``dataloader``: the streamed flow (:mod:`.streamed`), for every config ``quantize_model``
-          takes (algorithms, static activations, fp8 KV cache and attention, fused MoE experts; rotation
-          not yet): one decoder block at a time is loaded from the memory-mapped shards onto ``device``,
+          takes (algorithms with rotation, static activations, fp8 KV cache and attention, fused MoE
+          experts): one decoder block at a time is loaded from the memory-mapped shards onto ``device``,
           quantized and calibrated exactly as in memory, written and freed. Memory: the embeddings,
           lm_head, one block and the calibration hidden states. ``custom_mode`` / ``weight_format`` as
           in ``export_safetensors``; ``max_shard_size`` splits a block's file. The calibration hidden states
@@ -260,6 +260,7 @@ class ModelQuantizer:
         :class:`~quark.torch.export.streamed_output.StreamedOutput` once done."""
         from pathlib import Path
 
+        from quark.torch.algorithm import get_algorithm
         from quark.torch.export.safetensors_io import parse_size
         from quark.torch.export.source_checkpoint import SourceCheckpoint
         from quark.torch.export.streamed_output import StreamedOutput, check_destination, run_hash
@@ -269,11 +270,6 @@ class ModelQuantizer:
 
         src, dst = Path(src_dir), Path(dst_dir)
         check_destination(src, dst, overwrite)
-        for algo in self.config.algo_config or []:
-            if algo.name == "rotation":
-                raise NotImplementedError(
-                    "the streamed flow does not run rotation yet (it rotates the embeddings, every block and lm_head "
-                    "together before calibration): quantize in memory (quantize_model + export_safetensors)")
         batches = self._batches(dataloader)
         compute = torch.device(device) if device is not None else torch.device("cpu")
         limit = (1 << 62) if max_shard_size is None else parse_size(max_shard_size)
@@ -291,8 +287,11 @@ class ModelQuantizer:
         # to the input embeddings, which the capture needs)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         inputs_embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        deferred = [] if head is None or getattr(head, "weight", None) is getattr(inputs_embed, "weight", False) else [
-            name for name, m in model.named_modules() if m is head][:1]
+        # (nor when an algorithm's model-level preparation changes it: rotation)
+        changes_head = any(get_algorithm(a.name).keeps_float_function for a in self.config.algo_config or [])
+        deferred = [] if head is None or changes_head or \
+            getattr(head, "weight", None) is getattr(inputs_embed, "weight", False) else [
+                name for name, m in model.named_modules() if m is head][:1]
         with _transformers_bars_off():
             source.load(model, [""], compute, exclude=[path, *deferred])
         if hasattr(model, "tie_weights"):
@@ -503,7 +502,11 @@ class ModelQuantizer:
 
         algorithms = [(get_algorithm(a.name), a) for a in self.config.algo_config or []]
         probe = float_check.probe_batch(batches[0]) if batches else None
+        store = store if store is not None else BlockStore(device)
         for algo, algo_cfg in algorithms:
+            if store.loads_blocks:  # the blocks are not loaded yet: their part of prepare_model comes with each
+                store.block_preparers.append(algo.prepare_model_streamed(model, algo_cfg))
+                continue
             before = float_check.float_logits(model, probe) if algo.keeps_float_function and probe is not None else None
             algo.prepare_model(model, algo_cfg)
             if before is not None:
@@ -521,7 +524,6 @@ class ModelQuantizer:
             )
         # the capture runs one block per block class for real (to learn what blocks return): in float,
         # as the blocks' static quantizers are not calibrated yet
-        store = store if store is not None else BlockStore(device)
         with quantizers_off(layers):
             # at the model's own device (where its embeddings are): the batches may be elsewhere
             inputs = capture_block_inputs(model, layers, batches, device=module_device(model), progress=progress,

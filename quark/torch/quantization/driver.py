@@ -400,9 +400,16 @@ class BlockStore:
     :meth:`enter` and writes and frees it in :meth:`leave`.
     """
 
+    #: whether :meth:`enter` loads a block's weights (they are not in memory before): algorithms then
+    #: prepare the model with ``prepare_model_streamed`` and the store applies their per-block part,
+    #: :attr:`block_preparers`, to every block it loads
+    loads_blocks: bool = False
+
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = device
         self._homes: dict[int, torch.device | None] = {}
+        #: ``prepare_block(index, block)`` functions applied, in order, to each block once loaded
+        self.block_preparers: list[Callable[[int, nn.Module], None]] = []
 
     def enter(self, index: int, block: nn.Module) -> None:
         """Make block ``index`` usable (its weights on the compute device)."""

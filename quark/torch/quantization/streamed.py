@@ -48,6 +48,8 @@ def free_module(module: nn.Module, keep: set[tuple[int, str]] = frozenset()) -> 
 class DiskBlockStore(BlockStore):
     """Blocks are read from ``source`` for their turn and written to ``output`` once done."""
 
+    loads_blocks = True
+
     def __init__(self, source: Any, output: Any, model: nn.Module, path: str, device: torch.device,
                  deferred: list[str] = ()) -> None:
         super().__init__(device)
@@ -66,6 +68,8 @@ class DiskBlockStore(BlockStore):
         for m in block.modules():
             if isinstance(m, QuantFusedExperts):  # as the in-memory flow wraps them: weight qparams first
                 m.update_weight_qparams()
+        for prepare in self.block_preparers:  # then the algorithms' model preparation (rotation)
+            prepare(index, block)
 
     def leave(self, index: int, block: nn.Module, done: bool) -> None:
         if done:
