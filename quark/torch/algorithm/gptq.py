@@ -447,7 +447,7 @@ class GPTQ(BlockAlgorithm):
         """Quantize the stacked weight; returns a :class:`~.hessian_solver.Solution` (``zero_dead``:
         see :func:`~.hessian_solver.quantize_weight`)."""
         return quantize_weight(
-            weight, stats["H"].value, spec,
+            weight, [stats["H"].take()], spec,  # handed over: the solver frees it as soon as it can
             damp_percent=config.damp_percent,
             block_size=config.block_size,
             desc_act=config.desc_act,

@@ -104,6 +104,13 @@ class Gram:
         self._a = self._b = None  # the buffers are only needed while batches arrive
         return self._value
 
+    def take(self) -> torch.Tensor | None:
+        """:attr:`value`, handed over: the accumulator lets go of it (a solver may then change it in
+        place and free it when done, one n x n matrix less)."""
+        value = self.value
+        self._value = None
+        return value
+
     def _mirror(self) -> None:
         """Copy the upper triangle onto the lower one (exactly: a Hessian must be symmetric)."""
         if self._lower_stale and not self.upper:
@@ -192,11 +199,11 @@ class Gram:
 # ---------------------------------------------------------------------------------------------
 # Hessian inverse
 # ---------------------------------------------------------------------------------------------
-def damp(H: torch.Tensor, percent: float) -> tuple[torch.Tensor, torch.Tensor]:
+def damp(H: torch.Tensor, percent: float, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``H + percent * mean(diag H) * I`` with dead inputs (zero diagonal: the feature was always 0)
-    given a unit diagonal; returns the damped copy and the dead mask (their weights are irrelevant
-    to the loss and get zeroed by :func:`quantize_weight`)."""
-    H = H.clone()
+    given a unit diagonal; returns the damped copy (``inplace``: ``H`` itself, changed) and the dead
+    mask (their weights are irrelevant to the loss and get zeroed by :func:`quantize_weight`)."""
+    H = H if inplace else H.clone()
     diag = H.diagonal()
     dead = diag == 0
     diag[dead] = 1.0
@@ -204,22 +211,27 @@ def damp(H: torch.Tensor, percent: float) -> tuple[torch.Tensor, torch.Tensor]:
     return H, dead
 
 
-def _lower_inverse(L: torch.Tensor, leaf: int = 256) -> torch.Tensor:
+def _lower_inverse(L: torch.Tensor, leaf: int = 256, out: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of the lower-triangular ``L`` by halves, ``[[A, 0], [C, B]]^-1 = [[A^-1, 0],
     [-B^-1 C A^-1, B^-1]]``: a third of the multiply-adds of a triangular solve against the identity,
-    in matrix products."""
+    in matrix products. The halves are written into ``out`` (zeros, or a new matrix) in place: besides
+    ``L`` and the result, one quarter-size product is alive at a time."""
     n = L.shape[0]
+    if out is None:
+        out = torch.zeros_like(L)
     if n <= leaf:
-        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
+        out.copy_(torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False))
+        return out
     h = n // 2
-    out = torch.zeros_like(L)
-    A, B = _lower_inverse(L[:h, :h], leaf), _lower_inverse(L[h:, h:], leaf)
-    out[:h, :h], out[h:, h:] = A, B
-    torch.mm(B @ L[h:, :h], A, out=out[h:, :h]).neg_()
+    _lower_inverse(L[:h, :h], leaf, out[:h, :h])
+    _lower_inverse(L[h:, h:], leaf, out[h:, h:])
+    # products of contiguous copies: the same kernels, so the same bits, as on separate matrices
+    C = out[h:, h:].contiguous() @ L[h:, :h]
+    torch.mm(C, out[:h, :h].contiguous(), out=out[h:, :h]).neg_()
     return out
 
 
-def inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
+def inverse_cholesky(H: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
     """Upper-triangular ``U`` with ``H^-1 = U^T U`` (float32; computed in float64 when float32
     Cholesky fails). Row ``j`` of ``U`` divided by ``U[j, j]`` is row ``j`` of the inverse Hessian of
     columns ``j..n-1`` after eliminating the earlier ones: the GPTQ update direction.
@@ -227,13 +239,23 @@ def inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
     One factorisation and one triangular inverse: with ``J`` the order reversal, the Cholesky factor
     ``L`` of ``J H J`` gives ``H = R R^T`` with ``R = J L J`` upper, so ``H^-1 = R^-T R^-1`` and
     ``U = R^-1 = J L^-1 J`` (the unique such factor with a positive diagonal). Half the work of
-    factorising, inverting and factorising the inverse again, and closer to the float64 result."""
+    factorising, inverting and factorising the inverse again, and closer to the float64 result.
+
+    ``H`` given as a one-element list is taken over (the list is emptied): the caller then holds no
+    reference to it and every intermediate is freed as soon as it is used, so at most three n x n
+    matrices are alive (what bounds the memory of quantizing a wide layer: 0.8 GB each at 14336 inputs)."""
+    if isinstance(H, list):
+        H = H.pop()
     for dtype in (torch.float32, torch.float64):
         L, info = torch.linalg.cholesky_ex(H.to(dtype).flip(0, 1))
-        if info.item() == 0:
-            U = _lower_inverse(L).flip(0, 1)
-            if torch.isfinite(U).all():
-                return U.float()
+        if info.item() != 0:
+            continue
+        inverse = _lower_inverse(L)
+        del L
+        U = inverse.flip(0, 1)
+        del inverse
+        if torch.isfinite(U).all():
+            return U.float()
     raise torch.linalg.LinAlgError(
         "the damped Hessian is not positive definite even in float64: raise damp_percent"
     )
@@ -560,7 +582,9 @@ def update_directions(U: torch.Tensor, P: torch.Tensor | None = None) -> torch.T
     """``M [n, c, n]`` of :func:`solve`: ``M[j, 0] = -U[j] / U[j, j]`` (what column ``j``'s error
     ``w_j - q_j`` adds to the later columns), and with GPTAQ's ``P``, ``M[j, 1] = P[j]`` (what its
     value ``w_j`` adds)."""
-    M = torch.stack([U / U.diagonal()[:, None]] + ([] if P is None else [P]), 1)
+    if P is None:  # one n x n result, no stacked copy
+        return (U / U.diagonal()[:, None]).neg_().unsqueeze(1)
+    M = torch.stack([U / U.diagonal()[:, None], P], 1)
     M[:, 0].neg_()
     return M
 
@@ -573,6 +597,7 @@ def solve(
     P: torch.Tensor | None = None,
     start: int = 0,
     Q: torch.Tensor | None = None,
+    M: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GPTQ's column loop on ``W`` (processing order; the columns past each lazy block absorb its
     updates in place) with ``H^-1 = U^T U``.
@@ -583,7 +608,8 @@ def solve(
     ``W[:, j+1:] += w_j * P[j, j+1:]`` with ``w_j`` the column's value when it is quantized.
     Updates to columns past the current lazy block of ``block_size`` columns are applied once per
     block as one matrix product. Columns before ``start`` are left as given (their results are
-    ``Q[:, :start]``). Returns ``Q``, the quantized weight.
+    ``Q[:, :start]``). ``M``: the directions already computed from ``U`` and ``P``
+    (:func:`update_directions`; ``U`` and ``P`` are then not used). Returns ``Q``, the quantized weight.
 
     Per column the loop runs the quantizer, one subtraction and one product: the column's error and
     value sit next to each other (``S[k]``, ``[c, rows]``) and both updates of the later columns of
@@ -592,7 +618,7 @@ def solve(
     """
     rows, n = W.shape
     Q = torch.zeros_like(W) if Q is None else Q
-    M = update_directions(U, P)
+    M = update_directions(U, P) if M is None else M
     c = M.shape[1]
     for i1 in range(start, n, block_size):
         i2 = min(i1 + block_size, n)
@@ -632,7 +658,7 @@ class Solution:
 
 def quantize_weight(
     W: torch.Tensor,
-    H: torch.Tensor,
+    H: torch.Tensor | list[torch.Tensor],
     spec,
     damp_percent: float = 0.01,
     block_size: int = 128,
@@ -653,18 +679,26 @@ def quantize_weight(
     (natural order) and the qparams with which ``fake_quantize`` of it reproduces it, per stacked layer.
     ``zero_dead``: inputs that were zero on every calibration token get zero weights; off, they are
     rounded (a MoE expert saw only some tokens: an input dead on those may not be dead on others).
+    ``H`` given as a one-element list (``[gram.take()]``) is taken over: damped in place and freed as
+    soon as it is factorised.
     """
     W = W.detach().float().clone()
-    H, dead = damp(H.float(), damp_percent)
+    owned = isinstance(H, list)
+    if owned:
+        H = H.pop()
+    H, dead = damp(H.float(), damp_percent, inplace=owned)
     if zero_dead:
         W[:, dead] = 0
-    quantizer = ColumnQuantizer(spec, W, row_splits, static_groups, importance=torch.diagonal(H),
+    # a copy of the diagonal: a view would keep the damped H alive through the solve
+    quantizer = ColumnQuantizer(spec, W, row_splits, static_groups, importance=torch.diagonal(H).clone(),
                                 clip_steps=clip_steps, clip_min=clip_min)
     perm = torch.argsort(torch.diagonal(H), descending=True) if desc_act else None
     order = None if perm is None else perm.tolist()
     fixed = quantizer.column_functions(order)
-    if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
+    if perm is not None:  # one reordering at a time, each freeing its input (peak: two n x n matrices)
+        W = W[:, perm]
+        H = H[perm]
+        H = H[:, perm]
         inv = torch.argsort(perm)
     if fixed is not None:  # qparams fixed up front: no dispatch, no current values needed
 
@@ -676,9 +710,13 @@ def quantize_weight(
             return quantizer(order[j], w, lambda cols: current(inv[cols.to(inv.device)]))
     else:
         quantize = quantizer
-    U = inverse_cholesky(H)
+    holder = [H]
+    del H
+    U = inverse_cholesky(holder)
     P = residual(U, perm) if residual is not None else None
-    Q = solve(W, U, quantize, block_size, P)
+    M = update_directions(U, P)
+    del U, P
+    Q = solve(W, None, quantize, block_size, M=M)
     if perm is not None:
         Q = Q[:, inv]
     return Solution(Q, quantizer.qparams())
