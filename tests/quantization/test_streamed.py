@@ -336,3 +336,21 @@ def test_a_crash_after_the_last_block_only_writes_the_rest(llama_src, tmp_path, 
     assert entered == [0]  # the capture's probe; no block quantized again
     in_memory(llama_src, llama("int4_wo_32", algorithm=["gptq"]), tmp_path / "mem", batches)
     assert_same_folder(tmp_path / "mem", tmp_path / "out")
+
+
+@pytest.mark.parametrize("src_name", ["llama_src", "tied_src"])
+def test_static_quantizers_after_the_blocks_see_the_last_blocks_outputs(request, src_name, tmp_path):
+    """A quantized lm_head with a static int8 input: calibrated on what the last block returned, as a
+    whole-model pass in memory calibrates it."""
+    src = request.getfixturevalue(src_name)
+    batches = token_batches(2)
+
+    def cfg():
+        c = llama("int8", algorithm=["smoothquant"])
+        c.exclude = [e for e in c.exclude if "lm_head" not in e]
+        return c
+
+    in_memory(src, cfg(), tmp_path / "mem", batches)
+    stream(src, cfg(), tmp_path / "stream", batches)
+    assert "lm_head.input_scale" in load_tensors(tmp_path / "stream")
+    assert_same_folder(tmp_path / "mem", tmp_path / "stream")

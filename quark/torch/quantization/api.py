@@ -42,6 +42,7 @@ from .driver import (
     find_decoder_layers,
     for_each_block,
     module_device,
+    run_after_blocks,
     run_block,
 )
 from .fused_experts import (
@@ -296,13 +297,6 @@ class ModelQuantizer:
             source.load(model, [""], compute, exclude=[path, *deferred])
         if hasattr(model, "tie_weights"):
             model.tie_weights()
-        outside = [name for name, q in model.named_modules()
-                   if isinstance(q, TensorQuantizer) and not (name == path or name.startswith(path + "."))
-                   and q.needs_calibration and not q.has_qparams and not name.endswith("weight_quantizer")]
-        if outside:
-            raise NotImplementedError(
-                f"the streamed flow calibrates static activation quantizers inside the decoder blocks only; {outside[0]} "
-                "lies outside them: exclude that layer or quantize in memory")
         plan = plan_export(model, custom_mode, weight_format, pack_method, check_calibration=False)
         settings = {"custom_mode": custom_mode, "weight_format": weight_format, "pack_method": pack_method,
                     "limit": limit}
@@ -575,4 +569,8 @@ class ModelQuantizer:
             if module_device(m) is None or module_device(m).type != "meta":  # a streamed block is on disk by now
                 m.update_weight_qparams()  # a no-op for those inside the blocks (weights unchanged)
         if any(q.needs_calibration and not q.has_qparams for q in outside):
-            self._observe(model, lambda: [call_model(model, b, module_device(model)) for b in batches])
+            if store.loads_blocks:  # the blocks are on disk by now: what follows them gets their outputs
+                self._observe(model, lambda: run_after_blocks(model, layers, inputs, inputs.hidden, batches,
+                                                              module_device(model)))
+            else:
+                self._observe(model, lambda: [call_model(model, b, module_device(model)) for b in batches])

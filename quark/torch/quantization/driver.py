@@ -150,6 +150,8 @@ class BlockInputs:
     skipped: list[int] = field(default_factory=list)
     #: where the hidden states the block loop carries are kept when they do not stay in memory
     spill: HiddenSpill | None = None
+    #: block class -> an output a block of that class returned during capture (its structure)
+    outputs: dict[type, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -217,13 +219,14 @@ def _arguments(args: tuple, kwargs: dict) -> Iterator[tuple[ArgLoc, Any]]:
 def _stand_in_blocks(
     layers: nn.ModuleList, record: Callable[[int, tuple, dict], None], returned: Callable[[int, Any], None],
     probe: Callable[[int, nn.Module], contextlib.AbstractContextManager],
+    structure: dict[type, Any] | None = None,
 ) -> Iterator[None]:
     """Replace each block's forward by a stand-in that records its arguments and returns its input
     hidden states, in the structure the real block returns (learned by running the first called
     block of each class once for real); ``returned(i, output)`` sees what it returns. The last
     block stops the model's forward."""
     originals = [block.__dict__.get("forward") for block in layers]  # instance-level forwards (hooks) or None
-    structure: dict[type, Any] = {}
+    structure = {} if structure is None else structure  # block class -> a real output of it
     last = len(layers) - 1
 
     def make(i: int) -> Callable[..., Any]:
@@ -312,7 +315,7 @@ def capture_block_inputs(
     def returned(i: int, output: Any) -> None:
         previous["output"] = output
 
-    with torch.no_grad(), _stand_in_blocks(layers, record, returned, probe):
+    with torch.no_grad(), _stand_in_blocks(layers, record, returned, probe, inputs.outputs):
         for batch in tqdm(list(dataloader), desc="capture block inputs", disable=not progress, leave=False):
             current = {}
             previous.clear()
@@ -491,3 +494,29 @@ def for_each_block(
         store.after_block(i, nxt if nxt is not None else i + 1, inputs)
         trimmer.after_block()
     return inputs.hidden
+
+
+def run_after_blocks(model: nn.Module, layers: nn.ModuleList, inputs: BlockInputs, final: list[torch.Tensor],
+                     batches: list[Any], device: torch.device | str | None = None) -> None:
+    """Run the model on ``batches`` with its decoder blocks replaced by stand-ins: the last called block
+    returns ``final`` (its real outputs, batch by batch, from the block loop), the others their input
+    hidden states. What lies after the stack (final norm, lm_head) sees exactly what the whole model
+    would give it, without the blocks' weights (the streamed flow calibrates quantizers there this way)."""
+    called = inputs.called
+    last = called[-1]
+    batch = {"index": 0}
+
+    def make(i: int) -> Callable[..., Any]:
+        template = inputs.outputs.get(type(layers[i]))
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            out = final[batch["index"]].to(hidden.device) if i == last else hidden
+            return _placeholders(template, out) if template is not None else out
+
+        return forward
+
+    with torch.no_grad(), forwards_replaced((block, make(i)) for i, block in enumerate(layers)):
+        for b, data in enumerate(batches):
+            batch["index"] = b
+            call_model(model, _no_cache(model, data), device)
