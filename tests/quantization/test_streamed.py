@@ -44,6 +44,12 @@ def stream(src, cfg, out, batches, **kwargs):
     return ModelQuantizer(cfg).direct_quantize_checkpoint(src, out, dataloader=batches, progress=False, **kwargs)
 
 
+def with_lm_head(cfg):
+    """``cfg`` with lm_head quantized (the templates exclude it)."""
+    cfg.exclude = [e for e in cfg.exclude if "lm_head" not in e]
+    return cfg
+
+
 @pytest.fixture(scope="module")
 def llama_src(tmp_path_factory):
     """bfloat16, three blocks, several shards (a block's tensors spread over shards)."""
@@ -96,9 +102,7 @@ def test_tied_embeddings_and_a_quantized_lm_head(tied_src, tmp_path):
     batches = token_batches(2)
 
     def cfg():
-        c = llama("int4_wo_32", algorithm=["gptq"])
-        c.exclude = [e for e in c.exclude if "lm_head" not in e]
-        return c
+        return with_lm_head(llama("int4_wo_32", algorithm=["gptq"]))
 
     in_memory(tied_src, cfg(), tmp_path / "mem", batches)
     stream(tied_src, cfg(), tmp_path / "stream", batches)
@@ -346,9 +350,7 @@ def test_static_quantizers_after_the_blocks_see_the_last_blocks_outputs(request,
     batches = token_batches(2)
 
     def cfg():
-        c = llama("int8", algorithm=["smoothquant"])
-        c.exclude = [e for e in c.exclude if "lm_head" not in e]
-        return c
+        return with_lm_head(llama("int8", algorithm=["smoothquant"]))
 
     in_memory(src, cfg(), tmp_path / "mem", batches)
     stream(src, cfg(), tmp_path / "stream", batches)

@@ -45,6 +45,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,8 @@ from .reading import build_model, read_config_json
 from .safetensors_io import INDEX_NAME, CheckpointError, parse_size, read_index, write_shards
 from .writing import check_real_quantized, quark_quantization_config, quark_version, write_config_files
 
-__all__ = ["direct_quantize_checkpoint", "OutputExistsError"]
+__all__ = ["direct_quantize_checkpoint", "OutputExistsError", "write_record_folder", "files_present", "save_progress",
+           "publish"]
 
 logger = logging.getLogger(__name__)
 
@@ -317,10 +319,18 @@ def _shard_tensors(plan: _Plan, shard: str, bar: Any):
 def _convert_shard(plan: _Plan, shard: str, folder: Path, bar: Any = None) -> dict[str, Any]:
     """Write the output of input ``shard`` into ``folder`` (one or more safetensors files); returns its
     progress record: ``files`` (name -> size, sha256), ``weight_map``, ``total_size``."""
+    return write_record_folder(_shard_tensors(plan, shard, bar), folder, plan.limit)
+
+
+def write_record_folder(tensors: Iterable[tuple[str, torch.Tensor]], folder: Path, limit: int) -> dict[str, Any]:
+    """Write ``tensors`` into a fresh ``folder`` (files of at most ``limit`` bytes, no index); returns
+    the progress record of a resumable run: ``files`` (name -> size, sha256), ``weight_map``,
+    ``total_size`` (what :func:`files_present` checks and :func:`publish` assembles)."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    index = write_shards(_shard_tensors(plan, shard, bar), folder, plan.limit)
+    with torch.no_grad():
+        index = write_shards(tensors, folder, limit)
     (folder / INDEX_NAME).unlink()
     digests = index["metadata"]["sha256"]
     return {
@@ -328,6 +338,51 @@ def _convert_shard(plan: _Plan, shard: str, folder: Path, bar: Any = None) -> di
         "weight_map": index["weight_map"],
         "total_size": index["metadata"]["total_size"],
     }
+
+
+def files_present(folder: Path, record: dict[str, Any]) -> bool:
+    """Every file of a :func:`write_record_folder` record is in ``folder`` with its recorded size."""
+    return all((folder / name).is_file() and (folder / name).stat().st_size == info["size"]
+               for name, info in record["files"].items())
+
+
+def publish(partial: Path, dst: Path, records: list[tuple[Path, dict[str, Any]]], src: Path,
+            write_config: Callable[[Path], None], leftovers: Iterable[str]) -> int:
+    """Finish a resumable run's ``partial`` folder: the recorded files (``(folder, record)`` pairs, in
+    order) renamed ``model-0000j-of-0000n.safetensors``, the index with their sha256, config.json
+    (``write_config(partial)``), the tokenizer files copied from ``src``, the ``leftovers`` (paths in
+    ``partial``) removed, then the folder renamed to ``dst``, replacing an old one only then. Returns
+    the number of files."""
+    files = [(folder, name, record) for folder, record in records for name in record["files"]]
+    n = len(files)
+    weight_map: dict[str, str] = {}
+    digests: dict[str, str] = {}
+    for j, (folder, name, record) in enumerate(files, start=1):
+        final = f"model-{j:05d}-of-{n:05d}.safetensors"
+        os.replace(folder / name, partial / final)
+        digests[final] = record["files"][name]["sha256"]
+        weight_map.update({tensor: final for tensor, file in record["weight_map"].items() if file == name})
+    index = {"metadata": {"total_size": sum(r["total_size"] for _, r in records), "sha256": digests},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (partial / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    write_config(partial)
+    for name in COPIED_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, partial / name)
+    for leftover in leftovers:
+        path = partial / leftover
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+        dst.rename(old)
+    partial.rename(dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,17 +421,15 @@ def _load_progress(partial: Path, run_hash: str) -> dict[str, Any]:
     return progress
 
 
-def _save_progress(partial: Path, progress: dict[str, Any]) -> None:
+def save_progress(partial: Path, progress: dict[str, Any]) -> None:
+    """Write ``partial``'s progress record atomically (a temporary file renamed over it)."""
     tmp = partial / f".{PROGRESS_NAME}.{uuid.uuid4().hex[:8]}"
     tmp.write_text(json.dumps(progress, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, partial / PROGRESS_NAME)
 
 
 def _finished(record: dict[str, Any] | None, fingerprint: str, folder: Path) -> bool:
-    if not record or record.get("fingerprint") != fingerprint:
-        return False
-    return all((folder / name).is_file() and (folder / name).stat().st_size == info["size"]
-               for name, info in record["files"].items())
+    return bool(record) and record.get("fingerprint") == fingerprint and files_present(folder, record)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,7 +511,7 @@ def direct_quantize_checkpoint(
     partial = _partial_dir(dst)
     run_hash = _run_hash(config, source_config, plan)
     state = _load_progress(partial, run_hash)
-    _save_progress(partial, state)
+    save_progress(partial, state)
     done = 0
     sizes = {s: (src / s).stat().st_size for s in plan.shards}
     with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="file2file", disable=not progress) as bar:
@@ -475,41 +528,14 @@ def direct_quantize_checkpoint(
             bar.update(start + sizes[shard] - bar.n)
             record["fingerprint"] = fingerprint
             state["shards"][shard] = record
-            _save_progress(partial, state)
+            save_progress(partial, state)
     if done:
         logger.info("resumed %s: %d of %d shard(s) were already done", partial, done, len(plan.shards))
 
     # -- finish: final names, index, config, rename into place ------------------------------------
-    files = [(partial / _SHARDS_DIR / f"{i:05d}", shard, name)
-             for i, shard in enumerate(plan.shards, start=1) for name in state["shards"][shard]["files"]]
-    n = len(files)
-    weight_map_out: dict[str, str] = {}
-    digests: dict[str, str] = {}
-    total = 0
-    for j, (folder, shard, name) in enumerate(files, start=1):
-        final = f"model-{j:05d}-of-{n:05d}.safetensors"
-        record = state["shards"][shard]
-        os.replace(folder / name, partial / final)
-        digests[final] = record["files"][name]["sha256"]
-        for tensor, file in record["weight_map"].items():
-            if file == name:
-                weight_map_out[tensor] = final
-    total = sum(state["shards"][s]["total_size"] for s in plan.shards)
-    index = {"metadata": {"total_size": total, "sha256": digests},
-             "weight_map": dict(sorted(weight_map_out.items()))}
-    (partial / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    write_config_files(meta_model, partial, quark_quantization_config(config, "real_quantized", pack_method), None)
-    for name in COPIED_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, partial / name)
-    shutil.rmtree(partial / _SHARDS_DIR)
-    (partial / PROGRESS_NAME).unlink()
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-        dst.rename(old)
-    partial.rename(dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    records = [(partial / _SHARDS_DIR / f"{i:05d}", state["shards"][shard]) for i, shard in enumerate(plan.shards, start=1)]
+    quantization_config = quark_quantization_config(config, "real_quantized", pack_method)
+    n = publish(partial, dst, records, src, lambda folder: write_config_files(meta_model, folder, quantization_config, None),
+                [_SHARDS_DIR, PROGRESS_NAME])
     logger.info("quantized %s -> %s (%d shard(s), %d quantized layers)", src, dst, n, len(plan.layers))
     return dst

@@ -23,15 +23,14 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .file2file import COPIED_FILES, OutputExistsError
-from .safetensors_io import INDEX_NAME, write_shards
+from .file2file import OutputExistsError, files_present, publish, save_progress, write_record_folder
 from .source_checkpoint import SourceCheckpoint
 from .writing import ExportPlan, check_calibrated, quark_version, write_config_files
 
@@ -102,26 +101,6 @@ def run_hash(qconfig: dict[str, Any], settings: dict[str, Any], batches: Any, so
     return h.hexdigest()
 
 
-def _write_folder(tensors: Iterable[tuple[str, torch.Tensor]], folder: Path, limit: int) -> dict[str, Any]:
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    with torch.no_grad():
-        index = write_shards(tensors, folder, limit)
-    (folder / INDEX_NAME).unlink()
-    digests = index["metadata"]["sha256"]
-    return {
-        "files": {n: {"size": (folder / n).stat().st_size, "sha256": digests[n]} for n in sorted(digests)},
-        "weight_map": index["weight_map"],
-        "total_size": index["metadata"]["total_size"],
-    }
-
-
-def _files_present(folder: Path, record: dict[str, Any]) -> bool:
-    return all((folder / n).is_file() and (folder / n).stat().st_size == info["size"]
-               for n, info in record["files"].items())
-
-
 class StreamedOutput:
     """The partial output folder of one streamed run (see the module docstring)."""
 
@@ -148,9 +127,7 @@ class StreamedOutput:
         return fresh
 
     def _save_progress(self) -> None:
-        tmp = self.partial / f".{PROGRESS_NAME}.{uuid.uuid4().hex[:8]}"
-        tmp.write_text(json.dumps(self.progress, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, self.partial / PROGRESS_NAME)
+        save_progress(self.partial, self.progress)
 
     def _restart(self, why: str) -> None:
         logger.warning("%s: starting over (%s)", self.partial, why)
@@ -164,7 +141,7 @@ class StreamedOutput:
         """Write finished block ``index`` (module path ``prefix``) and record it."""
         check_calibrated(block)
         folder = self.partial / _BLOCKS_DIR / f"{index:05d}"
-        record = _write_folder(self.plan.tensors(lambda key: _under(key, prefix)), folder, self.limit)
+        record = write_record_folder(self.plan.tensors(lambda key: _under(key, prefix)), folder, self.limit)
         record["prefix"] = prefix
         record["source"] = self.source.digest(self.source.model, [prefix])
         self.progress["blocks"][str(index)] = record
@@ -190,7 +167,7 @@ class StreamedOutput:
             if prefix not in records:
                 return self._restart(f"no record of {prefix}")
             i, record = records[prefix]
-            if not _files_present(self.partial / _BLOCKS_DIR / f"{i:05d}", record):
+            if not files_present(self.partial / _BLOCKS_DIR / f"{i:05d}", record):
                 return self._restart(f"the files of {prefix} are missing or truncated")
             if record.get("source") != self.source.digest(model, [prefix]):
                 return self._restart(f"the source tensors of {prefix} changed since they were quantized")
@@ -205,7 +182,7 @@ class StreamedOutput:
         """Write the part of ``model`` outside ``stack``, the index, config.json and the tokenizer
         files, and rename the folder into place; returns ``dst``."""
         check_calibrated(model, skip=stack)
-        rest = _write_folder(self.plan.tensors(lambda key: not _under(key, stack)), self.partial / _REST_DIR,
+        rest = write_record_folder(self.plan.tensors(lambda key: not _under(key, stack)), self.partial / _REST_DIR,
                              self.limit)
         records = [(self.partial / _REST_DIR, rest)]
         for i in range(n_blocks):
@@ -213,33 +190,9 @@ class StreamedOutput:
             if record is None:  # pragma: no cover - a driver bug
                 raise RuntimeError(f"block {i} of {stack} was not written")
             records.append((self.partial / _BLOCKS_DIR / f"{i:05d}", record))
-        files = [(folder, name, record) for folder, record in records for name in record["files"]]
-        n = len(files)
-        weight_map: dict[str, str] = {}
-        digests: dict[str, str] = {}
-        for j, (folder, name, record) in enumerate(files, start=1):
-            final = f"model-{j:05d}-of-{n:05d}.safetensors"
-            os.replace(folder / name, self.partial / final)
-            digests[final] = record["files"][name]["sha256"]
-            weight_map.update({t: final for t, f in record["weight_map"].items() if f == name})
-        index = {"metadata": {"total_size": sum(r["total_size"] for _, r in records), "sha256": digests},
-                 "weight_map": dict(sorted(weight_map.items()))}
-        (self.partial / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        write_config_files(model, self.partial, self.plan.quantization_config, None)
-        for name in COPIED_FILES:
-            if (self.source.folder / name).is_file():
-                shutil.copyfile(self.source.folder / name, self.partial / name)
-        for leftover in (_BLOCKS_DIR, _REST_DIR):
-            shutil.rmtree(self.partial / leftover, ignore_errors=True)
-        for leftover in (PROGRESS_NAME, INPUTS_NAME):
-            (self.partial / leftover).unlink(missing_ok=True)
-        old = None
-        if self.dst.exists():
-            old = self.dst.with_name(f".{self.dst.name}.old-{uuid.uuid4().hex[:8]}")
-            self.dst.rename(old)
-        self.partial.rename(self.dst)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish(self.partial, self.dst, records, self.source.folder,
+                lambda folder: write_config_files(model, folder, self.plan.quantization_config, None),
+                [_BLOCKS_DIR, _REST_DIR, PROGRESS_NAME, INPUTS_NAME])
         return self.dst
 
 
